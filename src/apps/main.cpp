@@ -1,0 +1,409 @@
+// `hymba`: the command-line front end. Subcommands: generate, logits, init,
+// info, tokenize, bench. Errors go to stderr with exit status 1.
+#include <omp.h>
+
+#include <chrono>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <random>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "apps/cli_util.h"
+#include "backend/backend.h"
+#include "backend/cpu/matmul.h"
+#include "io/config.h"
+#include "io/tokenizer.h"
+#include "model/hymba_model.h"
+#include "model/presets.h"
+#include "model/weights.h"
+#include "runtime/generator.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace hymba::cli {
+namespace {
+
+// Options shared by the commands that load a model.
+struct ModelArgs {
+  std::string dir;
+  int threads = 0;
+  std::string cache_type;  // "", f32, bf16, f16
+  bool hf_decode_window = false;
+  int64_t chunk = 256;
+  std::string device = "cpu";
+
+  void add_to(CLI::App* app) {
+    app->add_option("-m,--model", dir, "model directory (HF layout: config.json, *.safetensors)")->required();
+    app->add_option("-t,--threads", threads, "CPU threads (default: all cores)")->check(CLI::Range(1, 1024));
+    app->add_option("--cache-type", cache_type, "K/V cache element type: f32, bf16, f16 (default: f32 for fp32 "
+                    "checkpoints, else bf16)")->check(CLI::IsMember({"f32", "bf16", "f16"}));
+    app->add_flag("--hf-decode-window", hf_decode_window,
+                  "during decode use the reference's window of (window-1) past tokens instead of the training rule "
+                  "q-k <= window (spec 8.1)");
+    app->add_option("--chunk", chunk, "prefill chunk size in tokens (bounds working memory)")->check(CLI::Range(1, 65536));
+    app->add_option("--device", device, "compute device")->check(CLI::IsMember({"cpu"}));
+  }
+  std::unique_ptr<HymbaModel> load() const {
+    if (threads > 0) set_cpu_threads(threads);
+    ModelOptions o;
+    if (!cache_type.empty()) o.kv_dtype = parse_dtype(cache_type);
+    o.hf_decode_window = hf_decode_window;
+    o.max_chunk = chunk;
+    return HymbaModel::load(dir, o);
+  }
+};
+
+bool has_tokenizer(const std::string& dir) { return fs::exists(fs::path(dir) / "tokenizer.model"); }
+
+// ------------------------------------------------------------------ generate
+struct GenerateArgs {
+  ModelArgs model;
+  std::string prompt, ids, prompt_file;
+  int n = 128;
+  float temp = 0.0f, top_p = 1.0f, min_p = 0.0f, repeat_penalty = 1.0f;
+  int top_k = 0, repeat_last_n = 64;
+  uint64_t seed = 42;
+  bool print_ids = false, no_bos = false, ignore_eos = false;
+  int64_t ctx = 0;
+  std::vector<std::string> stop;
+};
+
+int run_generate(const GenerateArgs& a) {
+  check(int(!a.prompt.empty()) + int(!a.ids.empty()) + int(!a.prompt_file.empty()) == 1,
+        "give exactly one of -p/--prompt, -f/--file or --ids");
+  auto model = a.model.load();
+  std::unique_ptr<Tokenizer> tok;
+  if (has_tokenizer(a.model.dir)) tok = std::make_unique<Tokenizer>(Tokenizer::load(a.model.dir));
+  GenerationRequest req;
+  if (!a.ids.empty()) {
+    req.prompt = parse_ids(a.ids);
+  } else {
+    check(tok != nullptr, "'", a.model.dir, "' has no tokenizer.model: give the prompt as --ids");
+    const std::string text = a.prompt_file.empty() ? a.prompt : read_file(a.prompt_file);
+    req.prompt = tok->encode(text, !a.no_bos);
+  }
+  for (int32_t id : req.prompt)
+    check(id >= 0 && id < model->vocab_size(), "token id ", id, " is out of range (vocabulary has ",
+          model->vocab_size(), " tokens)");
+  req.max_new_tokens = a.n;
+  req.sampling.temperature = a.temp;
+  req.sampling.top_k = a.top_k;
+  req.sampling.top_p = a.top_p;
+  req.sampling.min_p = a.min_p;
+  req.sampling.repeat_penalty = a.repeat_penalty;
+  req.sampling.repeat_last_n = a.repeat_last_n;
+  req.sampling.seed = a.seed;
+  req.stop_strings = a.stop;
+  req.ignore_eos = a.ignore_eos;
+  req.context = a.ctx;
+  validate_sampling(req.sampling);
+  if (a.ctx > 0)
+    check(int64_t(req.prompt.size()) <= a.ctx, "the prompt has ", req.prompt.size(),
+          " tokens, more than the context of ", a.ctx, " (--ctx)");
+
+  Generator gen(*model, tok.get());
+  auto res = gen.generate(req, [&](int32_t, const std::string& text) {
+    if (!text.empty()) {
+      std::fwrite(text.data(), 1, text.size(), stdout);
+      std::fflush(stdout);
+    }
+    return true;
+  });
+  if (tok) std::printf("\n");
+  if (a.print_ids || !tok) std::printf("%s\n", join_ids(res.tokens).c_str());
+  std::fflush(stdout);
+  const double prefill_tps = res.prefill_seconds > 0 ? double(res.prompt_tokens) / res.prefill_seconds : 0;
+  const double decode_tps =
+      res.decode_seconds > 0 && res.tokens.size() > 1 ? double(res.tokens.size() - 1) / res.decode_seconds : 0;
+  std::fprintf(stderr, "[prompt %" PRId64 " tok, %.1f tok/s | generated %zu tok, %.1f tok/s | stop: %s]\n",
+               res.prompt_tokens, prefill_tps, res.tokens.size(), decode_tps, res.stop_reason.c_str());
+  return 0;
+}
+
+// ------------------------------------------------------------------ logits
+int run_logits(const ModelArgs& m, const std::string& ids_s, bool all_positions) {
+  auto model = m.load();
+  auto ids = parse_ids(ids_s);
+  const int64_t n = int64_t(ids.size()), V = model->vocab_size();
+  auto seq = model->new_sequence(n);
+  std::vector<float> logits(size_t((all_positions ? n : 1) * V));
+  model->forward(*seq, ids.data(), n, logits.data(), all_positions);
+  std::string out = "{\"logits\": [";
+  char buf[32];
+  for (int64_t r = 0; r < (all_positions ? n : 1); ++r) {
+    out += r ? ", [" : "[";
+    for (int64_t v = 0; v < V; ++v) {
+      std::snprintf(buf, sizeof buf, v ? ", %.9g" : "%.9g", double(logits[size_t(r * V + v)]));
+      out += buf;
+    }
+    out += "]";
+  }
+  out += "]}\n";
+  std::fwrite(out.data(), 1, out.size(), stdout);
+  return 0;
+}
+
+// ------------------------------------------------------------------ init
+int run_init(const std::string& preset, const std::string& dtype, uint64_t seed, const std::string& out) {
+  const HymbaConfig c = preset_config(preset);
+  const auto t0 = std::chrono::steady_clock::now();
+  write_random_checkpoint(c, parse_dtype(dtype), seed, out);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::fprintf(stderr, "wrote %s (preset %s, %s, %" PRId64 " parameters) in %.1f s\n", out.c_str(), preset.c_str(),
+               dtype.c_str(), parameter_count(c, ModelPlan::build(c)), s);
+  return 0;
+}
+
+// ------------------------------------------------------------------ info
+json cache_json(const CacheBytes& b) {
+  return {{"global_kv", b.global_kv}, {"sliding_kv", b.sliding_kv}, {"ssm", b.ssm}, {"conv", b.conv},
+          {"total", b.total()}};
+}
+
+DType default_cache_dtype(const HymbaConfig& c) {
+  return c.torch_dtype == "float32" ? DType::F32 : (c.torch_dtype == "float16" ? DType::F16 : DType::BF16);
+}
+
+int run_info(const std::string& dir, int64_t ctx, bool as_json, const std::string& cache_type) {
+  const HymbaConfig c = HymbaConfig::load((fs::path(dir) / "config.json").string());
+  const ModelPlan plan = ModelPlan::build(c);
+  const DType kv = cache_type.empty() ? default_cache_dtype(c) : parse_dtype(cache_type);
+  const CacheLayout layout = CacheLayout::build(c, plan, kv);
+  if (ctx <= 0) ctx = c.max_position_embeddings;
+  const CacheBytes at_ctx = layout.bytes(ctx);
+  const CacheBytes at_0 = layout.bytes(0), at_1 = layout.bytes(1);
+  const int64_t params = parameter_count(c, plan);
+  json layers = json::array();
+  for (const auto& l : plan.layers)
+    layers.push_back({{"index", l.index}, {"attention", l.global ? "global" : "sliding"}, {"role", l.role()},
+                      {"kv_layer", l.kv_layer}});
+  if (as_json) {
+    json j = {{"params", params},
+              {"layers", layers},
+              {"ctx", ctx},
+              {"cache_dtype", dtype_name(kv)},
+              {"cache_bytes", cache_json(at_ctx)},
+              {"cache_bytes_per_token", at_1.total() - at_0.total()},
+              {"cache_bytes_fixed", at_0.total()}};
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("model: %s\nparameters: %" PRId64 " (%.3f B)\n", dir.c_str(), params, double(params) / 1e9);
+  std::printf("hidden %" PRId64 ", layers %d, heads %d (kv %d), head dim q/k %" PRId64 " v %" PRId64
+              ", d_inner %" PRId64 ", d_state %d, meta tokens %" PRId64 ", window %s\n",
+              c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim_qk,
+              c.head_dim_v, c.d_inner, c.mamba_d_state, c.num_memory_tokens,
+              c.sliding_window ? std::to_string(*c.sliding_window).c_str() : "none");
+  std::printf("layer plan:\n");
+  for (const auto& l : plan.layers) {
+    std::printf("  %2d  %-7s %-16s", l.index, l.global ? "global" : "sliding", l.role().c_str());
+    if (!l.owns_kv) std::printf(" reads K/V of layer %d", l.kv_layer);
+    std::printf("\n");
+  }
+  std::printf("cache (%s K/V, fp32 SSM and conv state) for one sequence of %" PRId64 " tokens:\n", dtype_name(kv), ctx);
+  std::printf("  global K/V   %14" PRId64 " B  %s\n", at_ctx.global_kv, human_bytes(at_ctx.global_kv).c_str());
+  std::printf("  sliding K/V  %14" PRId64 " B  %s\n", at_ctx.sliding_kv, human_bytes(at_ctx.sliding_kv).c_str());
+  std::printf("  SSM state    %14" PRId64 " B  %s\n", at_ctx.ssm, human_bytes(at_ctx.ssm).c_str());
+  std::printf("  conv state   %14" PRId64 " B  %s\n", at_ctx.conv, human_bytes(at_ctx.conv).c_str());
+  std::printf("  total        %14" PRId64 " B  %s\n", at_ctx.total(), human_bytes(at_ctx.total()).c_str());
+  std::printf("  growth per token (once the windows are full): %" PRId64 " B\n",
+              layout.bytes(ctx + 1).total() - at_ctx.total());
+  return 0;
+}
+
+// ------------------------------------------------------------------ tokenize
+int run_tokenize(const std::string& dir, const std::string& text, const std::string& file, bool no_bos) {
+  check(text.empty() != file.empty(), "give exactly one of -p/--prompt or -f/--file");
+  Tokenizer tok = Tokenizer::load(dir);
+  const auto ids = tok.encode(file.empty() ? text : read_file(file), !no_bos);
+  std::printf("%s\n", join_ids(ids).c_str());
+  return 0;
+}
+
+// ------------------------------------------------------------------ bench
+int run_bench(const ModelArgs& m, int64_t prompt_len, int gen_len, bool as_json, uint64_t seed) {
+  check(prompt_len >= 1, "--prompt-len must be >= 1");
+  check(gen_len >= 1, "--gen-len must be >= 1");
+  const auto t_load = std::chrono::steady_clock::now();
+  auto model = m.load();
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
+  const HymbaConfig& c = model->config();
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
+  for (auto& id : prompt) id = int32_t(3 + rng() % uint64_t(std::max<int64_t>(c.vocab_size - 4, 1)));
+  auto seq = model->new_sequence(prompt_len + gen_len);
+  std::vector<float> logits(size_t(c.vocab_size));
+  auto argmax = [&] {
+    return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  };
+  auto t0 = std::chrono::steady_clock::now();
+  model->forward(*seq, prompt.data(), prompt_len, logits.data(), false);
+  const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  int32_t next = argmax();
+  const double ttft_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto t1 = std::chrono::steady_clock::now();
+  for (int i = 0; i < gen_len; ++i) {
+    model->forward(*seq, &next, 1, logits.data(), false, true);
+    next = argmax();
+  }
+  const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+
+  // Bytes of weights a decode step streams: every matrix once, the tied
+  // embedding once (as the LM head); small vectors are negligible.
+  int64_t weight_bytes = 0;
+  const auto& w = model->weights();
+  auto mb = [](const MatrixView& mv) { return mv.rows * mv.cols * int64_t(dtype_size(mv.dtype)); };
+  for (const auto& l : w.layers)
+    weight_bytes += mb(l.in_proj) + mb(l.x_proj) + mb(l.dt_proj) + mb(l.out_proj) + mb(l.gate_proj) +
+                    mb(l.up_proj) + mb(l.down_proj);
+  weight_bytes += mb(w.lm_head);
+  const CacheBytes cache = seq->allocated_bytes();
+  const double prefill_tps = double(prompt_len) / prefill_s, decode_tps = double(gen_len) / decode_s;
+  const int64_t rss = peak_rss_bytes();
+  if (as_json) {
+    json j = {{"prefill_tok_s", prefill_tps},
+              {"decode_tok_s", decode_tps},
+              {"ttft_ms", ttft_s * 1e3},
+              {"peak_rss_bytes", rss},
+              {"cache_bytes", cache_json(cache)},
+              {"prompt_len", prompt_len},
+              {"gen_len", gen_len},
+              {"threads", cpu_threads()},
+              {"matmul_isa", cpu::matmul_isa()},
+              {"weights_dtype", dtype_name(w.matrix_dtype)},
+              {"cache_dtype", dtype_name(model->cache_layout().kv_dtype)},
+              {"weight_bytes_per_token", weight_bytes},
+              {"decode_effective_gb_s", double(weight_bytes) * decode_tps / 1e9},
+              {"load_s", load_s}};
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("model %s (%s weights, %s cache), %d threads, matmul %s\n", m.dir.c_str(),
+              dtype_name(w.matrix_dtype), dtype_name(model->cache_layout().kv_dtype), cpu_threads(),
+              cpu::matmul_isa());
+  std::printf("load            %8.2f s\n", load_s);
+  std::printf("prefill  %5" PRId64 " tok %8.2f tok/s  (%.2f s)\n", prompt_len, prefill_tps, prefill_s);
+  std::printf("ttft            %8.1f ms\n", ttft_s * 1e3);
+  std::printf("decode   %5d tok %8.2f tok/s  (%.2f s, %.1f GB/s of weights)\n", gen_len, decode_tps, decode_s,
+              double(weight_bytes) * decode_tps / 1e9);
+  std::printf("peak RSS        %s\n", human_bytes(rss).c_str());
+  std::printf("cache           global K/V %s, sliding K/V %s, SSM %s, conv %s, total %s\n",
+              human_bytes(cache.global_kv).c_str(), human_bytes(cache.sliding_kv).c_str(),
+              human_bytes(cache.ssm).c_str(), human_bytes(cache.conv).c_str(), human_bytes(cache.total()).c_str());
+  return 0;
+}
+
+std::string version_string() {
+  std::string s = std::string("hymba ") + HYMBA_VERSION + "\nbackends: cpu (matmul paths:";
+  for (const char* isa : {"avx512", "avx512-nobf16", "avx2", "portable"})
+    if (cpu::matmul_isa_supported(isa)) s += std::string(" ") + isa;
+  s += std::string("; default ") + cpu::matmul_isa() + ")";
+  return s;
+}
+
+}  // namespace
+}  // namespace hymba::cli
+
+int main(int argc, char** argv) {
+  using namespace hymba;
+  using namespace hymba::cli;
+  CLI::App app{"hymba: run NVIDIA Hymba hybrid-head language models"};
+  app.require_subcommand(0, 1);
+  app.set_version_flag("--version", version_string());
+
+  GenerateArgs gen;
+  auto* g = app.add_subcommand("generate", "generate text from a prompt");
+  gen.model.add_to(g);
+  g->add_option("-p,--prompt", gen.prompt, "prompt text (tokenized with the model's tokenizer)");
+  g->add_option("-f,--file", gen.prompt_file, "read the prompt text from a file");
+  g->add_option("--ids", gen.ids, "prompt as comma-separated token ids, e.g. 1,2,3");
+  g->add_option("-n,--n-predict", gen.n, "number of tokens to generate")->check(CLI::Range(0, 1 << 24));
+  g->add_option("--temp", gen.temp, "sampling temperature; 0 = greedy");
+  g->add_option("--top-k", gen.top_k, "keep the k most likely tokens; 0 = off");
+  g->add_option("--top-p", gen.top_p, "nucleus sampling threshold in (0, 1]; 1 = off");
+  g->add_option("--min-p", gen.min_p, "drop tokens below min-p x the top probability; 0 = off");
+  g->add_option("--repeat-penalty", gen.repeat_penalty, "repetition penalty; 1 = off");
+  g->add_option("--repeat-last-n", gen.repeat_last_n, "tokens of history the penalty looks at (-1 = all)");
+  g->add_option("--seed", gen.seed, "random seed (same seed, same output)");
+  g->add_option("--ctx", gen.ctx, "context size in tokens (default: prompt + n)");
+  g->add_option("--stop", gen.stop, "stop when this text is generated (repeatable)");
+  g->add_flag("--print-ids", gen.print_ids, "end with one line of the generated token ids");
+  g->add_flag("--no-bos", gen.no_bos, "do not add the BOS token to a text prompt");
+  g->add_flag("--ignore-eos", gen.ignore_eos, "keep generating past the end-of-sequence token");
+
+  ModelArgs lg_model;
+  std::string lg_ids;
+  bool lg_all = false;
+  auto* lg = app.add_subcommand("logits", "print the logits of a token sequence as JSON");
+  lg_model.add_to(lg);
+  lg->add_option("--ids", lg_ids, "comma-separated token ids")->required();
+  lg->add_flag("--all-positions", lg_all, "one row per input position (default: the last one)");
+
+  std::string in_preset, in_dtype = "bf16", in_out;
+  uint64_t in_seed = 0;
+  auto* in = app.add_subcommand("init", "write a random-weight checkpoint in the HF layout");
+  in->add_option("--preset", in_preset, "tiny, 125m, 350m or 1.5b")->required()->check(
+      CLI::IsMember(preset_names()));
+  in->add_option("--dtype", in_dtype, "weight dtype: f32, bf16 or f16")->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  in->add_option("--seed", in_seed, "random seed");
+  in->add_option("--out", in_out, "output directory")->required();
+
+  std::string if_dir, if_cache;
+  int64_t if_ctx = 0;
+  bool if_json = false;
+  auto* inf = app.add_subcommand("info", "parameters, layer plan and cache size (needs only config.json)");
+  inf->add_option("-m,--model", if_dir, "model directory")->required();
+  inf->add_option("--ctx", if_ctx, "context length for the cache size (default: max_position_embeddings)");
+  inf->add_option("--cache-type", if_cache, "K/V element type: f32, bf16, f16 (default: the config's torch_dtype)")
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  inf->add_flag("--json", if_json, "print JSON");
+
+  std::string tk_dir, tk_text, tk_file;
+  bool tk_no_bos = false;
+  auto* tk = app.add_subcommand("tokenize", "print the token ids of a text (needs only the tokenizer files)");
+  tk->add_option("-m,--model", tk_dir, "directory with tokenizer.model")->required();
+  tk->add_option("-p,--prompt", tk_text, "text to tokenize");
+  tk->add_option("-f,--file", tk_file, "file to tokenize");
+  tk->add_flag("--no-bos", tk_no_bos, "do not add the BOS token");
+
+  ModelArgs bn_model;
+  int64_t bn_prompt = 512;
+  int bn_gen = 64;
+  bool bn_json = false;
+  uint64_t bn_seed = 1;
+  auto* bn = app.add_subcommand("bench", "measure prefill and decode speed, time to first token and memory");
+  bn_model.add_to(bn);
+  bn->add_option("--prompt-len", bn_prompt, "prompt tokens (random ids)");
+  bn->add_option("--gen-len", bn_gen, "generated tokens (greedy)");
+  bn->add_option("--seed", bn_seed, "seed of the random prompt");
+  bn->add_flag("--json", bn_json, "print JSON");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (g->parsed()) return run_generate(gen);
+    if (lg->parsed()) return run_logits(lg_model, lg_ids, lg_all);
+    if (in->parsed()) return run_init(in_preset, in_dtype, in_seed, in_out);
+    if (inf->parsed()) return run_info(if_dir, if_ctx, if_json, if_cache);
+    if (tk->parsed()) return run_tokenize(tk_dir, tk_text, tk_file, tk_no_bos);
+    if (bn->parsed()) return run_bench(bn_model, bn_prompt, bn_gen, bn_json, bn_seed);
+    std::cout << app.help();
+    return 0;
+  } catch (const hymba::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,76 @@
+// The op contract: every operation the Hymba forward pass needs, with exact
+// semantics, independent of the model. A backend (backend/cpu, later
+// backend/cuda) implements all of them; model code calls only these.
+//
+// Conventions: activations are row-major float matrices of n rows (tokens)
+// with a leading dimension (ld*) in elements, so a column slice of a wider
+// buffer (e.g. the Q part of the fused in_proj output) is passed as a pointer
+// plus the wide buffer's ld. Weights are MatrixView (row-major [rows, cols],
+// PyTorch nn.Linear "out x in" layout), any DType, never copied.
+#pragma once
+
+#include <cstdint>
+
+#include "util/dtype.h"
+
+namespace hymba {
+
+struct MatrixView {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t rows = 0;  // output features
+  int64_t cols = 0;  // input features
+};
+
+// A run of cached keys/values at consecutive positions pos0 .. pos0+count-1.
+// Row j of K is at k + j*ld_k (head-major: kv head g occupies elements
+// [g*head_dim, (g+1)*head_dim)), likewise V.
+struct KVSegment {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  DType dtype = DType::F32;
+  int64_t ld_k = 0, ld_v = 0;
+  int64_t pos0 = 0;
+  int64_t count = 0;
+};
+
+// Attention of n_q queries at consecutive positions q_pos0.. over the union of
+// segments. Key at position k is visible to query at position p iff
+//   k <= p  and  (window < 0  or  p - k <= window  or  k < n_always_visible).
+// Output head h (uses kv head h / (n_heads / n_kv_heads)) is written to
+// out[t*ldo + h*head_dim_v ...]. Softmax in fp32, scores scaled by `scale`.
+struct AttentionArgs {
+  const float* q = nullptr;
+  int64_t ldq = 0;
+  int64_t n_q = 0;
+  int64_t q_pos0 = 0;
+  int n_heads = 0, n_kv_heads = 0, head_dim_qk = 0, head_dim_v = 0;
+  const KVSegment* segments = nullptr;
+  int n_segments = 0;
+  int64_t window = -1;
+  int64_t n_always_visible = 0;
+  float scale = 1.0f;
+  float* out = nullptr;
+  int64_t ldo = 0;
+};
+
+// Selective-scan inputs for n tokens of one sequence (Mamba-1, one B/C group).
+//   dt[t,c]    = softplus(delta[t,c] + dt_bias[c])   (softplus(v) = v for v > 20)
+//   h[c,s]     = exp(dt*A[c,s]) * h[c,s] + dt * B[t,s] * u[t,c]
+//   y[t,c]     = (sum_s C[t,s] h[c,s] + D[c] u[t,c]) * silu(z[t,c])
+// state is [channels, d_state] fp32, updated in place.
+struct ScanArgs {
+  const float* u = nullptr;      int64_t ldu = 0;
+  const float* delta = nullptr;  int64_t ld_delta = 0;
+  const float* B = nullptr;      int64_t ldb = 0;
+  const float* C = nullptr;      int64_t ldc = 0;
+  const float* z = nullptr;      int64_t ldz = 0;
+  const float* dt_bias = nullptr;  // [channels]
+  const float* A = nullptr;        // [channels, d_state], already -exp(A_log)
+  const float* D = nullptr;        // [channels]
+  float* state = nullptr;          // [channels, d_state]
+  float* y = nullptr;            int64_t ldy = 0;
+  int64_t n = 0, channels = 0, d_state = 0;
+};
+
+}  // namespace hymba

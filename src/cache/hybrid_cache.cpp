@@ -1,0 +1,168 @@
+#include "cache/hybrid_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "util/error.h"
+
+namespace hymba {
+
+CacheLayout CacheLayout::build(const HymbaConfig& c, const ModelPlan& plan, DType kv_dtype) {
+  CacheLayout l;
+  l.n_layers = c.num_hidden_layers;
+  l.n_meta = c.num_memory_tokens;
+  l.window = c.sliding_window ? *c.sliding_window : -1;
+  l.kv_k = int64_t(c.num_key_value_heads) * c.head_dim_qk;
+  l.kv_v = int64_t(c.num_key_value_heads) * c.head_dim_v;
+  l.d_inner = c.d_inner;
+  l.d_state = c.mamba_d_state;
+  l.d_conv = c.mamba_d_conv;
+  l.kv_dtype = kv_dtype;
+  for (int owner : plan.kv_owner) l.kv_global.push_back(plan.layers[owner].global);
+  return l;
+}
+
+int64_t CacheLayout::ring_rows(int64_t n_tokens) const { return std::min(window, n_tokens); }
+
+CacheBytes CacheLayout::bytes(int64_t n_tokens) const {
+  CacheBytes b;
+  const int64_t row = (kv_k + kv_v) * int64_t(dtype_size(kv_dtype));
+  for (bool g : kv_global) {
+    if (g) b.global_kv += (n_meta + n_tokens) * row;
+    else b.sliding_kv += (n_meta + ring_rows(n_tokens)) * row;
+  }
+  b.ssm = int64_t(n_layers) * d_inner * d_state * 4;
+  b.conv = int64_t(n_layers) * d_inner * (d_conv - 1) * 4;
+  return b;
+}
+
+SequenceCache::SequenceCache(const CacheLayout& layout, int64_t max_tokens)
+    : layout_(layout), max_tokens_(max_tokens) {
+  check(max_tokens >= 0, "context length must be >= 0");
+  const size_t es = dtype_size(layout.kv_dtype);
+  for (bool g : layout_.kv_global) {
+    KV kv;
+    kv.rows = layout_.n_meta + (g ? max_tokens : layout_.ring_rows(max_tokens));
+    kv.k.assign(size_t(kv.rows * layout_.kv_k) * es, 0);
+    kv.v.assign(size_t(kv.rows * layout_.kv_v) * es, 0);
+    kv_.push_back(std::move(kv));
+  }
+  conv_.assign(conv_stride() * size_t(layout_.n_layers), 0.0f);
+  ssm_.assign(ssm_stride() * size_t(layout_.n_layers), 0.0f);
+}
+
+// Global slots store position p at row p. Sliding slots pin the meta
+// positions at rows [0, M) and put real position p at ring row
+// M + (p - M) mod ring.
+int64_t SequenceCache::row_of(int slot, int64_t pos) const {
+  if (layout_.kv_global[slot] || pos < layout_.n_meta) return pos;
+  const int64_t ring = kv_[slot].rows - layout_.n_meta;
+  return layout_.n_meta + (pos - layout_.n_meta) % ring;
+}
+
+int SequenceCache::kv_segments(int slot, KVSegment* out) const {
+  const KV& kv = kv_[slot];
+  const size_t es = dtype_size(layout_.kv_dtype);
+  auto seg = [&](int64_t row, int64_t pos, int64_t count) {
+    KVSegment s;
+    s.k = kv.k.data() + size_t(row * layout_.kv_k) * es;
+    s.v = kv.v.data() + size_t(row * layout_.kv_v) * es;
+    s.dtype = layout_.kv_dtype;
+    s.ld_k = layout_.kv_k;
+    s.ld_v = layout_.kv_v;
+    s.pos0 = pos;
+    s.count = count;
+    return s;
+  };
+  if (length_ == 0) return 0;
+  const int64_t M = layout_.n_meta;
+  if (layout_.kv_global[slot] || length_ <= M) {
+    out[0] = seg(0, 0, length_);
+    return 1;
+  }
+  int n = 0;
+  if (M > 0) out[n++] = seg(0, 0, M);
+  const int64_t ring = kv.rows - M;
+  const int64_t real = length_ - M;             // real positions seen so far
+  const int64_t kept = std::min(real, ring);    // those still in the ring
+  const int64_t first = length_ - kept;         // oldest kept position
+  const int64_t first_row = row_of(slot, first);
+  const int64_t run1 = std::min(kept, M + ring - first_row);
+  out[n++] = seg(first_row, first, run1);
+  if (run1 < kept) out[n++] = seg(M, first + run1, kept - run1);
+  return n;
+}
+
+void SequenceCache::store_kv(int slot, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n) {
+  check(length_ + n <= layout_.n_meta + max_tokens_, "sequence is longer than its context (",
+        max_tokens_, " tokens)");
+  KV& kv = kv_[slot];
+  const int64_t M = layout_.n_meta;
+  int64_t start = 0;
+  if (!layout_.kv_global[slot]) {
+    // Only the last `ring` real positions of the chunk survive in the ring.
+    const int64_t ring = kv.rows - M;
+    const int64_t first_real = std::max<int64_t>(length_, M);
+    const int64_t last = length_ + n;  // one past
+    const int64_t keep_from = std::max(first_real, last - ring);
+    for (int64_t p = length_; p < std::min(last, M); ++p) {
+      from_f32(k + (p - length_) * ldk, size_t(layout_.kv_k), layout_.kv_dtype,
+               kv.k.data() + size_t(p * layout_.kv_k) * dtype_size(layout_.kv_dtype));
+      from_f32(v + (p - length_) * ldv, size_t(layout_.kv_v), layout_.kv_dtype,
+               kv.v.data() + size_t(p * layout_.kv_v) * dtype_size(layout_.kv_dtype));
+    }
+    if (ring <= 0) return;
+    start = keep_from - length_;
+  }
+  const size_t es = dtype_size(layout_.kv_dtype);
+  for (int64_t t = start; t < n; ++t) {
+    const int64_t row = row_of(slot, length_ + t);
+    from_f32(k + t * ldk, size_t(layout_.kv_k), layout_.kv_dtype, kv.k.data() + size_t(row * layout_.kv_k) * es);
+    from_f32(v + t * ldv, size_t(layout_.kv_v), layout_.kv_dtype, kv.v.data() + size_t(row * layout_.kv_v) * es);
+  }
+}
+
+void SequenceCache::advance(int64_t n) {
+  check(length_ + n <= layout_.n_meta + max_tokens_, "sequence is longer than its context (",
+        max_tokens_, " tokens)");
+  length_ += n;
+}
+
+void SequenceCache::copy_from(const SequenceCache& other) {
+  check(other.layout_.kv_global == layout_.kv_global && other.layout_.kv_k == layout_.kv_k &&
+            other.layout_.kv_dtype == layout_.kv_dtype,
+        "cache layouts differ");
+  check(other.length_ <= layout_.n_meta + max_tokens_, "cache copy does not fit the context");
+  const size_t es = dtype_size(layout_.kv_dtype);
+  for (size_t s = 0; s < kv_.size(); ++s) {
+    // Rows in use: for a global slot, [0, length); for a sliding slot the
+    // meta rows plus the ring, which only maps identically when both rings
+    // have the same size or nothing real has been stored yet.
+    const KV& src = other.kv_[s];
+    KV& dst = kv_[s];
+    int64_t rows = std::min(src.rows, other.length_);
+    if (!layout_.kv_global[s]) {
+      check(other.length_ <= layout_.n_meta || src.rows == dst.rows,
+            "cannot copy a sliding-window cache between different ring sizes");
+    }
+    rows = std::min(rows, dst.rows);
+    std::memcpy(dst.k.data(), src.k.data(), size_t(rows * layout_.kv_k) * es);
+    std::memcpy(dst.v.data(), src.v.data(), size_t(rows * layout_.kv_v) * es);
+  }
+  conv_ = other.conv_;
+  ssm_ = other.ssm_;
+  length_ = other.length_;
+}
+
+CacheBytes SequenceCache::allocated_bytes() const {
+  CacheBytes b;
+  for (size_t s = 0; s < kv_.size(); ++s) {
+    int64_t n = int64_t(kv_[s].k.size() + kv_[s].v.size());
+    (layout_.kv_global[s] ? b.global_kv : b.sliding_kv) += n;
+  }
+  b.ssm = int64_t(ssm_.size() * 4);
+  b.conv = int64_t(conv_.size() * 4);
+  return b;
+}
+
+}  // namespace hymba

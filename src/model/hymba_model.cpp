@@ -1,0 +1,227 @@
+#include "model/hymba_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+#include "util/error.h"
+
+namespace hymba {
+
+// Per-chunk activation buffers, sized for max_chunk tokens. Names follow
+// spec section 4.3.
+struct HymbaModel::Workspace {
+  int64_t capacity = 0;
+  std::vector<float> h, a, u, attn, conv, xdbc, dtn, delta, y, gate, up, cos, sin;
+  std::vector<std::vector<float>> k, v;  // per kv slot: this chunk's post-RoPE K/V
+};
+
+HymbaModel::~HymbaModel() = default;
+
+std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const ModelOptions& opts) {
+  namespace fs = std::filesystem;
+  check(fs::is_directory(dir), "model directory '", dir, "' does not exist");
+  std::unique_ptr<HymbaModel> m(new HymbaModel());
+  m->cfg_ = HymbaConfig::load((fs::path(dir) / "config.json").string());
+  m->plan_ = ModelPlan::build(m->cfg_);
+  m->opts_ = opts;
+  check(opts.max_chunk > 0, "max_chunk must be positive");
+  m->ckpt_ = SafetensorsCheckpoint::open_dir(dir);
+  m->w_ = ModelWeights::bind(m->ckpt_, m->cfg_, m->plan_);
+  const DType kv = opts.kv_dtype ? *opts.kv_dtype : (m->w_.matrix_dtype == DType::F32 ? DType::F32 : DType::BF16);
+  m->layout_ = CacheLayout::build(m->cfg_, m->plan_, kv);
+  if (m->cfg_.rope) m->inv_freq_ = m->cfg_.rope_inv_freq();
+  m->be_ = make_cpu_backend();
+  m->ws_ = std::make_unique<Workspace>();
+  if (m->cfg_.num_memory_tokens > 0) m->meta_ = m->compute_meta_prefix(0);
+  return m;
+}
+
+std::unique_ptr<SequenceCache> HymbaModel::compute_meta_prefix(int64_t max_tokens) {
+  auto seq = std::make_unique<SequenceCache>(layout_, max_tokens);
+  const int64_t M = cfg_.num_memory_tokens, D = cfg_.hidden_size;
+  for (int64_t done = 0; done < M;) {
+    const int64_t n = std::min(opts_.max_chunk, M - done);
+    ensure_workspace(n);
+    std::copy(w_.memory_tokens.begin() + done * D, w_.memory_tokens.begin() + (done + n) * D, ws_->h.begin());
+    run_layers(*seq, n, false);
+    done += n;
+  }
+  return seq;
+}
+
+std::unique_ptr<SequenceCache> HymbaModel::new_sequence(int64_t max_tokens) const {
+  auto seq = std::make_unique<SequenceCache>(layout_, max_tokens);
+  if (meta_) seq->copy_from(*meta_);
+  return seq;
+}
+
+void HymbaModel::ensure_workspace(int64_t n) {
+  Workspace& ws = *ws_;
+  if (n <= ws.capacity) return;
+  const HymbaConfig& c = cfg_;
+  const int64_t D = c.hidden_size, Di = c.d_inner, R = c.dt_rank, N = c.mamba_d_state;
+  int64_t in_rows = 0;
+  for (const auto& lw : w_.layers) in_rows = std::max(in_rows, lw.in_proj.rows);
+  auto sz = [n](int64_t width) { return size_t(n * width); };
+  ws.h.assign(sz(D), 0.0f);
+  ws.a.assign(sz(D), 0.0f);
+  ws.u.assign(sz(in_rows), 0.0f);
+  ws.attn.assign(sz(Di), 0.0f);
+  ws.conv.assign(sz(Di), 0.0f);
+  ws.xdbc.assign(sz(R + 2 * N), 0.0f);
+  ws.dtn.assign(sz(R), 0.0f);
+  ws.delta.assign(sz(Di), 0.0f);
+  ws.y.assign(sz(Di), 0.0f);
+  ws.gate.assign(sz(c.intermediate_size), 0.0f);
+  ws.up.assign(sz(c.intermediate_size), 0.0f);
+  ws.cos.assign(sz(std::max<int64_t>(c.head_dim_qk / 2, 1)), 0.0f);
+  ws.sin.assign(ws.cos.size(), 0.0f);
+  ws.k.assign(plan_.kv_owner.size(), std::vector<float>(sz(layout_.kv_k)));
+  ws.v.assign(plan_.kv_owner.size(), std::vector<float>(sz(layout_.kv_v)));
+  ws.capacity = n;
+}
+
+void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, float* logits, bool all_positions,
+                         bool decode) {
+  // Validate everything before touching the sequence, so bad input leaves it intact.
+  for (int64_t t = 0; t < n; ++t)
+    check(ids[t] >= 0 && ids[t] < cfg_.vocab_size, "token id ", ids[t], " at index ", t,
+          " is out of range (vocabulary has ", cfg_.vocab_size, " tokens)");
+  check(n <= seq.remaining(), "input of ", n, " tokens does not fit the context: ", seq.remaining(),
+        " of ", seq.max_tokens(), " tokens left");
+  const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
+  for (int64_t done = 0; done < n;) {
+    const int64_t nc = std::min(opts_.max_chunk, n - done);
+    ensure_workspace(nc);
+    Workspace& ws = *ws_;
+    be_->embed_rows(w_.embed, ids + done, nc, ws.h.data(), D);
+    run_layers(seq, nc, decode);
+    done += nc;
+    if (!logits) continue;
+    // LM head on the rows that are asked for: every row, or the very last one.
+    const int64_t first = all_positions ? 0 : (done == n ? nc - 1 : nc);
+    const int64_t rows = nc - first;
+    if (rows <= 0) continue;
+    be_->rmsnorm(ws.h.data() + first * D, rows, D, D, w_.final_norm.data(), float(cfg_.rms_norm_eps),
+                 ws.a.data(), D);
+    float* out = all_positions ? logits + (done - nc) * V : logits;
+    be_->matmul(w_.lm_head, ws.a.data(), rows, D, out, V, false);
+  }
+}
+
+void HymbaModel::run_layers(SequenceCache& seq, int64_t n, bool decode) {
+  Workspace& ws = *ws_;
+  if (cfg_.rope)
+    be_->rope_tables(seq.length(), n, inv_freq_.data(), int(cfg_.head_dim_qk / 2), ws.cos.data(), ws.sin.data());
+  for (const LayerPlan& lp : plan_.layers) run_layer(lp, w_.layers[lp.index], seq, n, decode);
+  // The chunk's K/V joins the cache only now: every layer of the chunk has
+  // attended over the cache as it was before the chunk plus the chunk itself.
+  for (size_t s = 0; s < plan_.kv_owner.size(); ++s)
+    seq.store_kv(int(s), ws.k[s].data(), layout_.kv_k, ws.v[s].data(), layout_.kv_v, n);
+  seq.advance(n);
+}
+
+void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, SequenceCache& seq, int64_t n, bool decode) {
+  const HymbaConfig& c = cfg_;
+  Workspace& ws = *ws_;
+  Backend& be = *be_;
+  const int64_t D = c.hidden_size, Di = c.d_inner, R = c.dt_rank, N = c.mamba_d_state;
+  const int64_t XD = R + 2 * N;
+  const float eps = float(c.rms_norm_eps);
+  const int64_t ld_u = w.in_proj.rows;
+
+  // Fused input projection: u = [q | k | v | x | z] (k, v only for KV owners).
+  be.rmsnorm(ws.h.data(), n, D, D, w.input_norm.data(), eps, ws.a.data(), D);
+  be.matmul(w.in_proj, ws.a.data(), n, D, ws.u.data(), ld_u, false);
+  float* q = ws.u.data();
+  int64_t off = c.attn_dim;
+  if (lp.owns_kv) off += layout_.kv_k + layout_.kv_v;
+  float* x = ws.u.data() + off;
+  float* z = x + Di;
+
+  // ---- attention branch
+  if (c.rope) be.rope(q, n, ld_u, c.num_attention_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
+  float* kc = ws.k[lp.kv_slot].data();
+  float* vc = ws.v[lp.kv_slot].data();
+  if (lp.owns_kv) {
+    const float* k = ws.u.data() + c.attn_dim;
+    const float* v = k + layout_.kv_k;
+    for (int64_t t = 0; t < n; ++t) {
+      std::copy(k + t * ld_u, k + t * ld_u + layout_.kv_k, kc + t * layout_.kv_k);
+      std::copy(v + t * ld_u, v + t * ld_u + layout_.kv_v, vc + t * layout_.kv_v);
+    }
+    if (c.rope)
+      be.rope(kc, n, layout_.kv_k, c.num_key_value_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
+    // Round to the cache precision now, so results do not depend on whether a
+    // key is read from this chunk or, later, from the cache.
+    be.round_to(layout_.kv_dtype, kc, n, layout_.kv_k, layout_.kv_k);
+    be.round_to(layout_.kv_dtype, vc, n, layout_.kv_v, layout_.kv_v);
+  }
+  KVSegment segs[4];
+  int n_segs = seq.kv_segments(lp.kv_slot, segs);
+  segs[n_segs++] = KVSegment{kc, vc, DType::F32, layout_.kv_k, layout_.kv_v, seq.length(), n};
+  AttentionArgs aa;
+  aa.q = q;
+  aa.ldq = ld_u;
+  aa.n_q = n;
+  aa.q_pos0 = seq.length();
+  aa.n_heads = c.num_attention_heads;
+  aa.n_kv_heads = c.num_key_value_heads;
+  aa.head_dim_qk = int(c.head_dim_qk);
+  aa.head_dim_v = int(c.head_dim_v);
+  aa.segments = segs;
+  aa.n_segments = n_segs;
+  aa.window = lp.global ? -1 : *c.sliding_window - ((decode && opts_.hf_decode_window) ? 1 : 0);
+  aa.n_always_visible = c.num_memory_tokens;
+  aa.scale = 1.0f / std::sqrt(float(c.head_dim_qk));
+  aa.out = ws.attn.data();
+  aa.ldo = Di;
+  be.attention(aa);
+
+  // ---- Mamba branch
+  be.causal_conv_silu(x, n, ld_u, Di, w.conv_weight.data(), w.conv_bias.data(), c.mamba_d_conv,
+                      seq.conv_state(lp.index), ws.conv.data(), Di);
+  be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
+  be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
+  be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
+  be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
+  be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
+  ScanArgs sa;
+  sa.u = ws.conv.data();
+  sa.ldu = Di;
+  sa.delta = ws.delta.data();
+  sa.ld_delta = Di;
+  sa.B = ws.xdbc.data() + R;
+  sa.ldb = XD;
+  sa.C = ws.xdbc.data() + R + N;
+  sa.ldc = XD;
+  sa.z = z;
+  sa.ldz = ld_u;
+  sa.dt_bias = w.dt_bias.data();
+  sa.A = w.A.data();
+  sa.D = w.D.data();
+  sa.state = seq.ssm_state(lp.index);
+  sa.y = ws.y.data();
+  sa.ldy = Di;
+  sa.n = n;
+  sa.channels = Di;
+  sa.d_state = N;
+  be.selective_scan(sa);
+
+  // ---- fuse the branches: normalise each, average, project, residual
+  be.rmsnorm(ws.attn.data(), n, Di, Di, w.attn_out_norm.data(), eps, ws.attn.data(), Di);
+  be.rmsnorm(ws.y.data(), n, Di, Di, w.ssm_out_norm.data(), eps, ws.y.data(), Di);
+  be.average_into(ws.attn.data(), Di, ws.y.data(), Di, n, Di);
+  be.matmul(w.out_proj, ws.attn.data(), n, Di, ws.h.data(), D, true);
+
+  // ---- SwiGLU MLP, residual
+  const int64_t I = c.intermediate_size;
+  be.rmsnorm(ws.h.data(), n, D, D, w.mlp_norm.data(), eps, ws.a.data(), D);
+  be.matmul(w.gate_proj, ws.a.data(), n, D, ws.gate.data(), I, false);
+  be.matmul(w.up_proj, ws.a.data(), n, D, ws.up.data(), I, false);
+  be.silu_mul(ws.gate.data(), I, ws.up.data(), I, n, I, ws.gate.data(), I);
+  be.matmul(w.down_proj, ws.gate.data(), n, I, ws.h.data(), D, true);
+}
+
+}  // namespace hymba

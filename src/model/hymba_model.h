@@ -1,0 +1,82 @@
+// The Hymba model: weights + layer plan + the forward pass over a sequence's
+// cache. One forward call runs a chunk of tokens through every layer,
+// reading and extending the sequence's hybrid cache; prefill and decode are
+// both forward calls (runtime/ decides chunk sizes and sampling).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "cache/hybrid_cache.h"
+#include "io/config.h"
+#include "io/safetensors.h"
+#include "model/plan.h"
+#include "model/weights.h"
+
+namespace hymba {
+
+struct ModelOptions {
+  // Element type of the K/V cache; default: F32 for fp32 checkpoints, else BF16.
+  std::optional<DType> kv_dtype;
+  // Reproduce the reference's decode-time window (q - k <= window - 1 during
+  // single-token decode, spec 8.1) instead of the training rule q - k <= window.
+  bool hf_decode_window = false;
+  // Largest number of tokens per forward chunk (bounds working memory).
+  int64_t max_chunk = 256;
+};
+
+class HymbaModel {
+ public:
+  // Loads config.json and the safetensors weights of a HF model directory.
+  static std::unique_ptr<HymbaModel> load(const std::string& dir, const ModelOptions& opts = {});
+  ~HymbaModel();
+
+  const HymbaConfig& config() const { return cfg_; }
+  const ModelPlan& plan() const { return plan_; }
+  const ModelWeights& weights() const { return w_; }
+  const CacheLayout& cache_layout() const { return layout_; }
+  const ModelOptions& options() const { return opts_; }
+  int64_t vocab_size() const { return cfg_.vocab_size; }
+
+  // A new sequence with room for max_tokens real tokens, starting from the
+  // state after the meta tokens (computed once at load).
+  std::unique_ptr<SequenceCache> new_sequence(int64_t max_tokens) const;
+
+  // Runs ids[0..n) through the model at the end of `seq` (any n; processed
+  // in chunks of at most max_chunk). If logits is not null it receives the
+  // logits of the last token ([vocab]) or, with all_positions, of every token
+  // ([n, vocab]). `decode` marks a single-token generation step (only
+  // matters with hf_decode_window).
+  void forward(SequenceCache& seq, const int32_t* ids, int64_t n, float* logits, bool all_positions,
+               bool decode = false);
+
+  // The meta-prefix snapshot (for tests); null when the model has no meta tokens.
+  const SequenceCache* meta_snapshot() const { return meta_.get(); }
+  // Recomputes the meta prefix into a fresh cache (for tests of the snapshot).
+  std::unique_ptr<SequenceCache> compute_meta_prefix(int64_t max_tokens);
+
+ private:
+  HymbaModel() = default;
+  struct Workspace;
+  void ensure_workspace(int64_t n);
+  // One chunk: h (n rows in the workspace) through every layer; commits K/V.
+  void run_layers(SequenceCache& seq, int64_t n, bool decode);
+  void run_layer(const LayerPlan& lp, const LayerWeights& w, SequenceCache& seq, int64_t n, bool decode);
+
+  HymbaConfig cfg_;
+  ModelPlan plan_;
+  ModelOptions opts_;
+  SafetensorsCheckpoint ckpt_;
+  ModelWeights w_;
+  CacheLayout layout_;
+  std::vector<float> inv_freq_;
+  std::unique_ptr<Backend> be_;
+  std::unique_ptr<Workspace> ws_;
+  std::unique_ptr<SequenceCache> meta_;
+};
+
+}  // namespace hymba

@@ -1,0 +1,61 @@
+// The model's weights as views into the memory-mapped checkpoint. Large
+// matrices stay in the file's dtype; small per-channel vectors (norm scales,
+// biases, conv taps, A, D) are converted to fp32 once at load.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "backend/ops.h"
+#include "io/config.h"
+#include "io/safetensors.h"
+#include "model/plan.h"
+
+namespace hymba {
+
+struct LayerWeights {
+  std::vector<float> input_norm;      // [D]
+  MatrixView in_proj;                 // [q + (k + v if owns_kv) + 2*d_inner, D]
+  std::vector<float> conv_weight;     // [d_inner, d_conv]
+  std::vector<float> conv_bias;       // [d_inner] (zeros when mamba_conv_bias is false)
+  MatrixView x_proj;                  // [dt_rank + 2*d_state, d_inner]
+  std::vector<float> dt_norm;         // [dt_rank]
+  std::vector<float> B_norm, C_norm;  // [d_state]
+  MatrixView dt_proj;                 // [d_inner, dt_rank]
+  std::vector<float> dt_bias;         // [d_inner]
+  std::vector<float> A;               // [d_inner, d_state] = -exp(A_log)
+  std::vector<float> D;               // [d_inner]
+  std::vector<float> attn_out_norm;   // pre_avg_layernorm1 [d_inner]
+  std::vector<float> ssm_out_norm;    // pre_avg_layernorm2 [d_inner]
+  MatrixView out_proj;                // [D, d_inner]
+  std::vector<float> mlp_norm;        // pre_moe_layernorm [D]
+  MatrixView gate_proj, up_proj;      // [I, D]
+  MatrixView down_proj;               // [D, I]
+};
+
+struct ModelWeights {
+  MatrixView embed;                   // [vocab, D]
+  MatrixView lm_head;                 // [vocab, D] (= embed when tied)
+  std::vector<float> memory_tokens;   // [M, D]
+  std::vector<float> final_norm;      // [D]
+  std::vector<LayerWeights> layers;
+  DType matrix_dtype = DType::F32;    // dtype of the large matrices (embed)
+  size_t file_bytes = 0;              // bytes of tensor data in the checkpoint
+
+  // Checks every tensor's presence, dtype and shape against the config and
+  // plan; errors name the tensor.
+  static ModelWeights bind(const SafetensorsCheckpoint& ck, const HymbaConfig& c, const ModelPlan& plan);
+};
+
+// Every tensor name and shape a checkpoint of this config holds (HF layout);
+// shared by loading, `hymba init` and tests.
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+std::vector<TensorSpec> checkpoint_layout(const HymbaConfig& c, const ModelPlan& plan);
+
+// Number of parameters (tied head counted once).
+int64_t parameter_count(const HymbaConfig& c, const ModelPlan& plan);
+
+}  // namespace hymba

@@ -1,0 +1,84 @@
+#include "runtime/generator.h"
+
+#include <chrono>
+
+#include "util/error.h"
+
+namespace hymba {
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+GenerationResult Generator::generate(const GenerationRequest& req, const TokenCallback& on_token) {
+  check(!req.prompt.empty(), "the prompt is empty: at least one token is needed");
+  check(req.max_new_tokens >= 0, "the number of tokens to generate must be >= 0");
+  check(req.stop_strings.empty() || tok_ != nullptr, "stop strings need a tokenizer");
+  const int64_t V = model_.vocab_size();
+  const int64_t need = int64_t(req.prompt.size()) + req.max_new_tokens;
+  const int64_t ctx = req.context > 0 ? req.context : need;
+  check(int64_t(req.prompt.size()) <= ctx, "the prompt has ", req.prompt.size(),
+        " tokens but the context holds ", ctx);
+  Sampler sampler(req.sampling);
+  StopMatcher stops(req.stop_strings);
+  std::unique_ptr<StreamDecoder> detok;
+  if (tok_) detok = std::make_unique<StreamDecoder>(*tok_);
+
+  GenerationResult res;
+  res.prompt_tokens = int64_t(req.prompt.size());
+  auto seq = model_.new_sequence(ctx);
+  std::vector<float> logits(static_cast<size_t>(V));
+  std::vector<int32_t> history = req.prompt;
+  const auto t0 = std::chrono::steady_clock::now();
+  model_.forward(*seq, req.prompt.data(), int64_t(req.prompt.size()), logits.data(), false);
+  res.prefill_seconds = seconds_since(t0);
+  const int eos = model_.config().eos_token_id;
+
+  std::chrono::steady_clock::time_point t_first;
+  res.stop_reason = "length";
+  for (int i = 0; i < req.max_new_tokens; ++i) {
+    const int32_t id = sampler.sample(logits.data(), int(V), history);
+    if (i == 0) {
+      t_first = std::chrono::steady_clock::now();
+      res.ttft_seconds = seconds_since(t0);
+    }
+    res.tokens.push_back(id);
+    history.push_back(id);
+    if (id == eos && !req.ignore_eos) {
+      res.stop_reason = "eos";
+      break;
+    }
+    std::string text;
+    if (detok) {
+      auto r = stops.feed(detok->push(id));
+      text = std::move(r.text);
+      res.text += text;
+      if (r.stopped) {
+        if (on_token) on_token(id, text);
+        res.stop_reason = "stop_string";
+        break;
+      }
+    }
+    if (on_token && !on_token(id, text)) {
+      res.stop_reason = "cancelled";
+      break;
+    }
+    if (i + 1 == req.max_new_tokens) break;  // no forward for a token nobody will see
+    if (seq->remaining() < 1) {
+      res.stop_reason = "context";
+      break;
+    }
+    model_.forward(*seq, &id, 1, logits.data(), false, /*decode=*/true);
+  }
+  if (!res.tokens.empty()) res.decode_seconds = seconds_since(t_first);
+  if (detok && res.stop_reason != "stop_string") {
+    std::string tail = stops.feed(detok->flush()).text + stops.flush();
+    res.text += tail;
+    if (on_token && !tail.empty()) on_token(-1, tail);
+  }
+  return res;
+}
+
+}  // namespace hymba
