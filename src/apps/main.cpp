@@ -151,8 +151,14 @@ int run_logits(const ModelArgs& m, const std::string& ids_s, bool all_positions)
 }
 
 // ------------------------------------------------------------------ init
-int run_init(const std::string& preset, const std::string& dtype, uint64_t seed, const std::string& out) {
+int run_init(const std::string& preset, const std::string& dtype, uint64_t seed, const std::string& out,
+             bool config_only) {
   const HymbaConfig c = preset_config(preset);
+  if (config_only) {
+    write_config(c, parse_dtype(dtype), out);
+    std::fprintf(stderr, "wrote %s/config.json (preset %s)\n", out.c_str(), preset.c_str());
+    return 0;
+  }
   const auto t0 = std::chrono::steady_clock::now();
   write_random_checkpoint(c, parse_dtype(dtype), seed, out);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -178,7 +184,7 @@ int run_info(const std::string& dir, int64_t ctx, bool as_json, const std::strin
   const CacheLayout layout = CacheLayout::build(c, plan, kv);
   if (ctx <= 0) ctx = c.max_position_embeddings;
   const CacheBytes at_ctx = layout.bytes(ctx);
-  const CacheBytes at_0 = layout.bytes(0), at_1 = layout.bytes(1);
+  const CacheBytes at_0 = layout.bytes(0);
   const int64_t params = parameter_count(c, plan);
   json layers = json::array();
   for (const auto& l : plan.layers)
@@ -190,8 +196,10 @@ int run_info(const std::string& dir, int64_t ctx, bool as_json, const std::strin
               {"ctx", ctx},
               {"cache_dtype", dtype_name(kv)},
               {"cache_bytes", cache_json(at_ctx)},
-              {"cache_bytes_per_token", at_1.total() - at_0.total()},
-              {"cache_bytes_fixed", at_0.total()}};
+              // Bytes one more token adds at this length (only global layers
+              // grow once the sliding windows are full).
+              {"cache_growth_per_token", layout.bytes(ctx + 1).total() - at_ctx.total()},
+              {"cache_bytes_empty", at_0.total()}};
     std::cout << j.dump(2) << "\n";
     return 0;
   }
@@ -354,6 +362,8 @@ int main(int argc, char** argv) {
   in->add_option("--dtype", in_dtype, "weight dtype: f32, bf16 or f16")->check(CLI::IsMember({"f32", "bf16", "f16"}));
   in->add_option("--seed", in_seed, "random seed");
   in->add_option("--out", in_out, "output directory")->required();
+  bool in_config_only = false;
+  in->add_flag("--config-only", in_config_only, "write only config.json (no weights)");
 
   std::string if_dir, if_cache;
   int64_t if_ctx = 0;
@@ -393,7 +403,7 @@ int main(int argc, char** argv) {
   try {
     if (g->parsed()) return run_generate(gen);
     if (lg->parsed()) return run_logits(lg_model, lg_ids, lg_all);
-    if (in->parsed()) return run_init(in_preset, in_dtype, in_seed, in_out);
+    if (in->parsed()) return run_init(in_preset, in_dtype, in_seed, in_out, in_config_only);
     if (inf->parsed()) return run_info(if_dir, if_ctx, if_json, if_cache);
     if (tk->parsed()) return run_tokenize(tk_dir, tk_text, tk_file, tk_no_bos);
     if (bn->parsed()) return run_bench(bn_model, bn_prompt, bn_gen, bn_json, bn_seed);

@@ -155,18 +155,21 @@ TensorInit init_for(const std::string& name) {
 
 }  // namespace
 
-void write_random_checkpoint(const HymbaConfig& config, DType dtype, uint64_t seed, const std::string& dir) {
+void write_config(const HymbaConfig& config, DType dtype, const std::string& dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::create_directories(dir, ec);
   check(!ec && fs::is_directory(dir), "cannot create output directory '", dir, "'");
   HymbaConfig c = config;
   c.torch_dtype = dtype == DType::F32 ? "float32" : (dtype == DType::BF16 ? "bfloat16" : "float16");
-  {
-    std::ofstream f(fs::path(dir) / "config.json");
-    f << c.to_json().dump(2) << "\n";
-    check(f.good(), "cannot write '", (fs::path(dir) / "config.json").string(), "'");
-  }
+  std::ofstream f(fs::path(dir) / "config.json");
+  f << c.to_json().dump(2) << "\n";
+  check(f.good(), "cannot write '", (fs::path(dir) / "config.json").string(), "'");
+}
+
+void write_random_checkpoint(const HymbaConfig& c, DType dtype, uint64_t seed, const std::string& dir) {
+  namespace fs = std::filesystem;
+  write_config(c, dtype, dir);
   const ModelPlan plan = ModelPlan::build(c);
   const auto layout = checkpoint_layout(c, plan);
   SafetensorsWriter w((fs::path(dir) / "model.safetensors").string());

@@ -15,6 +15,9 @@ namespace hymba {
 HymbaConfig preset_config(const std::string& name);
 std::vector<std::string> preset_names();
 
+// Writes only dir/config.json (torch_dtype set from dtype).
+void write_config(const HymbaConfig& config, DType dtype, const std::string& dir);
+
 // Writes dir/config.json and dir/model.safetensors with seeded random weights
 // (initialisation as the reference's from-scratch init: matrices N(0, 0.02)-like,
 // norms 1, A_log = log(1..d_state), D = 1, meta tokens ~ unit scale).
