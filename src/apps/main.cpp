@@ -16,6 +16,7 @@
 #include "apps/cli_util.h"
 #include "backend/backend.h"
 #include "backend/cpu/matmul.h"
+#include "backend/profiling.h"
 #include "io/config.h"
 #include "io/tokenizer.h"
 #include "model/hymba_model.h"
@@ -38,6 +39,7 @@ struct ModelArgs {
   bool hf_decode_window = false;
   int64_t chunk = 256;
   std::string device = "cpu";
+  bool profile = false;
 
   void add_to(CLI::App* app) {
     app->add_option("-m,--model", dir, "model directory (HF layout: config.json, *.safetensors)")->required();
@@ -49,6 +51,7 @@ struct ModelArgs {
                   "q-k <= window (spec 8.1)");
     app->add_option("--chunk", chunk, "prefill chunk size in tokens (bounds working memory)")->check(CLI::Range(1, 65536));
     app->add_option("--device", device, "compute device")->check(CLI::IsMember({"cpu"}));
+    app->add_flag("--profile", profile, "time every op and print a table to stderr at the end");
   }
   std::unique_ptr<HymbaModel> load() const {
     if (threads > 0) set_cpu_threads(threads);
@@ -56,6 +59,7 @@ struct ModelArgs {
     if (!cache_type.empty()) o.kv_dtype = parse_dtype(cache_type);
     o.hf_decode_window = hf_decode_window;
     o.max_chunk = chunk;
+    o.profile = profile;
     return HymbaModel::load(dir, o);
   }
 };
@@ -122,6 +126,7 @@ int run_generate(const GenerateArgs& a) {
   const double prefill_tps = res.prefill_seconds > 0 ? double(res.prompt_tokens) / res.prefill_seconds : 0;
   const double decode_tps =
       res.decode_seconds > 0 && res.tokens.size() > 1 ? double(res.tokens.size() - 1) / res.decode_seconds : 0;
+  if (a.model.profile) std::fprintf(stderr, "%s", profile_report(model->backend()).c_str());
   std::fprintf(stderr, "[prompt %" PRId64 " tok, %.1f tok/s | generated %zu tok, %.1f tok/s | stop: %s]\n",
                res.prompt_tokens, prefill_tps, res.tokens.size(), decode_tps, res.stop_reason.c_str());
   return 0;
@@ -273,6 +278,7 @@ int run_bench(const ModelArgs& m, int64_t prompt_len, int gen_len, bool as_json,
                     mb(l.up_proj) + mb(l.down_proj);
   weight_bytes += mb(w.lm_head);
   const CacheBytes cache = seq->allocated_bytes();
+  if (m.profile) std::fprintf(stderr, "%s", profile_report(model->backend()).c_str());
   const double prefill_tps = double(prompt_len) / prefill_s, decode_tps = double(gen_len) / decode_s;
   const int64_t rss = peak_rss_bytes();
   if (as_json) {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "backend/profiling.h"
 #include "util/error.h"
 
 namespace hymba {
@@ -32,6 +33,7 @@ std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const Model
   m->layout_ = CacheLayout::build(m->cfg_, m->plan_, kv);
   if (m->cfg_.rope) m->inv_freq_ = m->cfg_.rope_inv_freq();
   m->be_ = make_cpu_backend();
+  if (opts.profile) m->be_ = make_profiling_backend(std::move(m->be_));
   m->ws_ = std::make_unique<Workspace>();
   if (m->cfg_.num_memory_tokens > 0) m->meta_ = m->compute_meta_prefix(0);
   return m;

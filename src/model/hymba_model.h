@@ -27,6 +27,8 @@ struct ModelOptions {
   bool hf_decode_window = false;
   // Largest number of tokens per forward chunk (bounds working memory).
   int64_t max_chunk = 256;
+  // Time every op (see backend/profiling.h); report with profile_report().
+  bool profile = false;
 };
 
 class HymbaModel {
@@ -40,6 +42,7 @@ class HymbaModel {
   const ModelWeights& weights() const { return w_; }
   const CacheLayout& cache_layout() const { return layout_; }
   const ModelOptions& options() const { return opts_; }
+  const Backend& backend() const { return *be_; }
   int64_t vocab_size() const { return cfg_.vocab_size; }
 
   // A new sequence with room for max_tokens real tokens, starting from the

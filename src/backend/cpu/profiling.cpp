@@ -1,0 +1,104 @@
+#include "backend/profiling.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <vector>
+
+namespace hymba {
+
+namespace {
+
+class ProfilingBackend final : public Backend {
+ public:
+  explicit ProfilingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
+  std::string name() const override { return inner_->name(); }
+
+  void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
+              bool accumulate) override {
+    // Split by regime: decode-like products behave differently from prefill GEMMs.
+    timed(n <= 8 ? "matmul (n<=8)" : "matmul (n>8)", double(W.rows) * double(W.cols) * double(n) * 2,
+          [&] { inner_->matmul(W, x, n, ldx, y, ldy, accumulate); });
+  }
+  void rmsnorm(const float* x, int64_t n, int64_t d, int64_t ldx, const float* w, float eps, float* y,
+               int64_t ldy) override {
+    timed("rmsnorm", 0, [&] { inner_->rmsnorm(x, n, d, ldx, w, eps, y, ldy); });
+  }
+  void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float* c, float* s) override {
+    timed("rope", 0, [&] { inner_->rope_tables(pos0, n, inv_freq, half, c, s); });
+  }
+  void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c, const float* s) override {
+    timed("rope", 0, [&] { inner_->rope(x, n, ldx, n_heads, head_dim, c, s); });
+  }
+  void attention(const AttentionArgs& a) override {
+    timed("attention", 0, [&] { inner_->attention(a); });
+  }
+  void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
+                        const float* bias, int k_width, float* state, float* y, int64_t ldy) override {
+    timed("conv+silu", 0, [&] { inner_->causal_conv_silu(x, n, ldx, channels, weight, bias, k_width, state, y, ldy); });
+  }
+  void selective_scan(const ScanArgs& a) override {
+    timed("selective_scan", 0, [&] { inner_->selective_scan(a); });
+  }
+  void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64_t n, int64_t d, float* out,
+                int64_t ldo) override {
+    timed("silu_mul", 0, [&] { inner_->silu_mul(gate, ldg, up, ldu, n, d, out, ldo); });
+  }
+  void average_into(float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d) override {
+    timed("average", 0, [&] { inner_->average_into(a, lda, b, ldb, n, d); });
+  }
+  void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* out, int64_t ldo) override {
+    timed("embed", 0, [&] { inner_->embed_rows(table, ids, n, out, ldo); });
+  }
+  void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx) override {
+    timed("round_to", 0, [&] { inner_->round_to(dt, x, n, d, ldx); });
+  }
+
+  std::string report() const {
+    std::vector<std::pair<std::string, Stat>> rows(stats_.begin(), stats_.end());
+    std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
+    double total = 0;
+    for (auto& r : rows) total += r.second.seconds;
+    std::string out = "op                    calls      seconds   share   GFLOP/s\n";
+    char buf[160];
+    for (auto& [name, s] : rows) {
+      std::snprintf(buf, sizeof buf, "%-18s %8lld %12.4f  %5.1f%%  %8s\n", name.c_str(), (long long)s.calls, s.seconds,
+                    total > 0 ? 100 * s.seconds / total : 0.0,
+                    s.flops > 0 ? std::to_string(int(s.flops / s.seconds / 1e9)).c_str() : "");
+      out += buf;
+    }
+    std::snprintf(buf, sizeof buf, "%-18s %8s %12.4f\n", "total", "", total);
+    return out + buf;
+  }
+
+ private:
+  struct Stat {
+    long long calls = 0;
+    double seconds = 0, flops = 0;
+  };
+  template <typename F>
+  void timed(const char* name, double flops, F&& f) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    Stat& s = stats_[name];
+    ++s.calls;
+    s.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    s.flops += flops;
+  }
+  std::unique_ptr<Backend> inner_;
+  std::map<std::string, Stat> stats_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_profiling_backend(std::unique_ptr<Backend> inner) {
+  return std::make_unique<ProfilingBackend>(std::move(inner));
+}
+
+std::string profile_report(const Backend& b) {
+  if (auto* p = dynamic_cast<const ProfilingBackend*>(&b)) return p->report();
+  return {};
+}
+
+}  // namespace hymba
