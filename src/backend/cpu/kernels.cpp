@@ -86,75 +86,83 @@ void attention(const AttentionArgs& a) {
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
   int64_t total_keys = 0;
   for (int s = 0; s < a.n_segments; ++s) total_keys += a.segments[s].count;
+  // Work items: (query, kv head, slice of that kv head's query heads). Query
+  // heads of one group share every K/V row they load, so a slice is the
+  // whole group unless there are too few items to keep the threads busy
+  // (decode: one query), in which case each query head is its own item.
+  const int threads = omp_get_max_threads();
+  const int slices = (a.n_q * a.n_kv_heads >= 4 * threads) ? 1 : group;
+  const int per_slice = group / slices;
 
 #pragma omp parallel
   {
-    std::vector<float> scores(size_t(group) * size_t(std::max<int64_t>(total_keys, 1)));
+    std::vector<float> scores(size_t(per_slice) * size_t(std::max<int64_t>(total_keys, 1)));
     std::vector<KeyRef> keys(size_t(std::max<int64_t>(total_keys, 1)));
-    std::vector<float> ktmp(dq), vtmp(dv), acc(size_t(group) * dv);
-#pragma omp for collapse(2) schedule(dynamic, 1)
+    std::vector<float> ktmp(dq), vtmp(dv), acc(size_t(per_slice) * dv);
+#pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t t = 0; t < a.n_q; ++t) {
       for (int g = 0; g < a.n_kv_heads; ++g) {
-        const int64_t p = a.q_pos0 + t;
-        const float* q0 = a.q + t * a.ldq + int64_t(g) * group * dq;
-        // 1. Scores for every visible key. Visibility inside a segment is
-        //    at most two position ranges: the always-visible prefix and the window.
-        int64_t nk = 0;
-        for (int s = 0; s < a.n_segments; ++s) {
-          const KVSegment& seg = a.segments[s];
-          const int64_t lo = seg.pos0, hi = std::min(seg.pos0 + seg.count, p + 1);  // k <= p
-          auto take = [&](int64_t from, int64_t to) {
-            for (int64_t k = std::max(from, lo); k < std::min(to, hi); ++k) {
-              const int64_t row = k - seg.pos0;
-              const float* kr = row_f32(seg.k, seg.dtype, row * seg.ld_k + int64_t(g) * dq, dq, ktmp.data());
-              for (int j = 0; j < group; ++j) {
-                const float* qj = q0 + int64_t(j) * dq;
-                float dot = 0.0f;
+        for (int sl = 0; sl < slices; ++sl) {
+          const int64_t p = a.q_pos0 + t;
+          const int h0 = g * group + sl * per_slice;  // first query head of this item
+          const float* q0 = a.q + t * a.ldq + int64_t(h0) * dq;
+          // 1. Scores for every visible key. Inside a segment the visible
+          //    keys form at most two position ranges: the always-visible
+          //    prefix and the window.
+          int64_t nk = 0;
+          for (int s = 0; s < a.n_segments; ++s) {
+            const KVSegment& seg = a.segments[s];
+            const int64_t lo = seg.pos0, hi = std::min(seg.pos0 + seg.count, p + 1);  // k <= p
+            auto take = [&](int64_t from, int64_t to) {
+              for (int64_t k = std::max(from, lo); k < std::min(to, hi); ++k) {
+                const int64_t row = k - seg.pos0;
+                const float* kr = row_f32(seg.k, seg.dtype, row * seg.ld_k + int64_t(g) * dq, dq, ktmp.data());
+                for (int j = 0; j < per_slice; ++j) {
+                  const float* qj = q0 + int64_t(j) * dq;
+                  float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int i = 0; i < dq; ++i) dot += qj[i] * kr[i];
-                scores[size_t(j) * total_keys + nk] = dot * a.scale;
+                  for (int i = 0; i < dq; ++i) dot += qj[i] * kr[i];
+                  scores[size_t(j) * total_keys + nk] = dot * a.scale;
+                }
+                keys[nk++] = {&seg, row};
               }
-              keys[nk++] = {&seg, row};
+            };
+            if (a.window < 0) {
+              take(lo, hi);
+            } else {
+              const int64_t win_lo = p - a.window;
+              take(lo, std::min(a.n_always_visible, win_lo));  // prefix left of the window
+              take(std::max(win_lo, lo), hi);
             }
-          };
-          if (a.window < 0) {
-            take(lo, hi);
-          } else {
-            const int64_t win_lo = p - a.window;
-            const int64_t pre_hi = std::min(a.n_always_visible, win_lo);  // prefix before the window
-            take(lo, pre_hi);
-            take(std::max(win_lo, lo), hi);
           }
-        }
-        // 2. Softmax per query head (fp32), then the weighted sum of V.
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int j = 0; j < group; ++j) {
-          float* sc = scores.data() + size_t(j) * total_keys;
-          float mx = -INFINITY;
-          for (int64_t k = 0; k < nk; ++k) mx = std::max(mx, sc[k]);
-          float sum = 0.0f;
+          // 2. Softmax per query head (fp32), then the weighted sum of V.
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          for (int j = 0; j < per_slice; ++j) {
+            float* sc = scores.data() + size_t(j) * total_keys;
+            float mx = -INFINITY;
+            for (int64_t k = 0; k < nk; ++k) mx = std::max(mx, sc[k]);
+            float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
+            for (int64_t k = 0; k < nk; ++k) {
+              sc[k] = fast_exp(sc[k] - mx);
+              sum += sc[k];
+            }
+            const float inv = nk > 0 ? 1.0f / sum : 0.0f;
+#pragma omp simd
+            for (int64_t k = 0; k < nk; ++k) sc[k] *= inv;
+          }
           for (int64_t k = 0; k < nk; ++k) {
-            sc[k] = fast_exp(sc[k] - mx);
-            sum += sc[k];
-          }
-          const float inv = nk > 0 ? 1.0f / sum : 0.0f;
+            const KVSegment& seg = *keys[k].seg;
+            const float* vr = row_f32(seg.v, seg.dtype, keys[k].row * seg.ld_v + int64_t(g) * dv, dv, vtmp.data());
+            for (int j = 0; j < per_slice; ++j) {
+              const float w = scores[size_t(j) * total_keys + k];
+              float* o = acc.data() + size_t(j) * dv;
 #pragma omp simd
-          for (int64_t k = 0; k < nk; ++k) sc[k] *= inv;
-        }
-        for (int64_t k = 0; k < nk; ++k) {
-          const KVSegment& seg = *keys[k].seg;
-          const float* vr = row_f32(seg.v, seg.dtype, keys[k].row * seg.ld_v + int64_t(g) * dv, dv, vtmp.data());
-          for (int j = 0; j < group; ++j) {
-            const float w = scores[size_t(j) * total_keys + k];
-            float* o = acc.data() + size_t(j) * dv;
-#pragma omp simd
-            for (int i = 0; i < dv; ++i) o[i] += w * vr[i];
+              for (int i = 0; i < dv; ++i) o[i] += w * vr[i];
+            }
           }
-        }
-        for (int j = 0; j < group; ++j) {
-          float* out = a.out + t * a.ldo + int64_t(g * group + j) * dv;
-          std::copy(acc.begin() + size_t(j) * dv, acc.begin() + size_t(j + 1) * dv, out);
+          float* out = a.out + t * a.ldo + int64_t(h0) * dv;
+          std::copy(acc.begin(), acc.end(), out);
         }
       }
     }
@@ -201,7 +209,7 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
 }
 
 void selective_scan(const ScanArgs& a) {
-  constexpr int kLanes = 16;  // channels processed together, one vector wide
+  constexpr int kLanes = 16;  // channels processed together: one v16f
   const int64_t N = a.d_state;
   check(N <= 256, "selective_scan: d_state ", N, " is larger than supported (256)");
   const int64_t n_blocks = (a.channels + kLanes - 1) / kLanes;
@@ -210,49 +218,38 @@ void selective_scan(const ScanArgs& a) {
     const int64_t c0 = blk * kLanes;
     const int lanes = int(std::min<int64_t>(kLanes, a.channels - c0));
     // State and A of this channel block, transposed to [s][lane] so that the
-    // inner loops run over channels (vector lanes), not over the state.
-    alignas(64) float h[256][kLanes];
-    alignas(64) float A[256][kLanes];
-    alignas(64) float bias[kLanes], D[kLanes];
-    for (int64_t s = 0; s < N; ++s)
-      for (int l = 0; l < kLanes; ++l) {
-        h[s][l] = l < lanes ? a.state[(c0 + l) * N + s] : 0.0f;
-        A[s][l] = l < lanes ? a.A[(c0 + l) * N + s] : 0.0f;
-      }
-    for (int l = 0; l < kLanes; ++l) {
-      bias[l] = l < lanes ? a.dt_bias[c0 + l] : 0.0f;
-      D[l] = l < lanes ? a.D[c0 + l] : 0.0f;
+    // vector runs over channels: no horizontal sums in the recurrence.
+    alignas(64) float hbuf[256][kLanes];
+    alignas(64) float Abuf[256][kLanes];
+    alignas(64) float tmp[kLanes];
+    auto gather = [&](const float* src, int64_t stride) {  // lanes beyond the end read as 0
+      for (int l = 0; l < kLanes; ++l) tmp[l] = l < lanes ? src[l * stride] : 0.0f;
+      return v16_load(tmp);
+    };
+    for (int64_t s = 0; s < N; ++s) {
+      v16_store(hbuf[s], gather(a.state + c0 * N + s, N));
+      v16_store(Abuf[s], gather(a.A + c0 * N + s, N));
     }
+    const v16f bias = gather(a.dt_bias + c0, 1), D = gather(a.D + c0, 1);
     for (int64_t t = 0; t < a.n; ++t) {
-      alignas(64) float dt[kLanes], u[kLanes], du[kLanes], y[kLanes];
-      const float* ur = a.u + t * a.ldu + c0;
-      const float* dr = a.delta + t * a.ld_delta + c0;
-      for (int l = 0; l < kLanes; ++l) {
-        u[l] = l < lanes ? ur[l] : 0.0f;
-        dt[l] = l < lanes ? dr[l] : 0.0f;
-      }
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
-        dt[l] = softplus(dt[l] + bias[l]);
-        du[l] = dt[l] * u[l];
-        y[l] = D[l] * u[l];
-      }
+      const v16f u = gather(a.u + t * a.ldu + c0, 1);
+      const v16f dt = v16_softplus(gather(a.delta + t * a.ld_delta + c0, 1) + bias);
+      const v16f du = dt * u;
+      v16f y = D * u;
       const float* B = a.B + t * a.ldb;
       const float* C = a.C + t * a.ldc;
       for (int64_t s = 0; s < N; ++s) {
-        const float b = B[s], c = C[s];
-#pragma omp simd
-        for (int l = 0; l < kLanes; ++l) {
-          h[s][l] = fast_exp(dt[l] * A[s][l]) * h[s][l] + du[l] * b;
-          y[l] += c * h[s][l];
-        }
+        const v16f h = v16_exp(dt * v16_load(Abuf[s])) * v16_load(hbuf[s]) + du * B[s];
+        v16_store(hbuf[s], h);
+        y += h * C[s];
       }
-      const float* zr = a.z + t * a.ldz + c0;
+      y *= v16_silu(gather(a.z + t * a.ldz + c0, 1));
+      v16_store(tmp, y);
       float* yr = a.y + t * a.ldy + c0;
-      for (int l = 0; l < lanes; ++l) yr[l] = y[l] * silu(zr[l]);
+      for (int l = 0; l < lanes; ++l) yr[l] = tmp[l];
     }
     for (int64_t s = 0; s < N; ++s)
-      for (int l = 0; l < lanes; ++l) a.state[(c0 + l) * N + s] = h[s][l];
+      for (int l = 0; l < lanes; ++l) a.state[(c0 + l) * N + s] = hbuf[s][l];
   }
 }
 
