@@ -131,7 +131,8 @@ inline v16f v16_silu(v16f x) { return x / (1.0f + v16_exp(-x)); }
 inline v16f v16_softplus(v16f v) {
   const v16f e = v16_exp(v < 20.0f ? v : v16_splat(20.0f));
   const v16f small = e * (1.0f - 0.5f * e);
-  const v16f sp = e < 1e-4f ? small : v16_log(1.0f + e);
+  const v16f u = 1.0f + e;  // log1p(e) = log(u) * e / (u - 1): see softplus()
+  const v16f sp = e < 1e-4f ? small : v16_log(u) * (e / (u - 1.0f));
   return v > 20.0f ? v : sp;
 }
 
