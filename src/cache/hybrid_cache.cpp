@@ -129,8 +129,11 @@ void SequenceCache::advance(int64_t n) {
 }
 
 void SequenceCache::copy_from(const SequenceCache& other) {
-  check(other.layout_.kv_global == layout_.kv_global && other.layout_.kv_k == layout_.kv_k &&
-            other.layout_.kv_dtype == layout_.kv_dtype,
+  const CacheLayout& o = other.layout_;
+  check(o.kv_global == layout_.kv_global && o.kv_k == layout_.kv_k && o.kv_v == layout_.kv_v &&
+            o.kv_dtype == layout_.kv_dtype && o.n_meta == layout_.n_meta && o.window == layout_.window &&
+            o.n_layers == layout_.n_layers && o.d_inner == layout_.d_inner && o.d_state == layout_.d_state &&
+            o.d_conv == layout_.d_conv,
         "cache layouts differ");
   check(other.length_ <= layout_.n_meta + max_tokens_, "cache copy does not fit the context");
   const size_t es = dtype_size(layout_.kv_dtype);

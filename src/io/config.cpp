@@ -3,6 +3,7 @@
 #include <cmath>
 #include <fstream>
 #include <set>
+#include <type_traits>
 
 #include <nlohmann/json.hpp>
 
@@ -20,6 +21,13 @@ template <typename T>
 void read_field(const json& j, const char* name, T& out) {
   auto it = j.find(name);
   if (it == j.end() || it->is_null()) return;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    // JSON has one number type; refuse 64.5 where an integer is meant.
+    if (it->is_number_float()) {
+      const double d = it->get<double>();
+      check(d == std::floor(d), "config.json: field '", name, "' must be an integer (got ", d, ")");
+    }
+  }
   try {
     out = it->get<T>();
   } catch (const json::exception&) {

@@ -139,6 +139,14 @@ TEST(IoConfig, WrongFieldType) {
   expect_error([&] { HymbaConfig::from_json(j); }, {"'global_attn_idx'", "wrong type"});
 }
 
+TEST(IoConfig, FractionalIntegerRejected) {
+  json j = small_config();
+  j["hidden_size"] = 64.5;
+  expect_error([&] { HymbaConfig::from_json(j); }, {"'hidden_size'", "integer"});
+  j["hidden_size"] = 64.0;  // an integral float is still the integer it spells
+  EXPECT_EQ(HymbaConfig::from_json(j).hidden_size, 64);
+}
+
 TEST(IoConfig, WrongFieldTypeThroughLoadNamesFileAndField) {
   const std::string path = test_dir() + "/config.json";
   json j = small_config();
