@@ -74,9 +74,58 @@ inline const float* row_f32(const void* base, DType dt, int64_t offset, int64_t 
   return tmp;
 }
 
-struct KeyRef {
-  const KVSegment* seg;
-  int64_t row;  // row inside the segment
+}  // namespace
+
+// Attention, flash style: a work item is (block of queries, kv head, slice of
+// that kv head's query heads). It walks the visible keys in blocks of kKeyBlock:
+// converts the block to fp32 once (K transposed, so scores vectorise over
+// keys; V padded to whole vectors), then updates each query's running max,
+// denominator and output (online softmax). Working set per item stays in L2
+// whatever the context length.
+namespace {
+
+constexpr int kKeyBlock = 128;
+constexpr int kQueryBlock = 16;
+
+int pad16(int x) { return (x + 15) / 16 * 16; }
+
+// scores[q][k] = q_q . K[:, k] for R query rows against a transposed block
+// Kt [dq][kKeyBlock], 16 keys per vector; one K load feeds R FMAs.
+template <int R>
+void block_scores(const float* q, int ldq, int dq, const float* kt, int nkv, float* const* scores) {
+  for (int kv = 0; kv < nkv; ++kv) {
+    v16f acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = v16_splat(0.0f);
+    for (int i = 0; i < dq; ++i) {
+      const v16f k = v16_load(kt + size_t(i) * kKeyBlock + kv * 16);
+      for (int r = 0; r < R; ++r) acc[r] += q[size_t(r) * ldq + i] * k;
+    }
+    for (int r = 0; r < R; ++r) v16_store(scores[r] + kv * 16, acc[r]);
+  }
+}
+
+// out[q] = out[q] * corr[q] + sum_k p[q][k] V[k] for up to 4 rows; one V
+// load feeds 4 FMAs. Rows beyond nr have p = 0 and are not stored.
+void block_pv(float* const* p, const float* corr, int nr, const float* v, int DV, int nk, float* const* out) {
+  for (int i = 0; i < DV; i += 16) {
+    v16f acc0 = v16_load(out[0] + i) * corr[0], acc1 = v16_load(out[1] + i) * corr[1];
+    v16f acc2 = v16_load(out[2] + i) * corr[2], acc3 = v16_load(out[3] + i) * corr[3];
+    for (int k = 0; k < nk; ++k) {
+      const v16f vk = v16_load(v + size_t(k) * DV + i);
+      acc0 += p[0][k] * vk;
+      acc1 += p[1][k] * vk;
+      acc2 += p[2][k] * vk;
+      acc3 += p[3][k] * vk;
+    }
+    v16_store(out[0] + i, acc0);
+    if (nr > 1) v16_store(out[1] + i, acc1);
+    if (nr > 2) v16_store(out[2] + i, acc2);
+    if (nr > 3) v16_store(out[3] + i, acc3);
+  }
+}
+
+struct AttnScratch {
+  std::vector<float> kt, v, q, scores, m, l, acc;
 };
 
 }  // namespace
@@ -84,87 +133,143 @@ struct KeyRef {
 void attention(const AttentionArgs& a) {
   const int group = a.n_heads / a.n_kv_heads;
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
-  int64_t total_keys = 0;
-  for (int s = 0; s < a.n_segments; ++s) total_keys += a.segments[s].count;
-  // Work items: (query, kv head, slice of that kv head's query heads). Query
-  // heads of one group share every K/V row they load, so a slice is the
-  // whole group unless there are too few items to keep the threads busy
-  // (decode: one query), in which case each query head is its own item.
+  const int DQ = pad16(dq), DV = pad16(dv);
+  check(dq <= 512 && dv <= 512, "attention: head dims above 512 are not supported");
   const int threads = omp_get_max_threads();
-  const int slices = (a.n_q * a.n_kv_heads >= 4 * threads) ? 1 : group;
+  const int64_t q_blocks = (a.n_q + kQueryBlock - 1) / kQueryBlock;
+  // Query heads of a group share every K/V block they load, so an item takes
+  // the whole group unless there are too few items to keep the threads busy
+  // (decode: one query), in which case each query head is an item.
+  const int slices = (q_blocks * a.n_kv_heads >= 4 * threads) ? 1 : group;
   const int per_slice = group / slices;
+  const int64_t n_items = q_blocks * a.n_kv_heads * slices;
 
 #pragma omp parallel
   {
-    std::vector<float> scores(size_t(per_slice) * size_t(std::max<int64_t>(total_keys, 1)));
-    std::vector<KeyRef> keys(size_t(std::max<int64_t>(total_keys, 1)));
-    std::vector<float> ktmp(dq), vtmp(dv), acc(size_t(per_slice) * dv);
-#pragma omp for collapse(3) schedule(dynamic, 1)
-    for (int64_t t = 0; t < a.n_q; ++t) {
-      for (int g = 0; g < a.n_kv_heads; ++g) {
-        for (int sl = 0; sl < slices; ++sl) {
-          const int64_t p = a.q_pos0 + t;
-          const int h0 = g * group + sl * per_slice;  // first query head of this item
-          const float* q0 = a.q + t * a.ldq + int64_t(h0) * dq;
-          // 1. Scores for every visible key. Inside a segment the visible
-          //    keys form at most two position ranges: the always-visible
-          //    prefix and the window.
-          int64_t nk = 0;
-          for (int s = 0; s < a.n_segments; ++s) {
-            const KVSegment& seg = a.segments[s];
-            const int64_t lo = seg.pos0, hi = std::min(seg.pos0 + seg.count, p + 1);  // k <= p
-            auto take = [&](int64_t from, int64_t to) {
-              for (int64_t k = std::max(from, lo); k < std::min(to, hi); ++k) {
-                const int64_t row = k - seg.pos0;
-                const float* kr = row_f32(seg.k, seg.dtype, row * seg.ld_k + int64_t(g) * dq, dq, ktmp.data());
-                for (int j = 0; j < per_slice; ++j) {
-                  const float* qj = q0 + int64_t(j) * dq;
-                  float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                  for (int i = 0; i < dq; ++i) dot += qj[i] * kr[i];
-                  scores[size_t(j) * total_keys + nk] = dot * a.scale;
-                }
-                keys[nk++] = {&seg, row};
-              }
-            };
-            if (a.window < 0) {
-              take(lo, hi);
-            } else {
-              const int64_t win_lo = p - a.window;
-              take(lo, std::min(a.n_always_visible, win_lo));  // prefix left of the window
-              take(std::max(win_lo, lo), hi);
-            }
+    AttnScratch w;
+    w.kt.assign(size_t(DQ) * kKeyBlock, 0.0f);
+    w.v.assign(size_t(kKeyBlock) * DV, 0.0f);
+    w.q.assign(size_t(kQueryBlock) * per_slice * DQ, 0.0f);
+    w.scores.assign(size_t(4) * kKeyBlock, 0.0f);
+    w.m.assign(size_t(kQueryBlock) * per_slice, 0.0f);
+    w.l.assign(w.m.size(), 0.0f);
+    w.acc.assign(w.m.size() * DV, 0.0f);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const int sl = int(item % slices);
+      const int g = int((item / slices) % a.n_kv_heads);
+      const int64_t t0 = (item / slices / a.n_kv_heads) * kQueryBlock;
+      const int nt = int(std::min<int64_t>(kQueryBlock, a.n_q - t0));
+      const int h0 = g * group + sl * per_slice;
+      const int64_t p_first = a.q_pos0 + t0, p_last = p_first + nt - 1;
+      const int rows = nt * per_slice;  // (query, head) pairs of this item
+      // Queries, pre-scaled, padded with zeros to DQ.
+      for (int t = 0; t < nt; ++t)
+        for (int j = 0; j < per_slice; ++j) {
+          float* dst = w.q.data() + size_t(t * per_slice + j) * DQ;
+          const float* src = a.q + (t0 + t) * a.ldq + int64_t(h0 + j) * dq;
+          for (int i = 0; i < DQ; ++i) dst[i] = i < dq ? src[i] * a.scale : 0.0f;
+        }
+      std::fill(w.m.begin(), w.m.begin() + rows, -INFINITY);
+      std::fill(w.l.begin(), w.l.begin() + rows, 0.0f);
+      std::fill(w.acc.begin(), w.acc.begin() + size_t(rows) * DV, 0.0f);
+
+      // One block of keys at positions kp0 .. kp0+nk-1 (rows r0.. of seg).
+      auto process_block = [&](const KVSegment& seg, int64_t r0, int nk) {
+        const int64_t kp0 = seg.pos0 + r0;
+        float tmp[512];
+        for (int k = 0; k < nk; ++k) {
+          const float* kr = row_f32(seg.k, seg.dtype, (r0 + k) * seg.ld_k + int64_t(g) * dq, dq, tmp);
+          for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = kr[i];
+          const float* vr = row_f32(seg.v, seg.dtype, (r0 + k) * seg.ld_v + int64_t(g) * dv, dv, tmp);
+          std::copy(vr, vr + dv, w.v.begin() + size_t(k) * DV);
+        }
+        for (int k = nk; k < kKeyBlock; ++k)  // unused columns must not be NaN garbage
+          for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = 0.0f;
+        const int nkv = (nk + 15) / 16;
+        // Rows (query, head) in groups of up to 4 share each K and V load.
+        for (int rb = 0; rb < rows; rb += 4) {
+          const int nr = std::min(4, rows - rb);
+          float* sc[4];
+          for (int q = 0; q < 4; ++q) sc[q] = w.scores.data() + size_t(q) * kKeyBlock;
+          switch (nr) {
+            case 4: block_scores<4>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
+            case 3: block_scores<3>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
+            case 2: block_scores<2>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
+            default: block_scores<1>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
           }
-          // 2. Softmax per query head (fp32), then the weighted sum of V.
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          for (int j = 0; j < per_slice; ++j) {
-            float* sc = scores.data() + size_t(j) * total_keys;
-            float mx = -INFINITY;
-            for (int64_t k = 0; k < nk; ++k) mx = std::max(mx, sc[k]);
+          float corr[4] = {1, 1, 1, 1};
+          for (int q = 0; q < nr; ++q) {
+            const int r = rb + q;
+            const int64_t p = p_first + r / per_slice;
+            float* scr = sc[q];
+            // Mask only blocks that straddle a boundary of this query's view.
+            const int64_t kp_last = kp0 + nk - 1;
+            const bool all_visible = kp_last <= p && (a.window < 0 || p - kp0 <= a.window ||
+                                                      kp_last < a.n_always_visible);
+            bool any_visible = all_visible;
+            if (!all_visible) {
+              for (int k = 0; k < nk; ++k) {
+                const int64_t kp = kp0 + k;
+                const bool visible = kp <= p && (a.window < 0 || p - kp <= a.window || kp < a.n_always_visible);
+                if (!visible) scr[k] = -INFINITY;
+                any_visible |= visible;
+              }
+            }
+            for (int k = nk; k < nkv * 16; ++k) scr[k] = -INFINITY;  // padding keys
+            if (!any_visible) {
+              std::fill(scr, scr + nkv * 16, 0.0f);  // contributes nothing; acc unchanged
+              continue;
+            }
+            float mb = -INFINITY;
+#pragma omp simd reduction(max : mb)
+            for (int k = 0; k < nk; ++k) mb = std::max(mb, scr[k]);
+            const float m_new = std::max(w.m[r], mb);
+            corr[q] = fast_exp(w.m[r] - m_new);  // ~0 when m was -inf (acc is 0 then)
+            w.m[r] = m_new;
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t k = 0; k < nk; ++k) {
-              sc[k] = fast_exp(sc[k] - mx);
-              sum += sc[k];
+            for (int k = 0; k < nkv * 16; ++k) {
+              // Masked keys get exactly 0 (fast_exp saturates at e^-87, not 0).
+              const float e = scr[k] == -INFINITY ? 0.0f : fast_exp(scr[k] - m_new);
+              scr[k] = e;
+              sum += e;
             }
-            const float inv = nk > 0 ? 1.0f / sum : 0.0f;
-#pragma omp simd
-            for (int64_t k = 0; k < nk; ++k) sc[k] *= inv;
+            w.l[r] = w.l[r] * corr[q] + sum;
           }
-          for (int64_t k = 0; k < nk; ++k) {
-            const KVSegment& seg = *keys[k].seg;
-            const float* vr = row_f32(seg.v, seg.dtype, keys[k].row * seg.ld_v + int64_t(g) * dv, dv, vtmp.data());
-            for (int j = 0; j < per_slice; ++j) {
-              const float w = scores[size_t(j) * total_keys + k];
-              float* o = acc.data() + size_t(j) * dv;
-#pragma omp simd
-              for (int i = 0; i < dv; ++i) o[i] += w * vr[i];
-            }
-          }
-          float* out = a.out + t * a.ldo + int64_t(h0) * dv;
-          std::copy(acc.begin(), acc.end(), out);
+          for (int q = nr; q < 4; ++q) std::fill(sc[q], sc[q] + nkv * 16, 0.0f);
+          float* outs[4];
+          for (int q = 0; q < 4; ++q) outs[q] = w.acc.data() + size_t(std::min(rb + q, rows - 1)) * DV;
+          block_pv(sc, corr, nr, w.v.data(), DV, nk, outs);
         }
+      };
+
+      for (int s = 0; s < a.n_segments; ++s) {
+        const KVSegment& seg = a.segments[s];
+        // Positions of this segment any query of the block can see: the
+        // always-visible prefix and the union of the windows, as row ranges.
+        const int64_t end = std::min(seg.pos0 + seg.count, p_last + 1);
+        int64_t ranges[2][2];
+        int n_ranges = 0;
+        if (a.window < 0) {
+          ranges[n_ranges][0] = seg.pos0, ranges[n_ranges++][1] = end;
+        } else {
+          const int64_t win_lo = std::max(seg.pos0, p_first - a.window);
+          const int64_t pre_hi = std::min(end, std::min(a.n_always_visible, win_lo));
+          if (pre_hi > seg.pos0) ranges[n_ranges][0] = seg.pos0, ranges[n_ranges++][1] = pre_hi;
+          ranges[n_ranges][0] = std::max(win_lo, pre_hi), ranges[n_ranges++][1] = end;
+        }
+        for (int rg = 0; rg < n_ranges; ++rg)
+          for (int64_t k = ranges[rg][0]; k < ranges[rg][1]; k += kKeyBlock)
+            process_block(seg, k - seg.pos0, int(std::min<int64_t>(kKeyBlock, ranges[rg][1] - k)));
       }
+      for (int t = 0; t < nt; ++t)
+        for (int j = 0; j < per_slice; ++j) {
+          const int r = t * per_slice + j;
+          float* out = a.out + (t0 + t) * a.ldo + int64_t(h0 + j) * dv;
+          const float inv = w.l[r] > 0 ? 1.0f / w.l[r] : 0.0f;
+          for (int i = 0; i < dv; ++i) out[i] = w.acc[size_t(r) * DV + i] * inv;
+        }
     }
   }
 }
