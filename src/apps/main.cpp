@@ -256,11 +256,16 @@ int run_bench(const ModelArgs& m, int64_t prompt_len, int gen_len, bool as_json,
   auto argmax = [&] {
     return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
   };
+  profile_reset(model->backend());  // the meta prefix ran at load: not part of the prompt
   auto t0 = std::chrono::steady_clock::now();
   model->forward(*seq, prompt.data(), prompt_len, logits.data(), false);
   const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   int32_t next = argmax();
   const double ttft_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (m.profile) {
+    std::fprintf(stderr, "--- prefill of %" PRId64 " tokens\n%s", prompt_len, profile_report(model->backend()).c_str());
+    profile_reset(model->backend());
+  }
   auto t1 = std::chrono::steady_clock::now();
   for (int i = 0; i < gen_len; ++i) {
     model->forward(*seq, &next, 1, logits.data(), false, true);
@@ -278,7 +283,8 @@ int run_bench(const ModelArgs& m, int64_t prompt_len, int gen_len, bool as_json,
                     mb(l.up_proj) + mb(l.down_proj);
   weight_bytes += mb(w.lm_head);
   const CacheBytes cache = seq->allocated_bytes();
-  if (m.profile) std::fprintf(stderr, "%s", profile_report(model->backend()).c_str());
+  if (m.profile)
+    std::fprintf(stderr, "--- decode of %d tokens\n%s", gen_len, profile_report(model->backend()).c_str());
   const double prefill_tps = double(prompt_len) / prefill_s, decode_tps = double(gen_len) / decode_s;
   const int64_t rss = peak_rss_bytes();
   if (as_json) {

@@ -43,6 +43,7 @@ class HymbaModel {
   const CacheLayout& cache_layout() const { return layout_; }
   const ModelOptions& options() const { return opts_; }
   const Backend& backend() const { return *be_; }
+  Backend& backend() { return *be_; }
   int64_t vocab_size() const { return cfg_.vocab_size; }
 
   // A new sequence with room for max_tokens real tokens, starting from the

@@ -425,6 +425,26 @@ TEST(KernelAttention, DecodeHymbaShapeLargeLogits) {
                      310);
 }
 
+TEST(KernelAttention, DecodeLongContextSplitsKeyBlocks) {
+  // Hymba-1.5B's sliding layer at decode: 128 pinned meta positions, a full
+  // 1024-position ring in two pieces and the new token; several key blocks,
+  // so with 2+ threads the keys are split between work items whose partial
+  // softmax states must merge exactly.
+  run_attention_case({"decode, meta + wrapped ring, window 1024", 25, 5, 64, 128, 1, 3000, 1024, 128,
+                      {{0, 128, DType::BF16, 0}, {2400, 600, DType::BF16, 0}, {1976, 424, DType::BF16, 0},
+                       {3000, 1, DType::F32, 0}}},
+                     312);
+  run_attention_case({"decode, global, 2000 keys", 4, 2, 32, 48, 1, 1999, -1, 0, {{0, 2000, DType::F32, 0}}}, 313);
+}
+
+TEST(KernelAttention, PrefillManyKeyBlocksOnlineSoftmax) {
+  // 40 queries after 300 cached positions: every query walks several key
+  // blocks and the causal edge falls inside a block.
+  run_attention_case({"prefill across key blocks", 6, 3, 16, 24, 40, 300, -1, 0,
+                      {{0, 300, DType::BF16, 0}, {300, 40, DType::F32, 0}}},
+                     314);
+}
+
 TEST(KernelAttention, MhaManyQueriesGlobal) {
   run_attention_case({"mha 33 queries", 5, 5, 7, 9, 33, 3, -1, 0,
                       {{0, 3, DType::F16, 0}, {3, 33, DType::F32, 2}}},

@@ -137,36 +137,81 @@ void attention(const AttentionArgs& a) {
   check(dq <= 512 && dv <= 512, "attention: head dims above 512 are not supported");
   const int threads = omp_get_max_threads();
   const int64_t q_blocks = (a.n_q + kQueryBlock - 1) / kQueryBlock;
-  // Query heads of a group share every K/V block they load, so an item takes
-  // the whole group unless there are too few items to keep the threads busy
-  // (decode: one query), in which case each query head is an item.
-  const int slices = (q_blocks * a.n_kv_heads >= 4 * threads) ? 1 : group;
-  const int per_slice = group / slices;
-  const int64_t n_items = q_blocks * a.n_kv_heads * slices;
+
+  // The key blocks a query block can see (the same for every kv head): in
+  // each segment the always-visible prefix and the union of the windows.
+  struct KeyBlock {
+    const KVSegment* seg;
+    int64_t r0;  // first row in the segment
+    int nk;
+  };
+  std::vector<std::vector<KeyBlock>> blocks(static_cast<size_t>(q_blocks));
+  for (int64_t qb = 0; qb < q_blocks; ++qb) {
+    const int64_t p_first = a.q_pos0 + qb * kQueryBlock;
+    const int64_t p_last = std::min(a.q_pos0 + a.n_q, p_first + kQueryBlock) - 1;
+    for (int s = 0; s < a.n_segments; ++s) {
+      const KVSegment& seg = a.segments[s];
+      const int64_t end = std::min(seg.pos0 + seg.count, p_last + 1);
+      int64_t ranges[2][2];
+      int n_ranges = 0;
+      if (a.window < 0) {
+        ranges[n_ranges][0] = seg.pos0, ranges[n_ranges++][1] = end;
+      } else {
+        const int64_t win_lo = std::max(seg.pos0, p_first - a.window);
+        const int64_t pre_hi = std::min(end, std::min(a.n_always_visible, win_lo));
+        if (pre_hi > seg.pos0) ranges[n_ranges][0] = seg.pos0, ranges[n_ranges++][1] = pre_hi;
+        ranges[n_ranges][0] = std::max(win_lo, pre_hi), ranges[n_ranges++][1] = end;
+      }
+      for (int rg = 0; rg < n_ranges; ++rg)
+        for (int64_t k = ranges[rg][0]; k < ranges[rg][1]; k += kKeyBlock)
+          blocks[qb].push_back({&seg, k - seg.pos0, int(std::min<int64_t>(kKeyBlock, ranges[rg][1] - k))});
+    }
+  }
+  // Work items: (query block, kv head, share of the key blocks). The query
+  // heads of a group share every K/V block they load. With too few query
+  // blocks to keep the threads busy (decode), the key blocks are split
+  // between items whose partial softmax states are merged at the end.
+  int splits = 1;
+  if (q_blocks * a.n_kv_heads < 4 * threads) {
+    size_t most = 1;
+    for (const auto& b : blocks) most = std::max(most, b.size());
+    splits = int(std::min<size_t>(most, size_t((4 * threads + q_blocks * a.n_kv_heads - 1) /
+                                                (q_blocks * a.n_kv_heads))));
+  }
+  const int rows_max = kQueryBlock * group;
+  const int64_t n_items = q_blocks * a.n_kv_heads * splits;
+  std::vector<float> part_m, part_l, part_acc;
+  if (splits > 1) {
+    part_m.assign(size_t(n_items) * rows_max, -INFINITY);
+    part_l.assign(size_t(n_items) * rows_max, 0.0f);
+    part_acc.assign(size_t(n_items) * rows_max * DV, 0.0f);
+  }
 
 #pragma omp parallel
   {
     AttnScratch w;
     w.kt.assign(size_t(DQ) * kKeyBlock, 0.0f);
     w.v.assign(size_t(kKeyBlock) * DV, 0.0f);
-    w.q.assign(size_t(kQueryBlock) * per_slice * DQ, 0.0f);
+    w.q.assign(size_t(rows_max) * DQ, 0.0f);
     w.scores.assign(size_t(4) * kKeyBlock, 0.0f);
-    w.m.assign(size_t(kQueryBlock) * per_slice, 0.0f);
+    w.m.assign(size_t(rows_max), 0.0f);
     w.l.assign(w.m.size(), 0.0f);
     w.acc.assign(w.m.size() * DV, 0.0f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {
-      const int sl = int(item % slices);
-      const int g = int((item / slices) % a.n_kv_heads);
-      const int64_t t0 = (item / slices / a.n_kv_heads) * kQueryBlock;
+      const int split = int(item % splits);
+      const int g = int((item / splits) % a.n_kv_heads);
+      const int64_t qb = item / splits / a.n_kv_heads;
+      const int64_t t0 = qb * kQueryBlock;
       const int nt = int(std::min<int64_t>(kQueryBlock, a.n_q - t0));
-      const int h0 = g * group + sl * per_slice;
-      const int64_t p_first = a.q_pos0 + t0, p_last = p_first + nt - 1;
-      const int rows = nt * per_slice;  // (query, head) pairs of this item
+      const int h0 = g * group;
+      const int per_slice = group;  // rows are (query t, head j): r = t * group + j
+      const int64_t p_first = a.q_pos0 + t0;
+      const int rows = nt * group;
       // Queries, pre-scaled, padded with zeros to DQ.
       for (int t = 0; t < nt; ++t)
-        for (int j = 0; j < per_slice; ++j) {
-          float* dst = w.q.data() + size_t(t * per_slice + j) * DQ;
+        for (int j = 0; j < group; ++j) {
+          float* dst = w.q.data() + size_t(t * group + j) * DQ;
           const float* src = a.q + (t0 + t) * a.ldq + int64_t(h0 + j) * dq;
           for (int i = 0; i < DQ; ++i) dst[i] = i < dq ? src[i] * a.scale : 0.0f;
         }
@@ -244,34 +289,48 @@ void attention(const AttentionArgs& a) {
         }
       };
 
-      for (int s = 0; s < a.n_segments; ++s) {
-        const KVSegment& seg = a.segments[s];
-        // Positions of this segment any query of the block can see: the
-        // always-visible prefix and the union of the windows, as row ranges.
-        const int64_t end = std::min(seg.pos0 + seg.count, p_last + 1);
-        int64_t ranges[2][2];
-        int n_ranges = 0;
-        if (a.window < 0) {
-          ranges[n_ranges][0] = seg.pos0, ranges[n_ranges++][1] = end;
-        } else {
-          const int64_t win_lo = std::max(seg.pos0, p_first - a.window);
-          const int64_t pre_hi = std::min(end, std::min(a.n_always_visible, win_lo));
-          if (pre_hi > seg.pos0) ranges[n_ranges][0] = seg.pos0, ranges[n_ranges++][1] = pre_hi;
-          ranges[n_ranges][0] = std::max(win_lo, pre_hi), ranges[n_ranges++][1] = end;
-        }
-        for (int rg = 0; rg < n_ranges; ++rg)
-          for (int64_t k = ranges[rg][0]; k < ranges[rg][1]; k += kKeyBlock)
-            process_block(seg, k - seg.pos0, int(std::min<int64_t>(kKeyBlock, ranges[rg][1] - k)));
-      }
-      for (int t = 0; t < nt; ++t)
-        for (int j = 0; j < per_slice; ++j) {
-          const int r = t * per_slice + j;
-          float* out = a.out + (t0 + t) * a.ldo + int64_t(h0 + j) * dv;
+      const auto& bl = blocks[size_t(qb)];
+      const size_t b0 = bl.size() * size_t(split) / size_t(splits);
+      const size_t b1 = bl.size() * size_t(split + 1) / size_t(splits);
+      for (size_t b = b0; b < b1; ++b) process_block(*bl[b].seg, bl[b].r0, bl[b].nk);
+      if (splits == 1) {
+        for (int r = 0; r < rows; ++r) {
+          float* out = a.out + (t0 + r / group) * a.ldo + int64_t(h0 + r % group) * dv;
           const float inv = w.l[r] > 0 ? 1.0f / w.l[r] : 0.0f;
           for (int i = 0; i < dv; ++i) out[i] = w.acc[size_t(r) * DV + i] * inv;
         }
+      } else {
+        std::copy(w.m.begin(), w.m.begin() + rows, part_m.begin() + item * rows_max);
+        std::copy(w.l.begin(), w.l.begin() + rows, part_l.begin() + item * rows_max);
+        std::copy(w.acc.begin(), w.acc.begin() + size_t(rows) * DV, part_acc.begin() + item * rows_max * DV);
+      }
     }
   }
+  if (splits == 1) return;
+  // Merge the partial softmax states of the splits of each (query block, kv head).
+  for (int64_t qb = 0; qb < q_blocks; ++qb)
+    for (int g = 0; g < a.n_kv_heads; ++g) {
+      const int64_t t0 = qb * kQueryBlock;
+      const int nt = int(std::min<int64_t>(kQueryBlock, a.n_q - t0));
+      const int64_t first = (qb * a.n_kv_heads + g) * splits;
+      for (int r = 0; r < nt * group; ++r) {
+        float m = -INFINITY;
+        for (int sp = 0; sp < splits; ++sp) m = std::max(m, part_m[size_t(first + sp) * rows_max + r]);
+        float* out = a.out + (t0 + r / group) * a.ldo + int64_t(g * group + r % group) * dv;
+        std::fill(out, out + dv, 0.0f);
+        float l = 0.0f;
+        for (int sp = 0; sp < splits; ++sp) {
+          const size_t at = size_t(first + sp) * rows_max + r;
+          if (part_m[at] == -INFINITY) continue;  // this split saw no key of this row
+          const float c = fast_exp(part_m[at] - m);
+          l += part_l[at] * c;
+          const float* acc = part_acc.data() + at * DV;
+          for (int i = 0; i < dv; ++i) out[i] += acc[i] * c;
+        }
+        const float inv = l > 0 ? 1.0f / l : 0.0f;
+        for (int i = 0; i < dv; ++i) out[i] *= inv;
+      }
+    }
 }
 
 void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,

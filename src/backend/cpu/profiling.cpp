@@ -55,6 +55,8 @@ class ProfilingBackend final : public Backend {
     timed("round_to", 0, [&] { inner_->round_to(dt, x, n, d, ldx); });
   }
 
+  void reset() { stats_.clear(); }
+
   std::string report() const {
     std::vector<std::pair<std::string, Stat>> rows(stats_.begin(), stats_.end());
     std::sort(rows.begin(), rows.end(), [](auto& a, auto& b) { return a.second.seconds > b.second.seconds; });
@@ -99,6 +101,10 @@ std::unique_ptr<Backend> make_profiling_backend(std::unique_ptr<Backend> inner) 
 std::string profile_report(const Backend& b) {
   if (auto* p = dynamic_cast<const ProfilingBackend*>(&b)) return p->report();
   return {};
+}
+
+void profile_reset(Backend& b) {
+  if (auto* p = dynamic_cast<ProfilingBackend*>(&b)) p->reset();
 }
 
 }  // namespace hymba
