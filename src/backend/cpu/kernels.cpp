@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "backend/cpu/vecmath.h"
@@ -89,6 +91,48 @@ constexpr int kQueryBlock = 16;
 
 int pad16(int x) { return (x + 15) / 16 * 16; }
 
+// 16x16 transpose in registers: four stages, each swapping the off-diagonal
+// h x h blocks of every 2h x 2h block (h = 8, 4, 2, 1).
+template <int H, int... J>
+inline v16f stage_lo(v16f a, v16f b, std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, ((J & H) ? 16 + J - H : J)...);
+}
+template <int H, int... J>
+inline v16f stage_hi(v16f a, v16f b, std::integer_sequence<int, J...>) {
+  return __builtin_shufflevector(a, b, ((J & H) ? 16 + J : J + H)...);
+}
+template <int H>
+inline void transpose_stage(v16f* r) {
+  constexpr auto seq = std::make_integer_sequence<int, 16>{};
+  for (int i = 0; i < 16; ++i)
+    if (!(i & H)) {
+      const v16f a = r[i], b = r[i + H];
+      r[i] = stage_lo<H>(a, b, seq);
+      r[i + H] = stage_hi<H>(a, b, seq);
+    }
+}
+inline void transpose16(v16f* r) {
+  transpose_stage<8>(r);
+  transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+}
+
+// 16 values of row `row` of a K/V segment starting at element `col`, as fp32.
+inline v16f load16_f32(const void* base, DType dt, int64_t offset) {
+  if (dt == DType::F32) return v16_load(static_cast<const float*>(base) + offset);
+  const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+  if (dt == DType::BF16) {  // bf16 -> fp32 is a 16-bit shift: stays in vector registers
+    typedef uint16_t v16u16 __attribute__((vector_size(32)));
+    v16u16 h;
+    std::memcpy(&h, src, sizeof h);
+    return (v16f)(__builtin_convertvector(h, v16i) << 16);
+  }
+  alignas(64) float tmp[16];
+  for (int i = 0; i < 16; ++i) tmp[i] = f16_to_f32(src[i]);
+  return v16_load(tmp);
+}
+
 // scores[q][k] = q_q . K[:, k] for R query rows against a transposed block
 // Kt [dq][kKeyBlock], 16 keys per vector; one K load feeds R FMAs.
 template <int R>
@@ -104,23 +148,33 @@ void block_scores(const float* q, int ldq, int dq, const float* kt, int nkv, flo
   }
 }
 
-// out[q] = out[q] * corr[q] + sum_k p[q][k] V[k] for up to 4 rows; one V
-// load feeds 4 FMAs. Rows beyond nr have p = 0 and are not stored.
-void block_pv(float* const* p, const float* corr, int nr, const float* v, int DV, int nk, float* const* out) {
+// out[r] = out[r] * corr[r] + sum_k p[r][k] V[k] for R rows; one V load
+// feeds R FMAs.
+template <int R>
+void block_pv(float* const* p, const float* corr, const float* v, int DV, int nk, float* const* out) {
   for (int i = 0; i < DV; i += 16) {
-    v16f acc0 = v16_load(out[0] + i) * corr[0], acc1 = v16_load(out[1] + i) * corr[1];
-    v16f acc2 = v16_load(out[2] + i) * corr[2], acc3 = v16_load(out[3] + i) * corr[3];
+    v16f acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = v16_load(out[r] + i) * corr[r];
     for (int k = 0; k < nk; ++k) {
       const v16f vk = v16_load(v + size_t(k) * DV + i);
-      acc0 += p[0][k] * vk;
-      acc1 += p[1][k] * vk;
-      acc2 += p[2][k] * vk;
-      acc3 += p[3][k] * vk;
+      for (int r = 0; r < R; ++r) acc[r] += p[r][k] * vk;
     }
-    v16_store(out[0] + i, acc0);
-    if (nr > 1) v16_store(out[1] + i, acc1);
-    if (nr > 2) v16_store(out[2] + i, acc2);
-    if (nr > 3) v16_store(out[3] + i, acc3);
+    for (int r = 0; r < R; ++r) v16_store(out[r] + i, acc[r]);
+  }
+}
+
+constexpr int kMaxRows = 6;  // (query, head) rows sharing one pass over a key block
+
+// Dispatches f.template operator()<R>() for R = n in 1..kMaxRows.
+template <typename F>
+void with_rows(int n, F&& f) {
+  switch (n) {
+    case 6: f.template operator()<6>(); break;
+    case 5: f.template operator()<5>(); break;
+    case 4: f.template operator()<4>(); break;
+    case 3: f.template operator()<3>(); break;
+    case 2: f.template operator()<2>(); break;
+    default: f.template operator()<1>(); break;
   }
 }
 
@@ -193,7 +247,7 @@ void attention(const AttentionArgs& a) {
     w.kt.assign(size_t(DQ) * kKeyBlock, 0.0f);
     w.v.assign(size_t(kKeyBlock) * DV, 0.0f);
     w.q.assign(size_t(rows_max) * DQ, 0.0f);
-    w.scores.assign(size_t(4) * kKeyBlock, 0.0f);
+    w.scores.assign(size_t(kMaxRows) * kKeyBlock, 0.0f);
     w.m.assign(size_t(rows_max), 0.0f);
     w.l.assign(w.m.size(), 0.0f);
     w.acc.assign(w.m.size() * DV, 0.0f);
@@ -223,27 +277,39 @@ void attention(const AttentionArgs& a) {
       auto process_block = [&](const KVSegment& seg, int64_t r0, int nk) {
         const int64_t kp0 = seg.pos0 + r0;
         float tmp[512];
-        for (int k = 0; k < nk; ++k) {
+        // K transposed into kt [dim][key]: whole 16x16 tiles in registers
+        // when the head dim allows (reads stay inside this head's columns),
+        // element by element otherwise.
+        const int full = (dq % 16 == 0) ? nk / 16 * 16 : 0;
+        for (int k16 = 0; k16 < full; k16 += 16)
+          for (int i16 = 0; i16 < dq; i16 += 16) {
+            v16f r[16];
+            for (int k = 0; k < 16; ++k)
+              r[k] = load16_f32(seg.k, seg.dtype, (r0 + k16 + k) * seg.ld_k + int64_t(g) * dq + i16);
+            transpose16(r);
+            for (int i = 0; i < 16; ++i) v16_store(w.kt.data() + size_t(i16 + i) * kKeyBlock + k16, r[i]);
+          }
+        for (int k = full; k < nk; ++k) {
           const float* kr = row_f32(seg.k, seg.dtype, (r0 + k) * seg.ld_k + int64_t(g) * dq, dq, tmp);
           for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = kr[i];
+        }
+        for (int k = 0; k < nk; ++k) {
           const float* vr = row_f32(seg.v, seg.dtype, (r0 + k) * seg.ld_v + int64_t(g) * dv, dv, tmp);
           std::copy(vr, vr + dv, w.v.begin() + size_t(k) * DV);
         }
         for (int k = nk; k < kKeyBlock; ++k)  // unused columns must not be NaN garbage
           for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = 0.0f;
         const int nkv = (nk + 15) / 16;
-        // Rows (query, head) in groups of up to 4 share each K and V load.
-        for (int rb = 0; rb < rows; rb += 4) {
-          const int nr = std::min(4, rows - rb);
-          float* sc[4];
-          for (int q = 0; q < 4; ++q) sc[q] = w.scores.data() + size_t(q) * kKeyBlock;
-          switch (nr) {
-            case 4: block_scores<4>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
-            case 3: block_scores<3>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
-            case 2: block_scores<2>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
-            default: block_scores<1>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); break;
-          }
-          float corr[4] = {1, 1, 1, 1};
+        // Rows (query, head) in balanced groups of at most kMaxRows share each
+        // K and V load.
+        const int n_groups = (rows + kMaxRows - 1) / kMaxRows;
+        for (int gi = 0; gi < n_groups; ++gi) {
+          const int rb = rows * gi / n_groups;
+          const int nr = rows * (gi + 1) / n_groups - rb;
+          float* sc[kMaxRows];
+          for (int q = 0; q < kMaxRows; ++q) sc[q] = w.scores.data() + size_t(q) * kKeyBlock;
+          with_rows(nr, [&]<int R>() { block_scores<R>(w.q.data() + size_t(rb) * DQ, DQ, dq, w.kt.data(), nkv, sc); });
+          float corr[kMaxRows] = {1, 1, 1, 1, 1, 1};
           for (int q = 0; q < nr; ++q) {
             const int r = rb + q;
             const int64_t p = p_first + r / per_slice;
@@ -282,10 +348,9 @@ void attention(const AttentionArgs& a) {
             }
             w.l[r] = w.l[r] * corr[q] + sum;
           }
-          for (int q = nr; q < 4; ++q) std::fill(sc[q], sc[q] + nkv * 16, 0.0f);
-          float* outs[4];
-          for (int q = 0; q < 4; ++q) outs[q] = w.acc.data() + size_t(std::min(rb + q, rows - 1)) * DV;
-          block_pv(sc, corr, nr, w.v.data(), DV, nk, outs);
+          float* outs[kMaxRows];
+          for (int q = 0; q < nr; ++q) outs[q] = w.acc.data() + size_t(rb + q) * DV;
+          with_rows(nr, [&]<int R>() { block_pv<R>(sc, corr, w.v.data(), DV, nk, outs); });
         }
       };
 
