@@ -178,6 +178,10 @@ void with_rows(int n, F&& f) {
   }
 }
 
+void grow(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
 struct AttnScratch {
   std::vector<float> kt, v, q, scores, m, l, acc;
 };
@@ -232,25 +236,32 @@ void attention(const AttentionArgs& a) {
     splits = int(std::min<size_t>(most, size_t((4 * threads + q_blocks * a.n_kv_heads - 1) /
                                                 (q_blocks * a.n_kv_heads))));
   }
-  const int rows_max = kQueryBlock * group;
+  const int rows_max = int(std::min<int64_t>(kQueryBlock, a.n_q)) * group;
   const int64_t n_items = q_blocks * a.n_kv_heads * splits;
-  std::vector<float> part_m, part_l, part_acc;
+  // Scratch lives as long as the thread and only grows: attention runs once
+  // per layer per token, and fresh large allocations would page-fault each time.
+  static thread_local std::vector<float> part_m, part_l, part_acc;
   if (splits > 1) {
-    part_m.assign(size_t(n_items) * rows_max, -INFINITY);
-    part_l.assign(size_t(n_items) * rows_max, 0.0f);
-    part_acc.assign(size_t(n_items) * rows_max * DV, 0.0f);
+    grow(part_m, size_t(n_items) * rows_max);
+    grow(part_l, size_t(n_items) * rows_max);
+    grow(part_acc, size_t(n_items) * rows_max * DV);
   }
+  // Inside the parallel region a thread_local name would mean each worker's
+  // own copy: hand the workers the caller's buffers.
+  float* const pm = part_m.data();
+  float* const pl = part_l.data();
+  float* const pacc = part_acc.data();
 
 #pragma omp parallel
   {
-    AttnScratch w;
-    w.kt.assign(size_t(DQ) * kKeyBlock, 0.0f);
-    w.v.assign(size_t(kKeyBlock) * DV, 0.0f);
-    w.q.assign(size_t(rows_max) * DQ, 0.0f);
-    w.scores.assign(size_t(kMaxRows) * kKeyBlock, 0.0f);
-    w.m.assign(size_t(rows_max), 0.0f);
-    w.l.assign(w.m.size(), 0.0f);
-    w.acc.assign(w.m.size() * DV, 0.0f);
+    static thread_local AttnScratch w;
+    grow(w.kt, size_t(DQ) * kKeyBlock);
+    grow(w.v, size_t(kKeyBlock) * DV);
+    grow(w.q, size_t(rows_max) * DQ);
+    grow(w.scores, size_t(kMaxRows) * kKeyBlock);
+    grow(w.m, size_t(rows_max));
+    grow(w.l, size_t(rows_max));
+    grow(w.acc, size_t(rows_max) * DV);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {
       const int split = int(item % splits);
@@ -365,9 +376,9 @@ void attention(const AttentionArgs& a) {
           for (int i = 0; i < dv; ++i) out[i] = w.acc[size_t(r) * DV + i] * inv;
         }
       } else {
-        std::copy(w.m.begin(), w.m.begin() + rows, part_m.begin() + item * rows_max);
-        std::copy(w.l.begin(), w.l.begin() + rows, part_l.begin() + item * rows_max);
-        std::copy(w.acc.begin(), w.acc.begin() + size_t(rows) * DV, part_acc.begin() + item * rows_max * DV);
+        std::copy(w.m.begin(), w.m.begin() + rows, pm + item * rows_max);
+        std::copy(w.l.begin(), w.l.begin() + rows, pl + item * rows_max);
+        std::copy(w.acc.begin(), w.acc.begin() + size_t(rows) * DV, pacc + item * rows_max * DV);
       }
     }
   }
@@ -380,16 +391,16 @@ void attention(const AttentionArgs& a) {
       const int64_t first = (qb * a.n_kv_heads + g) * splits;
       for (int r = 0; r < nt * group; ++r) {
         float m = -INFINITY;
-        for (int sp = 0; sp < splits; ++sp) m = std::max(m, part_m[size_t(first + sp) * rows_max + r]);
+        for (int sp = 0; sp < splits; ++sp) m = std::max(m, pm[size_t(first + sp) * rows_max + r]);
         float* out = a.out + (t0 + r / group) * a.ldo + int64_t(g * group + r % group) * dv;
         std::fill(out, out + dv, 0.0f);
         float l = 0.0f;
         for (int sp = 0; sp < splits; ++sp) {
           const size_t at = size_t(first + sp) * rows_max + r;
-          if (part_m[at] == -INFINITY) continue;  // this split saw no key of this row
-          const float c = fast_exp(part_m[at] - m);
-          l += part_l[at] * c;
-          const float* acc = part_acc.data() + at * DV;
+          if (pm[at] == -INFINITY) continue;  // this split saw no key of this row
+          const float c = fast_exp(pm[at] - m);
+          l += pl[at] * c;
+          const float* acc = pacc + at * DV;
           for (int i = 0; i < dv; ++i) out[i] += acc[i] * c;
         }
         const float inv = l > 0 ? 1.0f / l : 0.0f;
