@@ -422,17 +422,24 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t per = (channels + nt - 1) / nt;
     const int64_t c0 = std::min(channels, id * per), c1 = std::min(channels, c0 + per);
+    // Taps transposed to [k][c] so the vector loop over channels reads them contiguously.
+    static thread_local std::vector<float> wt;
+    if (wt.size() < size_t(k_width * channels)) wt.resize(size_t(k_width * channels));
+    for (int64_t c = c0; c < c1; ++c)
+      for (int k = 0; k < k_width; ++k) wt[size_t(k * channels + c)] = weight[c * k_width + k];
+    const int64_t c_vec = c0 + (c1 - c0) / 16 * 16;
     for (int64_t t = 0; t < n; ++t) {
       float* yr = y + t * ldy;
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) yr[c] = bias[c];
-      for (int k = 0; k < k_width; ++k) {
-        const float* xr = in(t - hist + k);
-#pragma omp simd
-        for (int64_t c = c0; c < c1; ++c) yr[c] += weight[c * k_width + k] * xr[c];
+      for (int64_t c = c0; c < c_vec; c += 16) {
+        v16f acc = v16_load(bias + c);
+        for (int k = 0; k < k_width; ++k) acc += v16_load(wt.data() + k * channels + c) * v16_load(in(t - hist + k) + c);
+        v16_store(yr + c, v16_silu(acc));
       }
-#pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) yr[c] = silu(yr[c]);
+      for (int64_t c = c_vec; c < c1; ++c) {
+        float acc = bias[c];
+        for (int k = 0; k < k_width; ++k) acc += weight[c * k_width + k] * in(t - hist + k)[c];
+        yr[c] = silu(acc);
+      }
     }
     // New state: the last `hist` inputs of (old state ++ chunk), oldest first.
     if (n >= hist) {
@@ -500,8 +507,9 @@ void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int6
     const float* g = gate + t * ldg;
     const float* u = up + t * ldu;
     float* o = out + t * ldo;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) o[i] = silu(g[i]) * u[i];
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) v16_store(o + i, v16_silu(v16_load(g + i)) * v16_load(u + i));
+    for (; i < d; ++i) o[i] = silu(g[i]) * u[i];
   }
 }
 
