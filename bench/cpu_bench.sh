@@ -13,6 +13,9 @@ if [[ ! -f $model/model.safetensors ]]; then
   build/hymba init --preset 1.5b --dtype bf16 --seed 1 --out "$model"
 fi
 echo "# machine: $(lscpu | sed -n 's/^Model name: *//p') / $(nproc) cores, $(date -u +%F)"
+# The memory-read ceiling in this same run (decode is bandwidth-bound).
+[[ -x build/bench/bench_matmul ]] || cmake --build build --target bench_matmul >/dev/null
+build/bench/bench_matmul --threads "$threads" --n 1 --reps 5 --shape 8960x1600 | grep -E "probe|8960"
 echo "# hymba bench -m $model --prompt-len 512 --gen-len 64 -t $threads --json"
 build/hymba bench -m "$model" --prompt-len 512 --gen-len 64 -t "$threads" --json
 echo "# hymba bench -m $model --prompt-len 4000 --gen-len 96 -t $threads --json"
