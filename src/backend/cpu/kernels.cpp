@@ -304,9 +304,16 @@ void attention(const AttentionArgs& a) {
           const float* kr = row_f32(seg.k, seg.dtype, (r0 + k) * seg.ld_k + int64_t(g) * dq, dq, tmp);
           for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = kr[i];
         }
-        for (int k = 0; k < nk; ++k) {
-          const float* vr = row_f32(seg.v, seg.dtype, (r0 + k) * seg.ld_v + int64_t(g) * dv, dv, tmp);
-          std::copy(vr, vr + dv, w.v.begin() + size_t(k) * DV);
+        if (dv % 16 == 0) {  // straight into the block, 16 values at a time
+          for (int k = 0; k < nk; ++k)
+            for (int i = 0; i < dv; i += 16)
+              v16_store(w.v.data() + size_t(k) * DV + i,
+                        load16_f32(seg.v, seg.dtype, (r0 + k) * seg.ld_v + int64_t(g) * dv + i));
+        } else {
+          for (int k = 0; k < nk; ++k) {
+            const float* vr = row_f32(seg.v, seg.dtype, (r0 + k) * seg.ld_v + int64_t(g) * dv, dv, tmp);
+            std::copy(vr, vr + dv, w.v.begin() + size_t(k) * DV);
+          }
         }
         for (int k = nk; k < kKeyBlock; ++k)  // unused columns must not be NaN garbage
           for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = 0.0f;
@@ -473,9 +480,24 @@ void selective_scan(const ScanArgs& a) {
       for (int l = 0; l < kLanes; ++l) tmp[l] = l < lanes ? src[l * stride] : 0.0f;
       return v16_load(tmp);
     };
-    for (int64_t s = 0; s < N; ++s) {
-      v16_store(hbuf[s], gather(a.state + c0 * N + s, N));
-      v16_store(Abuf[s], gather(a.A + c0 * N + s, N));
+    if (N == 16 && lanes == 16) {
+      // Hymba's d_state: a whole 16x16 tile, transposed in registers.
+      v16f h[16], A[16];
+      for (int l = 0; l < 16; ++l) {
+        h[l] = v16_load(a.state + (c0 + l) * 16);
+        A[l] = v16_load(a.A + (c0 + l) * 16);
+      }
+      transpose16(h);
+      transpose16(A);
+      for (int s = 0; s < 16; ++s) {
+        v16_store(hbuf[s], h[s]);
+        v16_store(Abuf[s], A[s]);
+      }
+    } else {
+      for (int64_t s = 0; s < N; ++s) {
+        v16_store(hbuf[s], gather(a.state + c0 * N + s, N));
+        v16_store(Abuf[s], gather(a.A + c0 * N + s, N));
+      }
     }
     const v16f bias = gather(a.dt_bias + c0, 1), D = gather(a.D + c0, 1);
     for (int64_t t = 0; t < a.n; ++t) {
@@ -495,8 +517,15 @@ void selective_scan(const ScanArgs& a) {
       float* yr = a.y + t * a.ldy + c0;
       for (int l = 0; l < lanes; ++l) yr[l] = tmp[l];
     }
-    for (int64_t s = 0; s < N; ++s)
-      for (int l = 0; l < lanes; ++l) a.state[(c0 + l) * N + s] = hbuf[s][l];
+    if (N == 16 && lanes == 16) {
+      v16f h[16];
+      for (int s = 0; s < 16; ++s) h[s] = v16_load(hbuf[s]);
+      transpose16(h);
+      for (int l = 0; l < 16; ++l) v16_store(a.state + (c0 + l) * 16, h[l]);
+    } else {
+      for (int64_t s = 0; s < N; ++s)
+        for (int l = 0; l < lanes; ++l) a.state[(c0 + l) * N + s] = hbuf[s][l];
+    }
   }
 }
 
