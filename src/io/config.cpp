@@ -35,6 +35,7 @@ void read_field(const json& j, const char* name, T& out) {
   }
 }
 
+// A field that may be absent or null (-> empty), else read like read_field.
 template <typename T>
 void read_optional(const json& j, const char* name, std::optional<T>& out) {
   auto it = j.find(name);
@@ -42,11 +43,9 @@ void read_optional(const json& j, const char* name, std::optional<T>& out) {
     out.reset();
     return;
   }
-  try {
-    out = it->get<T>();
-  } catch (const json::exception&) {
-    fail("config.json: field '", name, "' has the wrong type (", it->type_name(), ")");
-  }
+  T value{};
+  read_field(j, name, value);
+  out = std::move(value);
 }
 
 void require_positive(int64_t v, const char* name) {

@@ -2,6 +2,8 @@
 // independently of src/runtime/sampler.cpp.
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -87,15 +89,7 @@ std::set<int32_t> kept_ids(Sampler& s, const std::vector<float>& logits) {
   return ids;
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const hymba::Error& e) {
-    return e.what();
-  }
-  return "<no hymba::Error thrown>";
-}
+using hymba::test::error_of;
 
 std::vector<float> random_logits(std::mt19937_64& g, int n) {
   std::vector<float> l(n);

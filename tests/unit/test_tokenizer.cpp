@@ -4,6 +4,8 @@
 // into HYMBA_TEST_WORK/token_goldens.json.
 #include <gtest/gtest.h>
 
+#include "test_util.h"
+
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -100,15 +102,7 @@ void write_file(const fs::path& p, const std::string& text) {
   std::ofstream(p, std::ios::binary) << text;
 }
 
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const hymba::Error& e) {
-    return e.what();
-  }
-  return "<no hymba::Error thrown>";
-}
+using hymba::test::error_of;
 
 }  // namespace
 

@@ -9,6 +9,8 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "util/error.h"
+
 namespace hymba::test {
 
 inline nlohmann::json read_json(const std::string& path) {
@@ -33,6 +35,17 @@ inline double max_abs_diff(const std::vector<float>& a, const std::vector<float>
   double m = 0;
   for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::fabs(double(a[i]) - double(b[i])));
   return m;
+}
+
+// The message of the hymba::Error that f() throws (a marker if none is thrown).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const hymba::Error& e) {
+    return e.what();
+  }
+  return "<no hymba::Error thrown>";
 }
 
 inline std::string shared_dir() { return HYMBA_SHARED_DIR; }
