@@ -5,7 +5,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -36,7 +38,7 @@ std::string TensorView::shape_str() const {
   return os.str();
 }
 
-MappedFile::MappedFile(const std::string& path) : path_(path) {
+MappedFile::MappedFile(const std::string& path, bool huge_pages) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY);
   check(fd >= 0, "cannot open '", path, "': ", std::strerror(errno));
   struct stat st {};
@@ -45,18 +47,41 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
     fail("cannot stat '", path, "': ", std::strerror(errno));
   }
   size_ = size_t(st.st_size);
-  if (size_ > 0) {
-    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (size_ == 0) {
     ::close(fd);
-    check(p != MAP_FAILED, "cannot memory-map '", path, "': ", std::strerror(errno));
-    data_ = static_cast<const uint8_t*>(p);
-  } else {
-    ::close(fd);
+    return;
   }
+  void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  check(p != MAP_FAILED, "cannot memory-map '", path, "': ", std::strerror(errno));
+  data_ = static_cast<const uint8_t*>(p);
+  mapped_ = size_;
+  if (!huge_pages) return;
+  // Copy into 2 MiB-aligned anonymous memory advised for huge pages. The
+  // file's pages are released chunk by chunk as they are copied, so the
+  // resident size never holds both copies.
+  const size_t huge = size_t(2) << 20;
+  const size_t len = (size_ + huge - 1) / huge * huge;
+  void* a = ::mmap(nullptr, len + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  check(a != MAP_FAILED, "cannot allocate ", len, " bytes for '", path, "' in huge pages");
+  uint8_t* base = static_cast<uint8_t*>(a);
+  uint8_t* aligned = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(base) + huge - 1) / huge * huge);
+  if (aligned > base) ::munmap(base, size_t(aligned - base));
+  ::munmap(aligned + len, size_t(base + len + huge - (aligned + len)));
+  ::madvise(aligned, len, MADV_HUGEPAGE);  // best effort: without THP this is a plain copy
+  for (size_t off = 0; off < size_; off += (size_t(64) << 20)) {
+    const size_t n = std::min(size_ - off, size_t(64) << 20);
+    std::memcpy(aligned + off, data_ + off, n);
+    ::madvise(const_cast<uint8_t*>(data_) + off, n, MADV_DONTNEED);
+  }
+  ::munmap(const_cast<uint8_t*>(data_), size_);
+  ::mprotect(aligned, len, PROT_READ);
+  data_ = aligned;
+  mapped_ = len;
 }
 
 MappedFile::~MappedFile() {
-  if (data_) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (data_) ::munmap(const_cast<uint8_t*>(data_), mapped_);
 }
 
 namespace {
@@ -73,8 +98,8 @@ const char* dtype_to_safetensors(DType t) { return dtype_name(t); }
 }  // namespace
 
 void SafetensorsCheckpoint::add_file(const std::string& path,
-                                     const std::vector<std::string>* expected_names) {
-  auto file = std::make_shared<MappedFile>(path);
+                                     const std::vector<std::string>* expected_names, bool huge_pages) {
+  auto file = std::make_shared<MappedFile>(path, huge_pages);
   const size_t size = file->size();
   check(size >= 8, path, ": file is too short to be safetensors (", size, " bytes)");
   uint64_t header_len = 0;
@@ -126,18 +151,18 @@ void SafetensorsCheckpoint::add_file(const std::string& path,
   files_.push_back(std::move(file));
 }
 
-SafetensorsCheckpoint SafetensorsCheckpoint::open_file(const std::string& path) {
+SafetensorsCheckpoint SafetensorsCheckpoint::open_file(const std::string& path, bool huge_pages) {
   SafetensorsCheckpoint ck;
-  ck.add_file(path, nullptr);
+  ck.add_file(path, nullptr, huge_pages);
   return ck;
 }
 
-SafetensorsCheckpoint SafetensorsCheckpoint::open_dir(const std::string& dir) {
+SafetensorsCheckpoint SafetensorsCheckpoint::open_dir(const std::string& dir, bool huge_pages) {
   SafetensorsCheckpoint ck;
   const fs::path single = fs::path(dir) / "model.safetensors";
   const fs::path index = fs::path(dir) / "model.safetensors.index.json";
   if (fs::exists(single)) {
-    ck.add_file(single.string(), nullptr);
+    ck.add_file(single.string(), nullptr, huge_pages);
     return ck;
   }
   check(fs::exists(index), "no weights in '", dir,
@@ -164,7 +189,7 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open_dir(const std::string& dir) {
     by_file[file].push_back(it.key());
   }
   check(!by_file.empty(), "'", index.string(), "' lists no tensors");
-  for (const auto& [file, names] : by_file) ck.add_file((fs::path(dir) / file).string(), &names);
+  for (const auto& [file, names] : by_file) ck.add_file((fs::path(dir) / file).string(), &names, huge_pages);
   return ck;
 }
 

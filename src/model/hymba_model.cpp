@@ -27,7 +27,7 @@ std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const Model
   m->plan_ = ModelPlan::build(m->cfg_);
   m->opts_ = opts;
   check(opts.max_chunk > 0, "max_chunk must be positive");
-  m->ckpt_ = SafetensorsCheckpoint::open_dir(dir);
+  m->ckpt_ = SafetensorsCheckpoint::open_dir(dir, opts.huge_pages);
   m->w_ = ModelWeights::bind(m->ckpt_, m->cfg_, m->plan_);
   const DType kv = opts.kv_dtype ? *opts.kv_dtype : (m->w_.matrix_dtype == DType::F32 ? DType::F32 : DType::BF16);
   m->layout_ = CacheLayout::build(m->cfg_, m->plan_, kv);

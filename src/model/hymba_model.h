@@ -29,6 +29,9 @@ struct ModelOptions {
   int64_t max_chunk = 256;
   // Time every op (see backend/profiling.h); report with profile_report().
   bool profile = false;
+  // Copy the weights into transparent-huge-page memory instead of mapping
+  // the file (see MappedFile): faster weight streaming, slower load.
+  bool huge_pages = false;
 };
 
 class HymbaModel {

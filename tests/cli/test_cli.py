@@ -77,6 +77,13 @@ class Fixture(unittest.TestCase):
         self.assertEqual(len(got), 1)
         self.assertLessEqual(max(abs(g - w) for g, w in zip(got[0], case["logits"][-1])), 1e-3)
 
+    def test_hugepages_copy_gives_identical_logits(self):
+        case = self.fx["cases"][2]
+        ids = ",".join(map(str, case["input_ids"]))
+        mapped = run("logits", "-m", FIXTURE, "--ids", ids, "--all-positions").stdout
+        copied = run("logits", "-m", FIXTURE, "--ids", ids, "--all-positions", "--hugepages").stdout
+        self.assertEqual(mapped, copied)
+
     def test_greedy_generation(self):
         for case in self.fx["cases"]:
             with self.subTest(case=case["name"]):
