@@ -4,6 +4,9 @@
 #include "backend/cpu/kernels.h"
 
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -118,19 +121,30 @@ inline void transpose16(v16f* r) {
   transpose_stage<1>(r);
 }
 
-// 16 values of row `row` of a K/V segment starting at element `col`, as fp32.
-inline v16f load16_f32(const void* base, DType dt, int64_t offset) {
-  if (dt == DType::F32) return v16_load(static_cast<const float*>(base) + offset);
-  const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
-  if (dt == DType::BF16) {  // bf16 -> fp32 is a 16-bit shift: stays in vector registers
+// 16 consecutive values of a K/V segment as fp32, for a segment element type DT.
+template <DType DT>
+inline v16f load16_as(const void* base, int64_t offset) {
+  if constexpr (DT == DType::F32) {
+    return v16_load(static_cast<const float*>(base) + offset);
+  } else if constexpr (DT == DType::BF16) {  // bf16 -> fp32 is a 16-bit shift
+    const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+#if defined(__AVX512F__)
+    // (maskz form: the plain one trips a GCC 12 -Wmaybe-uninitialized false positive)
+    const __m512i wide =
+        _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    return (v16f)((v16i)wide << 16);
+#else
     typedef uint16_t v16u16 __attribute__((vector_size(32)));
     v16u16 h;
     std::memcpy(&h, src, sizeof h);
     return (v16f)(__builtin_convertvector(h, v16i) << 16);
+#endif
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+    alignas(64) float tmp[16];
+    for (int i = 0; i < 16; ++i) tmp[i] = f16_to_f32(src[i]);
+    return v16_load(tmp);
   }
-  alignas(64) float tmp[16];
-  for (int i = 0; i < 16; ++i) tmp[i] = f16_to_f32(src[i]);
-  return v16_load(tmp);
 }
 
 // scores[q][k] = q_q . K[:, k] for R query rows against a transposed block
@@ -292,24 +306,30 @@ void attention(const AttentionArgs& a) {
         // when the head dim allows (reads stay inside this head's columns),
         // element by element otherwise.
         const int full = (dq % 16 == 0) ? nk / 16 * 16 : 0;
-        for (int k16 = 0; k16 < full; k16 += 16)
-          for (int i16 = 0; i16 < dq; i16 += 16) {
-            v16f r[16];
-            for (int k = 0; k < 16; ++k)
-              r[k] = load16_f32(seg.k, seg.dtype, (r0 + k16 + k) * seg.ld_k + int64_t(g) * dq + i16);
-            transpose16(r);
-            for (int i = 0; i < 16; ++i) v16_store(w.kt.data() + size_t(i16 + i) * kKeyBlock + k16, r[i]);
-          }
+        // The element type is fixed per segment: dispatch once per block.
+        auto tiles = [&]<DType DT>() {
+          for (int k16 = 0; k16 < full; k16 += 16)
+            for (int i16 = 0; i16 < dq; i16 += 16) {
+              v16f r[16];
+              for (int k = 0; k < 16; ++k)
+                r[k] = load16_as<DT>(seg.k, (r0 + k16 + k) * seg.ld_k + int64_t(g) * dq + i16);
+              transpose16(r);
+              for (int i = 0; i < 16; ++i) v16_store(w.kt.data() + size_t(i16 + i) * kKeyBlock + k16, r[i]);
+            }
+          if (dv % 16 == 0)  // V straight into the block, 16 values at a time
+            for (int k = 0; k < nk; ++k)
+              for (int i = 0; i < dv; i += 16)
+                v16_store(w.v.data() + size_t(k) * DV + i,
+                          load16_as<DT>(seg.v, (r0 + k) * seg.ld_v + int64_t(g) * dv + i));
+        };
+        if (seg.dtype == DType::BF16) tiles.template operator()<DType::BF16>();
+        else if (seg.dtype == DType::F32) tiles.template operator()<DType::F32>();
+        else tiles.template operator()<DType::F16>();
         for (int k = full; k < nk; ++k) {
           const float* kr = row_f32(seg.k, seg.dtype, (r0 + k) * seg.ld_k + int64_t(g) * dq, dq, tmp);
           for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = kr[i];
         }
-        if (dv % 16 == 0) {  // straight into the block, 16 values at a time
-          for (int k = 0; k < nk; ++k)
-            for (int i = 0; i < dv; i += 16)
-              v16_store(w.v.data() + size_t(k) * DV + i,
-                        load16_f32(seg.v, seg.dtype, (r0 + k) * seg.ld_v + int64_t(g) * dv + i));
-        } else {
+        if (dv % 16 != 0) {
           for (int k = 0; k < nk; ++k) {
             const float* vr = row_f32(seg.v, seg.dtype, (r0 + k) * seg.ld_v + int64_t(g) * dv, dv, tmp);
             std::copy(vr, vr + dv, w.v.begin() + size_t(k) * DV);
@@ -356,14 +376,16 @@ void attention(const AttentionArgs& a) {
             const float m_new = std::max(w.m[r], mb);
             corr[q] = fast_exp(w.m[r] - m_new);  // ~0 when m was -inf (acc is 0 then)
             w.m[r] = m_new;
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int k = 0; k < nkv * 16; ++k) {
-              // Masked keys get exactly 0 (fast_exp saturates at e^-87, not 0).
-              const float e = scr[k] == -INFINITY ? 0.0f : fast_exp(scr[k] - m_new);
-              scr[k] = e;
-              sum += e;
+            v16f vsum = v16_splat(0.0f);
+            for (int k = 0; k < nkv * 16; k += 16) {
+              const v16f sv = v16_load(scr + k);
+              // Masked keys get exactly 0 (the exp saturates at e^-87, not 0).
+              const v16f e = sv == -INFINITY ? v16_splat(0.0f) : v16_exp(sv - m_new);
+              v16_store(scr + k, e);
+              vsum += e;
             }
+            float sum = 0.0f;
+            for (int l = 0; l < 16; ++l) sum += vsum[l];
             w.l[r] = w.l[r] * corr[q] + sum;
           }
           float* outs[kMaxRows];
