@@ -335,9 +335,11 @@ void attention(const AttentionArgs& a) {
             std::copy(vr, vr + dv, w.v.begin() + size_t(k) * DV);
           }
         }
-        for (int k = nk; k < kKeyBlock; ++k)  // unused columns must not be NaN garbage
-          for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = 0.0f;
         const int nkv = (nk + 15) / 16;
+        // Columns past nk in the last vector of keys are read by the score
+        // loop: they must hold numbers, not stale NaN garbage.
+        for (int k = nk; k < nkv * 16; ++k)
+          for (int i = 0; i < dq; ++i) w.kt[size_t(i) * kKeyBlock + k] = 0.0f;
         // Rows (query, head) in balanced groups of at most kMaxRows share each
         // K and V load.
         const int n_groups = (rows + kMaxRows - 1) / kMaxRows;
