@@ -86,20 +86,7 @@ struct GenerateArgs {
 int run_generate(const GenerateArgs& a) {
   check(int(!a.prompt.empty()) + int(!a.ids.empty()) + int(!a.prompt_file.empty()) == 1,
         "give exactly one of -p/--prompt, -f/--file or --ids");
-  auto model = a.model.load();
-  std::unique_ptr<Tokenizer> tok;
-  if (has_tokenizer(a.model.dir)) tok = std::make_unique<Tokenizer>(Tokenizer::load(a.model.dir));
   GenerationRequest req;
-  if (!a.ids.empty()) {
-    req.prompt = parse_ids(a.ids);
-  } else {
-    check(tok != nullptr, "'", a.model.dir, "' has no tokenizer.model: give the prompt as --ids");
-    const std::string text = a.prompt_file.empty() ? a.prompt : read_file(a.prompt_file);
-    req.prompt = tok->encode(text, !a.no_bos);
-  }
-  for (int32_t id : req.prompt)
-    check(id >= 0 && id < model->vocab_size(), "token id ", id, " is out of range (vocabulary has ",
-          model->vocab_size(), " tokens)");
   req.max_new_tokens = a.n;
   req.sampling.temperature = a.temp;
   req.sampling.top_k = a.top_k;
@@ -111,10 +98,17 @@ int run_generate(const GenerateArgs& a) {
   req.stop_strings = a.stop;
   req.ignore_eos = a.ignore_eos;
   req.context = a.ctx;
-  validate_sampling(req.sampling);
-  if (a.ctx > 0)
-    check(int64_t(req.prompt.size()) <= a.ctx, "the prompt has ", req.prompt.size(),
-          " tokens, more than the context of ", a.ctx, " (--ctx)");
+  validate_sampling(req.sampling);  // before the model loads: fail fast on bad options
+  auto model = a.model.load();
+  std::unique_ptr<Tokenizer> tok;
+  if (has_tokenizer(a.model.dir)) tok = std::make_unique<Tokenizer>(Tokenizer::load(a.model.dir));
+  if (!a.ids.empty()) {
+    req.prompt = parse_ids(a.ids);
+  } else {
+    check(tok != nullptr, "'", a.model.dir, "' has no tokenizer.model: give the prompt as --ids");
+    const std::string text = a.prompt_file.empty() ? a.prompt : read_file(a.prompt_file);
+    req.prompt = tok->encode(text, !a.no_bos);
+  }
 
   Generator gen(*model, tok.get());
   auto res = gen.generate(req, [&](int32_t, const std::string& text) {
