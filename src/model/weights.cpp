@@ -107,7 +107,13 @@ ModelWeights ModelWeights::bind(const SafetensorsCheckpoint& ck, const HymbaConf
     LayerWeights lw;
     lw.input_norm = vec(layer_name(i, "input_layernorm.weight"));
     lw.in_proj = matrix(layer_name(i, "mamba.in_proj.weight"));
-    lw.conv_weight = vec(layer_name(i, "mamba.conv1d.weight"));
+    {
+      const std::vector<float> taps = vec(layer_name(i, "mamba.conv1d.weight"));  // [d_inner, d_conv]
+      const int64_t K = c.mamba_d_conv, Di = c.d_inner;
+      lw.conv_weight.resize(taps.size());
+      for (int64_t ch = 0; ch < Di; ++ch)
+        for (int64_t k = 0; k < K; ++k) lw.conv_weight[size_t(k * Di + ch)] = taps[size_t(ch * K + k)];
+    }
     lw.conv_bias = c.mamba_conv_bias ? vec(layer_name(i, "mamba.conv1d.bias"))
                                      : std::vector<float>(size_t(c.d_inner), 0.0f);
     lw.x_proj = matrix(layer_name(i, "mamba.x_proj.0.weight"));

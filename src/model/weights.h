@@ -16,7 +16,7 @@ namespace hymba {
 struct LayerWeights {
   std::vector<float> input_norm;      // [D]
   MatrixView in_proj;                 // [q + (k + v if owns_kv) + 2*d_inner, D]
-  std::vector<float> conv_weight;     // [d_inner, d_conv]
+  std::vector<float> conv_weight;     // [d_conv, d_inner] (tap-major, see causal_conv_silu)
   std::vector<float> conv_bias;       // [d_inner] (zeros when mamba_conv_bias is false)
   MatrixView x_proj;                  // [dt_rank + 2*d_state, d_inner]
   std::vector<float> dt_norm;         // [dt_rank]

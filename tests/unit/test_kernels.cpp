@@ -497,6 +497,14 @@ void expect_conv_close(const std::vector<float>& y, int64_t ldy, const ConvRef& 
     }
 }
 
+// [channels][k] (checkpoint) -> [k][channels] (the kernel's contract).
+std::vector<float> taps_major(const std::vector<float>& w, int64_t ch, int kw) {
+  std::vector<float> t(w.size());
+  for (int64_t c = 0; c < ch; ++c)
+    for (int k = 0; k < kw; ++k) t[size_t(k * ch + c)] = w[size_t(c * kw + k)];
+  return t;
+}
+
 struct ConvShape {
   int64_t ch;
   int kw;
@@ -510,7 +518,8 @@ TEST(KernelCausalConv, OneCallMatchesReference) {
     SCOPED_TRACE("channels=" + std::to_string(s.ch) + " k=" + std::to_string(s.kw) + " n=" + std::to_string(s.n));
     const int64_t ldx = s.ch + 3, ldy = s.ch + 5;
     const std::vector<float> x = randn(size_t(s.n * ldx), rng);
-    const std::vector<float> w = randn(size_t(s.ch * s.kw), rng, 0.0f, 0.5f);
+    const std::vector<float> w = randn(size_t(s.ch * s.kw), rng, 0.0f, 0.5f);  // checkpoint layout [c][k]
+    const std::vector<float> wt = taps_major(w, s.ch, s.kw);                    // the kernel's layout
     const std::vector<float> bias = randn(size_t(s.ch), rng, 0.0f, 0.3f);
     // A non-zero initial state: the history before this call must be used.
     const std::vector<float> state0 = randn(size_t((s.kw - 1) * s.ch), rng);
@@ -518,7 +527,7 @@ TEST(KernelCausalConv, OneCallMatchesReference) {
     for_thread_counts([&] {
       std::vector<float> state = state0;
       std::vector<float> y(size_t(s.n * ldy), kSentinel);
-      cpu::causal_conv_silu(x.data(), s.n, ldx, s.ch, w.data(), bias.data(), s.kw, state.data(), y.data(), ldy);
+      cpu::causal_conv_silu(x.data(), s.n, ldx, s.ch, wt.data(), bias.data(), s.kw, state.data(), y.data(), ldy);
       expect_conv_close(y, ldy, r, s.n, s.ch);
       expect_padding_untouched(y, s.n, s.ch, ldy);
       // The new state is a plain copy of the last k_width-1 inputs: exact.
@@ -541,7 +550,8 @@ TEST(KernelCausalConv, StateCarriesAcrossCalls) {
       SCOPED_TRACE("channels=" + std::to_string(s.ch) + " k=" + std::to_string(s.kw) + " n=" + std::to_string(n));
       const int64_t ldx = s.ch + 2, ldy = s.ch + 1;
       const std::vector<float> x = randn(size_t(n * ldx), rng);
-      const std::vector<float> w = randn(size_t(s.ch * s.kw), rng, 0.0f, 0.5f);
+      const std::vector<float> w = randn(size_t(s.ch * s.kw), rng, 0.0f, 0.5f);  // checkpoint layout [c][k]
+      const std::vector<float> wt = taps_major(w, s.ch, s.kw);                    // the kernel's layout
       const std::vector<float> bias = randn(size_t(s.ch), rng, 0.0f, 0.3f);
       const std::vector<float> state0 = randn(size_t((s.kw - 1) * s.ch), rng);
       const ConvRef r = conv_reference(x, n, ldx, s.ch, w, bias, s.kw, state0);
@@ -550,7 +560,7 @@ TEST(KernelCausalConv, StateCarriesAcrossCalls) {
         std::vector<float> y(size_t(n * ldy), kSentinel);
         int64_t t0 = 0;
         for (int64_t p : pieces) {
-          cpu::causal_conv_silu(x.data() + t0 * ldx, p, ldx, s.ch, w.data(), bias.data(), s.kw, state.data(),
+          cpu::causal_conv_silu(x.data() + t0 * ldx, p, ldx, s.ch, wt.data(), bias.data(), s.kw, state.data(),
                                 y.data() + t0 * ldy, ldy);
           t0 += p;
         }

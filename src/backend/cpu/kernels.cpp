@@ -284,7 +284,6 @@ void attention(const AttentionArgs& a) {
       const int64_t t0 = qb * kQueryBlock;
       const int nt = int(std::min<int64_t>(kQueryBlock, a.n_q - t0));
       const int h0 = g * group;
-      const int per_slice = group;  // rows are (query t, head j): r = t * group + j
       const int64_t p_first = a.q_pos0 + t0;
       const int rows = nt * group;
       // Queries, pre-scaled, padded with zeros to DQ.
@@ -352,7 +351,7 @@ void attention(const AttentionArgs& a) {
           float corr[kMaxRows] = {1, 1, 1, 1, 1, 1};
           for (int q = 0; q < nr; ++q) {
             const int r = rb + q;
-            const int64_t p = p_first + r / per_slice;
+            const int64_t p = p_first + r / group;  // rows are (query t, head j): r = t * group + j
             float* scr = sc[q];
             // Mask only blocks that straddle a boundary of this query's view.
             const int64_t kp_last = kp0 + nk - 1;
@@ -453,22 +452,17 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
     const int nt = omp_get_num_threads(), id = omp_get_thread_num();
     const int64_t per = (channels + nt - 1) / nt;
     const int64_t c0 = std::min(channels, id * per), c1 = std::min(channels, c0 + per);
-    // Taps transposed to [k][c] so the vector loop over channels reads them contiguously.
-    static thread_local std::vector<float> wt;
-    if (wt.size() < size_t(k_width * channels)) wt.resize(size_t(k_width * channels));
-    for (int64_t c = c0; c < c1; ++c)
-      for (int k = 0; k < k_width; ++k) wt[size_t(k * channels + c)] = weight[c * k_width + k];
     const int64_t c_vec = c0 + (c1 - c0) / 16 * 16;
     for (int64_t t = 0; t < n; ++t) {
       float* yr = y + t * ldy;
       for (int64_t c = c0; c < c_vec; c += 16) {
         v16f acc = v16_load(bias + c);
-        for (int k = 0; k < k_width; ++k) acc += v16_load(wt.data() + k * channels + c) * v16_load(in(t - hist + k) + c);
+        for (int k = 0; k < k_width; ++k) acc += v16_load(weight + k * channels + c) * v16_load(in(t - hist + k) + c);
         v16_store(yr + c, v16_silu(acc));
       }
       for (int64_t c = c_vec; c < c1; ++c) {
         float acc = bias[c];
-        for (int k = 0; k < k_width; ++k) acc += weight[c * k_width + k] * in(t - hist + k)[c];
+        for (int k = 0; k < k_width; ++k) acc += weight[k * channels + c] * in(t - hist + k)[c];
         yr[c] = silu(acc);
       }
     }

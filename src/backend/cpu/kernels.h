@@ -32,7 +32,9 @@ void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const flo
 void attention(const AttentionArgs& a);
 
 // Depthwise causal conv over time with bias, then SiLU.
-// weight [channels, k_width] (tap k_width-1 multiplies the current token),
+// weight [k_width, channels], tap-major (the checkpoint's [channels, 1, k_width]
+// transposed once at load, so the channel loop reads taps contiguously);
+// tap k_width-1 multiplies the current token.
 // state [k_width-1, channels]: the previous k_width-1 inputs, oldest first;
 // updated in place to the last k_width-1 inputs after this call.
 void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels,
