@@ -1,11 +1,16 @@
 // A backend executes the op contract (ops.h) on one device. The model holds
 // a Backend and calls only these methods, so it never branches on the device.
-// Buffers passed in live in the backend's memory (host memory for the CPU).
+// Buffers passed to ops live in the backend's memory (host memory for the
+// CPU), allocated with allocate() or made resident with resident(); the only
+// host pointers an op takes are embed_rows' token ids. Ops may run
+// asynchronously: download() and synchronize() wait for the work queued
+// before them.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend/ops.h"
 
@@ -15,6 +20,24 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+
+  // ---- memory
+  // Zero-filled device memory of `bytes` bytes (any alignment a float or a
+  // 16-byte vector needs); throws hymba::Error when the device is full.
+  virtual void* allocate(size_t bytes) = 0;
+  virtual void release(void* p) noexcept = 0;
+  virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;  // device to device
+  virtual void fill_zero(void* dst, size_t bytes) = 0;
+  // A read-only device copy of host data (weights) that lives as long as the
+  // backend. The CPU backend returns `host` itself: nothing is copied, so a
+  // memory-mapped checkpoint stays mapped, never duplicated.
+  virtual const void* resident(const void* host, size_t bytes) = 0;
+  // Waits until all queued work is done (no-op where ops are synchronous).
+  virtual void synchronize() {}
+
+  // ---- ops (semantics in ops.h and backend/cpu/kernels.h)
 
   virtual void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
                       bool accumulate) = 0;
@@ -34,11 +57,62 @@ class Backend {
   virtual void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* out, int64_t ldo) = 0;
   // Rounds n rows of d values to `dt` precision in place (keeps fp32 storage).
   virtual void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx) = 0;
+  // dst row r (elements of type dt, leading dimension ldd) = src row r
+  // converted with round-to-nearest-even, for n rows of d values (the cache
+  // commit of a chunk's K/V).
+  virtual void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
+                          int64_t ldd) = 0;
 };
 
 // The CPU backend (OpenMP threads; the count is set with set_threads).
 std::unique_ptr<Backend> make_cpu_backend();
+// Backends compiled into this build, e.g. {"cpu", "cuda"}.
+std::vector<std::string> compiled_backends();
+// "cpu", "cuda" or "auto" (cuda when this build has it and a GPU is present,
+// else cpu). Unknown or unavailable devices throw hymba::Error.
+std::unique_ptr<Backend> make_backend(const std::string& device);
+// The name make_backend("auto") would pick.
+std::string default_device();
+
+// A process-wide CPU backend for host-side objects that need one (tests,
+// caches built without a model).
+Backend& host_backend();
 void set_cpu_threads(int n);
 int cpu_threads();
+
+// Backend memory owned RAII-style: an array of T on the backend's device.
+template <typename T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  DeviceArray(Backend& be, size_t count) : be_(&be), count_(count) {
+    if (count) ptr_ = static_cast<T*>(be.allocate(count * sizeof(T)));
+  }
+  DeviceArray(DeviceArray&& o) noexcept { *this = std::move(o); }
+  DeviceArray& operator=(DeviceArray&& o) noexcept {
+    if (this != &o) {
+      reset();
+      be_ = o.be_, ptr_ = o.ptr_, count_ = o.count_;
+      o.ptr_ = nullptr, o.count_ = 0;
+    }
+    return *this;
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() { reset(); }
+  void reset() {
+    if (ptr_) be_->release(ptr_);
+    ptr_ = nullptr, count_ = 0;
+  }
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+
+ private:
+  Backend* be_ = nullptr;
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
 
 }  // namespace hymba

@@ -1,7 +1,6 @@
 #include "cache/hybrid_cache.h"
 
 #include <algorithm>
-#include <cstring>
 
 #include "util/error.h"
 
@@ -36,19 +35,19 @@ CacheBytes CacheLayout::bytes(int64_t n_tokens) const {
   return b;
 }
 
-SequenceCache::SequenceCache(const CacheLayout& layout, int64_t max_tokens)
-    : layout_(layout), max_tokens_(max_tokens) {
+SequenceCache::SequenceCache(const CacheLayout& layout, int64_t max_tokens, Backend& be)
+    : be_(&be), layout_(layout), max_tokens_(max_tokens) {
   check(max_tokens >= 0, "context length must be >= 0");
   const size_t es = dtype_size(layout.kv_dtype);
   for (bool g : layout_.kv_global) {
     KV kv;
     kv.rows = layout_.n_meta + (g ? max_tokens : layout_.ring_rows(max_tokens));
-    kv.k.assign(size_t(kv.rows * layout_.kv_k) * es, 0);
-    kv.v.assign(size_t(kv.rows * layout_.kv_v) * es, 0);
+    kv.k = DeviceArray<uint8_t>(be, size_t(kv.rows * layout_.kv_k) * es);
+    kv.v = DeviceArray<uint8_t>(be, size_t(kv.rows * layout_.kv_v) * es);
     kv_.push_back(std::move(kv));
   }
-  conv_.assign(conv_stride() * size_t(layout_.n_layers), 0.0f);
-  ssm_.assign(ssm_stride() * size_t(layout_.n_layers), 0.0f);
+  conv_ = DeviceArray<float>(be, conv_stride() * size_t(layout_.n_layers));
+  ssm_ = DeviceArray<float>(be, ssm_stride() * size_t(layout_.n_layers));
 }
 
 // Global slots store position p at row p. Sliding slots pin the meta
@@ -93,32 +92,41 @@ int SequenceCache::kv_segments(int slot, KVSegment* out) const {
   return n;
 }
 
+void SequenceCache::store_run(int slot, int64_t row, const float* k, int64_t ldk, const float* v, int64_t ldv,
+                              int64_t n) {
+  if (n <= 0) return;
+  KV& kv = kv_[slot];
+  const size_t es = dtype_size(layout_.kv_dtype);
+  be_->store_rows(k, ldk, n, layout_.kv_k, layout_.kv_dtype, kv.k.data() + size_t(row * layout_.kv_k) * es,
+                  layout_.kv_k);
+  be_->store_rows(v, ldv, n, layout_.kv_v, layout_.kv_dtype, kv.v.data() + size_t(row * layout_.kv_v) * es,
+                  layout_.kv_v);
+}
+
 void SequenceCache::store_kv(int slot, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n) {
   check(length_ + n <= layout_.n_meta + max_tokens_, "sequence is longer than its context (",
         max_tokens_, " tokens)");
-  KV& kv = kv_[slot];
+  const KV& kv = kv_[slot];
   const int64_t M = layout_.n_meta;
-  int64_t start = 0;
-  if (!layout_.kv_global[slot]) {
-    // Only the last `ring` real positions of the chunk survive in the ring.
-    const int64_t ring = kv.rows - M;
-    const int64_t first_real = std::max<int64_t>(length_, M);
-    const int64_t last = length_ + n;  // one past
-    const int64_t keep_from = std::max(first_real, last - ring);
-    for (int64_t p = length_; p < std::min(last, M); ++p) {
-      from_f32(k + (p - length_) * ldk, size_t(layout_.kv_k), layout_.kv_dtype,
-               kv.k.data() + size_t(p * layout_.kv_k) * dtype_size(layout_.kv_dtype));
-      from_f32(v + (p - length_) * ldv, size_t(layout_.kv_v), layout_.kv_dtype,
-               kv.v.data() + size_t(p * layout_.kv_v) * dtype_size(layout_.kv_dtype));
-    }
-    if (ring <= 0) return;
-    start = keep_from - length_;
+  if (layout_.kv_global[slot]) {
+    store_run(slot, length_, k, ldk, v, ldv, n);  // row = position
+    return;
   }
-  const size_t es = dtype_size(layout_.kv_dtype);
-  for (int64_t t = start; t < n; ++t) {
-    const int64_t row = row_of(slot, length_ + t);
-    from_f32(k + t * ldk, size_t(layout_.kv_k), layout_.kv_dtype, kv.k.data() + size_t(row * layout_.kv_k) * es);
-    from_f32(v + t * ldv, size_t(layout_.kv_v), layout_.kv_dtype, kv.v.data() + size_t(row * layout_.kv_v) * es);
+  // Meta positions go to their pinned rows; of the real positions only the
+  // last `ring` of the chunk survive, written in runs that end where the
+  // ring wraps.
+  const int64_t meta_end = std::min(length_ + n, M);
+  if (meta_end > length_) store_run(slot, length_, k, ldk, v, ldv, meta_end - length_);
+  const int64_t ring = kv.rows - M;
+  if (ring <= 0) return;
+  const int64_t first_real = std::max(length_, M);
+  const int64_t last = length_ + n;  // one past
+  for (int64_t p = std::max(first_real, last - ring); p < last;) {
+    const int64_t row = row_of(slot, p);
+    const int64_t run = std::min(last - p, M + ring - row);
+    const int64_t t = p - length_;
+    store_run(slot, row, k + t * ldk, ldk, v + t * ldv, ldv, run);
+    p += run;
   }
 }
 
@@ -136,6 +144,7 @@ void SequenceCache::copy_from(const SequenceCache& other) {
             o.d_conv == layout_.d_conv,
         "cache layouts differ");
   check(other.length_ <= layout_.n_meta + max_tokens_, "cache copy does not fit the context");
+  check(other.be_ == be_, "cannot copy a cache between backends");
   const size_t es = dtype_size(layout_.kv_dtype);
   for (size_t s = 0; s < kv_.size(); ++s) {
     // Rows in use: for a global slot, [0, length); for a sliding slot the
@@ -149,22 +158,22 @@ void SequenceCache::copy_from(const SequenceCache& other) {
             "cannot copy a sliding-window cache between different ring sizes");
     }
     rows = std::min(rows, dst.rows);
-    std::memcpy(dst.k.data(), src.k.data(), size_t(rows * layout_.kv_k) * es);
-    std::memcpy(dst.v.data(), src.v.data(), size_t(rows * layout_.kv_v) * es);
+    be_->copy(dst.k.data(), src.k.data(), size_t(rows * layout_.kv_k) * es);
+    be_->copy(dst.v.data(), src.v.data(), size_t(rows * layout_.kv_v) * es);
   }
-  conv_ = other.conv_;
-  ssm_ = other.ssm_;
+  be_->copy(conv_.data(), other.conv_.data(), conv_.bytes());
+  be_->copy(ssm_.data(), other.ssm_.data(), ssm_.bytes());
   length_ = other.length_;
 }
 
 CacheBytes SequenceCache::allocated_bytes() const {
   CacheBytes b;
   for (size_t s = 0; s < kv_.size(); ++s) {
-    int64_t n = int64_t(kv_[s].k.size() + kv_[s].v.size());
+    int64_t n = int64_t(kv_[s].k.bytes() + kv_[s].v.bytes());
     (layout_.kv_global[s] ? b.global_kv : b.sliding_kv) += n;
   }
-  b.ssm = int64_t(ssm_.size() * 4);
-  b.conv = int64_t(conv_.size() * 4);
+  b.ssm = int64_t(ssm_.bytes());
+  b.conv = int64_t(conv_.bytes());
   return b;
 }
 

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "backend/backend.h"
 #include "backend/ops.h"
 #include "io/config.h"
 #include "model/plan.h"
@@ -43,8 +44,9 @@ struct CacheLayout {
 
 class SequenceCache {
  public:
-  // Room for max_tokens real tokens (positions up to n_meta + max_tokens - 1).
-  SequenceCache(const CacheLayout& layout, int64_t max_tokens);
+  // Room for max_tokens real tokens (positions up to n_meta + max_tokens - 1),
+  // in the memory of `be` (which must outlive the cache).
+  SequenceCache(const CacheLayout& layout, int64_t max_tokens, Backend& be = host_backend());
 
   const CacheLayout& layout() const { return layout_; }
   int64_t max_tokens() const { return max_tokens_; }
@@ -56,12 +58,14 @@ class SequenceCache {
   // Cached K/V of slot s before the current chunk, as at most 3 segments
   // (pinned meta, and the ring in up to two pieces). Returns the count.
   int kv_segments(int slot, KVSegment* out) const;
-  // Stores K/V rows (fp32, already rounded to the cache dtype by the caller
-  // if desired) for positions length()..length()+n-1 of slot s.
+  // Stores K/V rows (fp32 in the backend's memory, already rounded to the
+  // cache dtype by the caller if desired) for positions
+  // length()..length()+n-1 of slot s.
   void store_kv(int slot, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n);
   // Marks n more positions processed (after all slots were stored).
   void advance(int64_t n);
 
+  // Per-layer Mamba state, in the backend's memory.
   float* conv_state(int layer) { return conv_.data() + size_t(layer) * conv_stride(); }
   float* ssm_state(int layer) { return ssm_.data() + size_t(layer) * ssm_stride(); }
 
@@ -71,18 +75,21 @@ class SequenceCache {
 
  private:
   struct KV {
-    std::vector<uint8_t> k, v;  // rows x width, kv dtype
+    DeviceArray<uint8_t> k, v;  // rows x width, kv dtype
     int64_t rows = 0;
   };
+  // Stores n consecutive rows of slot s starting at cache row `row`.
+  void store_run(int slot, int64_t row, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n);
   size_t conv_stride() const { return size_t((layout_.d_conv - 1) * layout_.d_inner); }
   size_t ssm_stride() const { return size_t(layout_.d_inner * layout_.d_state); }
   int64_t row_of(int slot, int64_t pos) const;
 
+  Backend* be_;
   CacheLayout layout_;
   int64_t max_tokens_ = 0;
   int64_t length_ = 0;
   std::vector<KV> kv_;
-  std::vector<float> conv_, ssm_;
+  DeviceArray<float> conv_, ssm_;
 };
 
 }  // namespace hymba

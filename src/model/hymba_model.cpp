@@ -9,12 +9,13 @@
 
 namespace hymba {
 
-// Per-chunk activation buffers, sized for max_chunk tokens. Names follow
-// spec section 4.3.
+// Per-chunk activation buffers in the backend's memory, sized for the
+// largest chunk so far. Names follow spec section 4.3.
 struct HymbaModel::Workspace {
   int64_t capacity = 0;
-  std::vector<float> h, a, u, attn, conv, xdbc, dtn, delta, y, gate, up, cos, sin;
-  std::vector<std::vector<float>> k, v;  // per kv slot: this chunk's post-RoPE K/V
+  DeviceArray<float> h, a, u, attn, conv, xdbc, dtn, delta, y, gate, up, cos, sin;
+  std::vector<DeviceArray<float>> k, v;  // per kv slot: this chunk's post-RoPE K/V
+  DeviceArray<float> logits;             // rows of logits before they go to the host
 };
 
 HymbaModel::~HymbaModel() = default;
@@ -31,21 +32,26 @@ std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const Model
   m->w_ = ModelWeights::bind(m->ckpt_, m->cfg_, m->plan_);
   const DType kv = opts.kv_dtype ? *opts.kv_dtype : (m->w_.matrix_dtype == DType::F32 ? DType::F32 : DType::BF16);
   m->layout_ = CacheLayout::build(m->cfg_, m->plan_, kv);
-  if (m->cfg_.rope) m->inv_freq_ = m->cfg_.rope_inv_freq();
-  m->be_ = make_cpu_backend();
+  m->be_ = make_backend(opts.device);
   if (opts.profile) m->be_ = make_profiling_backend(std::move(m->be_));
+  m->w_.make_resident(*m->be_);
+  if (m->cfg_.rope) {
+    const std::vector<float> inv_freq = m->cfg_.rope_inv_freq();
+    m->inv_freq_ = DeviceArray<float>(*m->be_, inv_freq.size());
+    m->be_->upload(m->inv_freq_.data(), inv_freq.data(), m->inv_freq_.bytes());
+  }
   m->ws_ = std::make_unique<Workspace>();
   if (m->cfg_.num_memory_tokens > 0) m->meta_ = m->compute_meta_prefix(0);
   return m;
 }
 
 std::unique_ptr<SequenceCache> HymbaModel::compute_meta_prefix(int64_t max_tokens) {
-  auto seq = std::make_unique<SequenceCache>(layout_, max_tokens);
+  auto seq = std::make_unique<SequenceCache>(layout_, max_tokens, *be_);
   const int64_t M = cfg_.num_memory_tokens, D = cfg_.hidden_size;
   for (int64_t done = 0; done < M;) {
     const int64_t n = std::min(opts_.max_chunk, M - done);
     ensure_workspace(n);
-    std::copy(w_.memory_tokens.begin() + done * D, w_.memory_tokens.begin() + (done + n) * D, ws_->h.begin());
+    be_->copy(ws_->h.data(), w_.memory_tokens.data() + done * D, size_t(n * D) * sizeof(float));
     run_layers(*seq, n, false);
     done += n;
   }
@@ -53,7 +59,7 @@ std::unique_ptr<SequenceCache> HymbaModel::compute_meta_prefix(int64_t max_token
 }
 
 std::unique_ptr<SequenceCache> HymbaModel::new_sequence(int64_t max_tokens) const {
-  auto seq = std::make_unique<SequenceCache>(layout_, max_tokens);
+  auto seq = std::make_unique<SequenceCache>(layout_, max_tokens, *be_);
   if (meta_) seq->copy_from(*meta_);
   return seq;
 }
@@ -65,22 +71,27 @@ void HymbaModel::ensure_workspace(int64_t n) {
   const int64_t D = c.hidden_size, Di = c.d_inner, R = c.dt_rank, N = c.mamba_d_state;
   int64_t in_rows = 0;
   for (const auto& lw : w_.layers) in_rows = std::max(in_rows, lw.in_proj.rows);
-  auto sz = [n](int64_t width) { return size_t(n * width); };
-  ws.h.assign(sz(D), 0.0f);
-  ws.a.assign(sz(D), 0.0f);
-  ws.u.assign(sz(in_rows), 0.0f);
-  ws.attn.assign(sz(Di), 0.0f);
-  ws.conv.assign(sz(Di), 0.0f);
-  ws.xdbc.assign(sz(R + 2 * N), 0.0f);
-  ws.dtn.assign(sz(R), 0.0f);
-  ws.delta.assign(sz(Di), 0.0f);
-  ws.y.assign(sz(Di), 0.0f);
-  ws.gate.assign(sz(c.intermediate_size), 0.0f);
-  ws.up.assign(sz(c.intermediate_size), 0.0f);
-  ws.cos.assign(sz(std::max<int64_t>(c.head_dim_qk / 2, 1)), 0.0f);
-  ws.sin.assign(ws.cos.size(), 0.0f);
-  ws.k.assign(plan_.kv_owner.size(), std::vector<float>(sz(layout_.kv_k)));
-  ws.v.assign(plan_.kv_owner.size(), std::vector<float>(sz(layout_.kv_v)));
+  Backend& be = *be_;
+  auto buf = [&](int64_t width) { return DeviceArray<float>(be, size_t(n * width)); };
+  ws.h = buf(D);
+  ws.a = buf(D);
+  ws.u = buf(in_rows);
+  ws.attn = buf(Di);
+  ws.conv = buf(Di);
+  ws.xdbc = buf(R + 2 * N);
+  ws.dtn = buf(R);
+  ws.delta = buf(Di);
+  ws.y = buf(Di);
+  ws.gate = buf(c.intermediate_size);
+  ws.up = buf(c.intermediate_size);
+  ws.cos = buf(std::max<int64_t>(c.head_dim_qk / 2, 1));
+  ws.sin = buf(std::max<int64_t>(c.head_dim_qk / 2, 1));
+  ws.k.clear();
+  ws.v.clear();
+  for (size_t s = 0; s < plan_.kv_owner.size(); ++s) {
+    ws.k.push_back(buf(layout_.kv_k));
+    ws.v.push_back(buf(layout_.kv_v));
+  }
   ws.capacity = n;
 }
 
@@ -105,10 +116,12 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
     const int64_t first = all_positions ? 0 : (done == n ? nc - 1 : nc);
     const int64_t rows = nc - first;
     if (rows <= 0) continue;
+    if (ws.logits.size() < size_t(rows * V)) ws.logits = DeviceArray<float>(*be_, size_t(rows * V));
     be_->rmsnorm(ws.h.data() + first * D, rows, D, D, w_.final_norm.data(), float(cfg_.rms_norm_eps),
                  ws.a.data(), D);
+    be_->matmul(w_.lm_head, ws.a.data(), rows, D, ws.logits.data(), V, false);
     float* out = all_positions ? logits + (done - nc) * V : logits;
-    be_->matmul(w_.lm_head, ws.a.data(), rows, D, out, V, false);
+    be_->download(out, ws.logits.data(), size_t(rows * V) * sizeof(float));
   }
 }
 
@@ -147,12 +160,11 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, SequenceC
   float* kc = ws.k[lp.kv_slot].data();
   float* vc = ws.v[lp.kv_slot].data();
   if (lp.owns_kv) {
+    // This chunk's K/V, packed (the fused projection's rows are wider).
     const float* k = ws.u.data() + c.attn_dim;
     const float* v = k + layout_.kv_k;
-    for (int64_t t = 0; t < n; ++t) {
-      std::copy(k + t * ld_u, k + t * ld_u + layout_.kv_k, kc + t * layout_.kv_k);
-      std::copy(v + t * ld_u, v + t * ld_u + layout_.kv_v, vc + t * layout_.kv_v);
-    }
+    be.store_rows(k, ld_u, n, layout_.kv_k, DType::F32, kc, layout_.kv_k);
+    be.store_rows(v, ld_u, n, layout_.kv_v, DType::F32, vc, layout_.kv_v);
     if (c.rope)
       be.rope(kc, n, layout_.kv_k, c.num_key_value_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
     // Round to the cache precision now, so results do not depend on whether a

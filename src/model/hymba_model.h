@@ -30,8 +30,10 @@ struct ModelOptions {
   // Time every op (see backend/profiling.h); report with profile_report().
   bool profile = false;
   // Copy the weights into transparent-huge-page memory instead of mapping
-  // the file (see MappedFile): faster weight streaming, slower load.
+  // the file (see MappedFile): faster weight streaming, slower load (CPU).
   bool huge_pages = false;
+  // Compute device: "cpu", "cuda" or "auto" (see make_backend).
+  std::string device = "cpu";
 };
 
 class HymbaModel {
@@ -80,8 +82,8 @@ class HymbaModel {
   SafetensorsCheckpoint ckpt_;
   ModelWeights w_;
   CacheLayout layout_;
-  std::vector<float> inv_freq_;
-  std::unique_ptr<Backend> be_;
+  std::unique_ptr<Backend> be_;  // before everything that holds backend memory
+  DeviceArray<float> inv_freq_;
   std::unique_ptr<Workspace> ws_;
   std::unique_ptr<SequenceCache> meta_;
 };

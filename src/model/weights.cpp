@@ -78,9 +78,10 @@ ModelWeights ModelWeights::bind(const SafetensorsCheckpoint& ck, const HymbaConf
   };
   auto vec = [&](const std::string& name) {
     const TensorView& t = tensor(name);
-    std::vector<float> v(size_t(t.numel()));
-    to_f32(t.data, t.dtype, v.size(), v.data());
-    for (float x : v) check(std::isfinite(x), "tensor '", name, "' contains a non-finite value");
+    ParamVector v;
+    v.host.resize(size_t(t.numel()));
+    to_f32(t.data, t.dtype, v.host.size(), v.host.data());
+    for (float x : v.host) check(std::isfinite(x), "tensor '", name, "' contains a non-finite value");
     return v;
   };
 
@@ -108,19 +109,19 @@ ModelWeights ModelWeights::bind(const SafetensorsCheckpoint& ck, const HymbaConf
     lw.input_norm = vec(layer_name(i, "input_layernorm.weight"));
     lw.in_proj = matrix(layer_name(i, "mamba.in_proj.weight"));
     {
-      const std::vector<float> taps = vec(layer_name(i, "mamba.conv1d.weight"));  // [d_inner, d_conv]
+      const ParamVector taps = vec(layer_name(i, "mamba.conv1d.weight"));  // [d_inner, d_conv]
       const int64_t K = c.mamba_d_conv, Di = c.d_inner;
-      lw.conv_weight.resize(taps.size());
+      lw.conv_weight.host.resize(taps.size());
       for (int64_t ch = 0; ch < Di; ++ch)
-        for (int64_t k = 0; k < K; ++k) lw.conv_weight[size_t(k * Di + ch)] = taps[size_t(ch * K + k)];
+        for (int64_t k = 0; k < K; ++k) lw.conv_weight.host[size_t(k * Di + ch)] = taps[size_t(ch * K + k)];
     }
     lw.conv_bias = c.mamba_conv_bias ? vec(layer_name(i, "mamba.conv1d.bias"))
-                                     : std::vector<float>(size_t(c.d_inner), 0.0f);
+                                     : ParamVector{std::vector<float>(size_t(c.d_inner), 0.0f)};
     lw.x_proj = matrix(layer_name(i, "mamba.x_proj.0.weight"));
     lw.dt_proj = matrix(layer_name(i, "mamba.dt_proj.0.weight"));
     lw.dt_bias = vec(layer_name(i, "mamba.dt_proj.0.bias"));
     lw.A = vec(layer_name(i, "mamba.A_log.0"));
-    for (float& a : lw.A) a = -std::exp(a);
+    for (float& a : lw.A.host) a = -std::exp(a);
     lw.D = vec(layer_name(i, "mamba.D.0"));
     lw.dt_norm = vec(layer_name(i, "mamba.dt_layernorm.weight"));
     lw.B_norm = vec(layer_name(i, "mamba.B_layernorm.weight"));
@@ -135,6 +136,32 @@ ModelWeights ModelWeights::bind(const SafetensorsCheckpoint& ck, const HymbaConf
     w.layers.push_back(std::move(lw));
   }
   return w;
+}
+
+void ModelWeights::make_resident(Backend& be) {
+  auto matrix = [&](MatrixView& m) {
+    m.data = be.resident(m.data, size_t(m.rows * m.cols) * dtype_size(m.dtype));
+  };
+  auto vec = [&](ParamVector& v) {
+    if (v.host.empty()) return;
+    const void* p = be.resident(v.host.data(), v.size() * sizeof(float));
+    // Host-memory backends hand back the vector itself: keep reading it
+    // through host (stays right if the weights are moved).
+    v.device = p == v.host.data() ? nullptr : static_cast<const float*>(p);
+  };
+  const bool tied = lm_head.data == embed.data;
+  matrix(embed);
+  if (tied) lm_head = embed;  // one copy of a tied table
+  else matrix(lm_head);
+  vec(memory_tokens);
+  vec(final_norm);
+  for (LayerWeights& l : layers) {
+    for (MatrixView* m : {&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate_proj, &l.up_proj, &l.down_proj})
+      matrix(*m);
+    for (ParamVector* v : {&l.input_norm, &l.conv_weight, &l.conv_bias, &l.dt_norm, &l.B_norm, &l.C_norm, &l.dt_bias,
+                           &l.A, &l.D, &l.attn_out_norm, &l.ssm_out_norm, &l.mlp_norm})
+      vec(*v);
+  }
 }
 
 }  // namespace hymba

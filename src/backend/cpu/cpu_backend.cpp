@@ -1,8 +1,13 @@
 // Backend adapter over the CPU kernels.
 #include <omp.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #include "backend/backend.h"
 #include "backend/cpu/kernels.h"
+#include "util/error.h"
 
 namespace hymba {
 
@@ -11,6 +16,21 @@ namespace {
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
+
+  void* allocate(size_t bytes) override {
+    // 64-byte aligned (whole cache lines, any vector width), zero-filled.
+    void* p = std::aligned_alloc(64, std::max<size_t>(64, (bytes + 63) / 64 * 64));
+    check(p != nullptr, "out of memory allocating ", bytes, " bytes");
+    std::memset(p, 0, bytes);
+    return p;
+  }
+  void release(void* p) noexcept override { std::free(p); }
+  void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+  void fill_zero(void* dst, size_t bytes) override { std::memset(dst, 0, bytes); }
+  const void* resident(const void* host, size_t) override { return host; }
+
   void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
               bool accumulate) override {
     cpu::matmul(W, x, n, ldx, y, ldy, accumulate);
@@ -51,6 +71,12 @@ class CpuBackend final : public Backend {
         for (int64_t i = 0; i < d; ++i) r[i] = f16_to_f32(f32_to_f16(r[i]));
       }
     }
+  }
+  void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
+                  int64_t ldd) override {
+    const size_t es = dtype_size(dt);
+    for (int64_t t = 0; t < n; ++t)
+      from_f32(src + t * lds, size_t(d), dt, static_cast<uint8_t*>(dst) + size_t(t * ldd) * es);
   }
 };
 

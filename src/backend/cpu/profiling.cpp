@@ -15,6 +15,16 @@ class ProfilingBackend final : public Backend {
   explicit ProfilingBackend(std::unique_ptr<Backend> inner) : inner_(std::move(inner)) {}
   std::string name() const override { return inner_->name(); }
 
+  // Memory traffic is not timed (it is not an op of the forward pass).
+  void* allocate(size_t bytes) override { return inner_->allocate(bytes); }
+  void release(void* p) noexcept override { inner_->release(p); }
+  void upload(void* dst, const void* src, size_t bytes) override { inner_->upload(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { inner_->download(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) override { inner_->copy(dst, src, bytes); }
+  void fill_zero(void* dst, size_t bytes) override { inner_->fill_zero(dst, bytes); }
+  const void* resident(const void* host, size_t bytes) override { return inner_->resident(host, bytes); }
+  void synchronize() override { inner_->synchronize(); }
+
   void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
               bool accumulate) override {
     // Split by regime: decode-like products behave differently from prefill GEMMs.
@@ -54,6 +64,10 @@ class ProfilingBackend final : public Backend {
   void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx) override {
     timed("round_to", 0, [&] { inner_->round_to(dt, x, n, d, ldx); });
   }
+  void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
+                  int64_t ldd) override {
+    timed("store_rows", 0, [&] { inner_->store_rows(src, lds, n, d, dt, dst, ldd); });
+  }
 
   void reset() { stats_.clear(); }
 
@@ -81,8 +95,12 @@ class ProfilingBackend final : public Backend {
   };
   template <typename F>
   void timed(const char* name, double flops, F&& f) {
+    // Asynchronous backends: drain the queue on both sides of the op so the
+    // wall clock measures this op alone.
+    inner_->synchronize();
     const auto t0 = std::chrono::steady_clock::now();
     f();
+    inner_->synchronize();
     Stat& s = stats_[name];
     ++s.calls;
     s.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
