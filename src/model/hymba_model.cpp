@@ -52,7 +52,8 @@ std::unique_ptr<SequenceCache> HymbaModel::compute_meta_prefix(int64_t max_token
     const int64_t n = std::min(opts_.max_chunk, M - done);
     ensure_workspace(n);
     be_->copy(ws_->h.data(), w_.memory_tokens.data() + done * D, size_t(n * D) * sizeof(float));
-    run_layers(*seq, n, false);
+    const RowSpan span{seq.get(), 0, n};
+    run_layers(&span, 1, n, false);
     done += n;
   }
   return seq;
@@ -109,7 +110,8 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
     ensure_workspace(nc);
     Workspace& ws = *ws_;
     be_->embed_rows(w_.embed, ids + done, nc, ws.h.data(), D);
-    run_layers(seq, nc, decode);
+    const RowSpan span{&seq, 0, nc};
+    run_layers(&span, 1, nc, decode);
     done += nc;
     if (!logits) continue;
     // LM head on the rows that are asked for: every row, or the very last one.
@@ -125,19 +127,54 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
   }
 }
 
-void HymbaModel::run_layers(SequenceCache& seq, int64_t n, bool decode) {
-  Workspace& ws = *ws_;
-  if (cfg_.rope)
-    be_->rope_tables(seq.length(), n, inv_freq_.data(), int(cfg_.head_dim_qk / 2), ws.cos.data(), ws.sin.data());
-  for (const LayerPlan& lp : plan_.layers) run_layer(lp, w_.layers[lp.index], seq, n, decode);
-  // The chunk's K/V joins the cache only now: every layer of the chunk has
-  // attended over the cache as it was before the chunk plus the chunk itself.
-  for (size_t s = 0; s < plan_.kv_owner.size(); ++s)
-    seq.store_kv(int(s), ws.k[s].data(), layout_.kv_k, ws.v[s].data(), layout_.kv_v, n);
-  seq.advance(n);
+void HymbaModel::forward_batch(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, float* logits) {
+  check(batch > 0, "forward_batch: empty batch");
+  for (int64_t b = 0; b < batch; ++b) {
+    check(ids[b] >= 0 && ids[b] < cfg_.vocab_size, "token id ", ids[b], " of sequence ", b,
+          " is out of range (vocabulary has ", cfg_.vocab_size, " tokens)");
+    check(seqs[b]->remaining() >= 1, "sequence ", b, " is full (", seqs[b]->max_tokens(), " tokens)");
+    for (int64_t o = 0; o < b; ++o) check(seqs[o] != seqs[b], "sequence ", b, " appears twice in the batch");
+  }
+  const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
+  for (int64_t done = 0; done < batch;) {
+    const int64_t nb = std::min(opts_.max_chunk, batch - done);
+    ensure_workspace(nb);
+    Workspace& ws = *ws_;
+    be_->embed_rows(w_.embed, ids + done, nb, ws.h.data(), D);
+    std::vector<RowSpan> spans;
+    for (int64_t b = 0; b < nb; ++b) spans.push_back({seqs[done + b], b, 1});
+    run_layers(spans.data(), int(nb), nb, true);
+    if (ws.logits.size() < size_t(nb * V)) ws.logits = DeviceArray<float>(*be_, size_t(nb * V));
+    be_->rmsnorm(ws.h.data(), nb, D, D, w_.final_norm.data(), float(cfg_.rms_norm_eps), ws.a.data(), D);
+    be_->matmul(w_.lm_head, ws.a.data(), nb, D, ws.logits.data(), V, false);
+    be_->download(logits + done * V, ws.logits.data(), size_t(nb * V) * sizeof(float));
+    done += nb;
+  }
 }
 
-void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, SequenceCache& seq, int64_t n, bool decode) {
+void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool decode) {
+  Workspace& ws = *ws_;
+  const int half = int(cfg_.head_dim_qk / 2);
+  if (cfg_.rope)
+    for (int i = 0; i < n_spans; ++i) {
+      const RowSpan& sp = spans[i];
+      be_->rope_tables(sp.seq->length(), sp.n, inv_freq_.data(), half, ws.cos.data() + sp.row0 * half,
+                       ws.sin.data() + sp.row0 * half);
+    }
+  for (const LayerPlan& lp : plan_.layers) run_layer(lp, w_.layers[lp.index], spans, n_spans, n, decode);
+  // The chunk's K/V joins the cache only now: every layer of the chunk has
+  // attended over the cache as it was before the chunk plus the chunk itself.
+  for (int i = 0; i < n_spans; ++i) {
+    const RowSpan& sp = spans[i];
+    for (size_t s = 0; s < plan_.kv_owner.size(); ++s)
+      sp.seq->store_kv(int(s), ws.k[s].data() + sp.row0 * layout_.kv_k, layout_.kv_k,
+                       ws.v[s].data() + sp.row0 * layout_.kv_v, layout_.kv_v, sp.n);
+    sp.seq->advance(sp.n);
+  }
+}
+
+void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans,
+                           int64_t n, bool decode) {
   const HymbaConfig& c = cfg_;
   Workspace& ws = *ws_;
   Backend& be = *be_;
@@ -172,56 +209,67 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, SequenceC
     be.round_to(layout_.kv_dtype, kc, n, layout_.kv_k, layout_.kv_k);
     be.round_to(layout_.kv_dtype, vc, n, layout_.kv_v, layout_.kv_v);
   }
-  KVSegment segs[4];
-  int n_segs = seq.kv_segments(lp.kv_slot, segs);
-  segs[n_segs++] = KVSegment{kc, vc, DType::F32, layout_.kv_k, layout_.kv_v, seq.length(), n};
-  AttentionArgs aa;
-  aa.q = q;
-  aa.ldq = ld_u;
-  aa.n_q = n;
-  aa.q_pos0 = seq.length();
-  aa.n_heads = c.num_attention_heads;
-  aa.n_kv_heads = c.num_key_value_heads;
-  aa.head_dim_qk = int(c.head_dim_qk);
-  aa.head_dim_v = int(c.head_dim_v);
-  aa.segments = segs;
-  aa.n_segments = n_segs;
-  aa.window = lp.global ? -1 : *c.sliding_window - ((decode && opts_.hf_decode_window) ? 1 : 0);
-  aa.n_always_visible = c.num_memory_tokens;
-  aa.scale = 1.0f / std::sqrt(float(c.head_dim_qk));
-  aa.out = ws.attn.data();
-  aa.ldo = Di;
-  be.attention(aa);
+  // Attention, per sequence: its cached K/V plus its rows of this chunk.
+  for (int i = 0; i < n_spans; ++i) {
+    const RowSpan& sp = spans[i];
+    KVSegment segs[4];
+    int n_segs = sp.seq->kv_segments(lp.kv_slot, segs);
+    segs[n_segs++] = KVSegment{kc + sp.row0 * layout_.kv_k, vc + sp.row0 * layout_.kv_v, DType::F32,
+                               layout_.kv_k, layout_.kv_v, sp.seq->length(), sp.n};
+    AttentionArgs aa;
+    aa.q = q + sp.row0 * ld_u;
+    aa.ldq = ld_u;
+    aa.n_q = sp.n;
+    aa.q_pos0 = sp.seq->length();
+    aa.n_heads = c.num_attention_heads;
+    aa.n_kv_heads = c.num_key_value_heads;
+    aa.head_dim_qk = int(c.head_dim_qk);
+    aa.head_dim_v = int(c.head_dim_v);
+    aa.segments = segs;
+    aa.n_segments = n_segs;
+    aa.window = lp.global ? -1 : *c.sliding_window - ((decode && opts_.hf_decode_window) ? 1 : 0);
+    aa.n_always_visible = c.num_memory_tokens;
+    aa.scale = 1.0f / std::sqrt(float(c.head_dim_qk));
+    aa.out = ws.attn.data() + sp.row0 * Di;
+    aa.ldo = Di;
+    be.attention(aa);
+  }
 
-  // ---- Mamba branch
-  be.causal_conv_silu(x, n, ld_u, Di, w.conv_weight.data(), w.conv_bias.data(), c.mamba_d_conv,
-                      seq.conv_state(lp.index), ws.conv.data(), Di);
+  // ---- Mamba branch (conv and scan carry per-sequence state)
+  for (int i = 0; i < n_spans; ++i) {
+    const RowSpan& sp = spans[i];
+    be.causal_conv_silu(x + sp.row0 * ld_u, sp.n, ld_u, Di, w.conv_weight.data(), w.conv_bias.data(),
+                        c.mamba_d_conv, sp.seq->conv_state(lp.index), ws.conv.data() + sp.row0 * Di, Di);
+  }
   be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
   be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
   be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
   be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
   be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
-  ScanArgs sa;
-  sa.u = ws.conv.data();
-  sa.ldu = Di;
-  sa.delta = ws.delta.data();
-  sa.ld_delta = Di;
-  sa.B = ws.xdbc.data() + R;
-  sa.ldb = XD;
-  sa.C = ws.xdbc.data() + R + N;
-  sa.ldc = XD;
-  sa.z = z;
-  sa.ldz = ld_u;
-  sa.dt_bias = w.dt_bias.data();
-  sa.A = w.A.data();
-  sa.D = w.D.data();
-  sa.state = seq.ssm_state(lp.index);
-  sa.y = ws.y.data();
-  sa.ldy = Di;
-  sa.n = n;
-  sa.channels = Di;
-  sa.d_state = N;
-  be.selective_scan(sa);
+  for (int i = 0; i < n_spans; ++i) {
+    const RowSpan& sp = spans[i];
+    ScanArgs sa;
+    sa.u = ws.conv.data() + sp.row0 * Di;
+    sa.ldu = Di;
+    sa.delta = ws.delta.data() + sp.row0 * Di;
+    sa.ld_delta = Di;
+    sa.B = ws.xdbc.data() + sp.row0 * XD + R;
+    sa.ldb = XD;
+    sa.C = ws.xdbc.data() + sp.row0 * XD + R + N;
+    sa.ldc = XD;
+    sa.z = z + sp.row0 * ld_u;
+    sa.ldz = ld_u;
+    sa.dt_bias = w.dt_bias.data();
+    sa.A = w.A.data();
+    sa.D = w.D.data();
+    sa.state = sp.seq->ssm_state(lp.index);
+    sa.y = ws.y.data() + sp.row0 * Di;
+    sa.ldy = Di;
+    sa.n = sp.n;
+    sa.channels = Di;
+    sa.d_state = N;
+    be.selective_scan(sa);
+  }
 
   // ---- fuse the branches: normalise each, average, project, residual
   be.rmsnorm(ws.attn.data(), n, Di, Di, w.attn_out_norm.data(), eps, ws.attn.data(), Di);

@@ -63,6 +63,12 @@ class HymbaModel {
   void forward(SequenceCache& seq, const int32_t* ids, int64_t n, float* logits, bool all_positions,
                bool decode = false);
 
+  // One decode step for a batch: token ids[b] is appended to seqs[b] (each
+  // sequence at its own length, with its own cache; no padding) and its
+  // logits go to logits[b * vocab ...]. Each sequence's result equals a
+  // forward() of that token alone, up to the matrix products' rounding.
+  void forward_batch(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, float* logits);
+
   // The meta-prefix snapshot (for tests); null when the model has no meta tokens.
   const SequenceCache* meta_snapshot() const { return meta_.get(); }
   // Recomputes the meta prefix into a fresh cache (for tests of the snapshot).
@@ -72,9 +78,17 @@ class HymbaModel {
   HymbaModel() = default;
   struct Workspace;
   void ensure_workspace(int64_t n);
-  // One chunk: h (n rows in the workspace) through every layer; commits K/V.
-  void run_layers(SequenceCache& seq, int64_t n, bool decode);
-  void run_layer(const LayerPlan& lp, const LayerWeights& w, SequenceCache& seq, int64_t n, bool decode);
+  // Rows row0 .. row0+n-1 of the workspace belong to `seq` (a chunk of one
+  // sequence is one span; a batched decode step has one span per sequence).
+  struct RowSpan {
+    SequenceCache* seq;
+    int64_t row0, n;
+  };
+  // h (n rows in the workspace) through every layer; commits K/V and
+  // advances each span's sequence.
+  void run_layers(const RowSpan* spans, int n_spans, int64_t n, bool decode);
+  void run_layer(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans, int64_t n,
+                 bool decode);
 
   HymbaConfig cfg_;
   ModelPlan plan_;

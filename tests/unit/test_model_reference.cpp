@@ -108,6 +108,77 @@ TEST(CacheInvariants, IncrementalDecodeEqualsFullSequence) {
   }
 }
 
+// A batched decode step (forward_batch) gives every sequence what decoding
+// it alone gives: sequences of different lengths (some past the ring's
+// wrap), each with its own cache, stepping together with greedy tokens.
+TEST(CacheInvariants, BatchedDecodeEqualsDecodingAlone) {
+  for (const std::string& name : golden_cases()) {
+    SCOPED_TRACE("case " + name);
+    const std::string dir = test::work_dir() + "/goldens/" + name;
+    const auto g = read_json(dir + "/golden.json");
+    std::vector<int32_t> ids;
+    for (const auto& p : g["prompts"])
+      if (p["input_ids"].size() > ids.size()) ids = ids_of(p["input_ids"]);
+    // max_chunk 3 (one case): the batch of 4 is split into chunks.
+    for (int64_t max_chunk : {int64_t(256), int64_t(3)}) {
+      if (max_chunk == 3 && name != golden_cases().front()) continue;
+      ModelOptions opts;
+      opts.kv_dtype = DType::F32;
+      opts.max_chunk = max_chunk;
+      auto model = HymbaModel::load(dir, opts);
+      const int64_t V = model->vocab_size();
+      const std::vector<size_t> lens = {1, 5, ids.size() / 2, ids.size()};
+      const int steps = 6;
+      std::vector<std::unique_ptr<SequenceCache>> alone, batched;
+      std::vector<std::vector<float>> last(lens.size(), std::vector<float>(size_t(V)));
+      for (size_t b = 0; b < lens.size(); ++b) {
+        alone.push_back(model->new_sequence(int64_t(lens[b]) + steps));
+        batched.push_back(model->new_sequence(int64_t(lens[b]) + steps));
+        model->forward(*alone[b], ids.data(), int64_t(lens[b]), last[b].data(), false);
+        model->forward(*batched[b], ids.data(), int64_t(lens[b]), nullptr, false);
+      }
+      auto argmax = [](const float* x, int64_t n) { return int32_t(std::max_element(x, x + n) - x); };
+      std::vector<int32_t> next(lens.size());
+      for (size_t b = 0; b < lens.size(); ++b) next[b] = argmax(last[b].data(), V);
+      std::vector<SequenceCache*> ptrs;
+      for (auto& s : batched) ptrs.push_back(s.get());
+      const double tol = g["weights_dtype"] == "BF16" ? 1e-2 : 1e-5;
+      for (int step = 0; step < steps; ++step) {
+        std::vector<float> out(lens.size() * size_t(V));
+        model->forward_batch(ptrs.data(), next.data(), int64_t(lens.size()), out.data());
+        for (size_t b = 0; b < lens.size(); ++b) {
+          model->forward(*alone[b], &next[b], 1, last[b].data(), false, true);
+          const float* mine = out.data() + b * size_t(V);
+          std::vector<double> ref(last[b].begin(), last[b].end());
+          EXPECT_LT(rel_l2(std::vector<float>(mine, mine + V), ref), tol) << "sequence " << b << " step " << step;
+          EXPECT_EQ(argmax(mine, V), argmax(last[b].data(), V)) << "sequence " << b << " step " << step;
+          EXPECT_EQ(batched[b]->length(), alone[b]->length());
+          next[b] = argmax(last[b].data(), V);
+        }
+      }
+    }
+  }
+}
+
+TEST(CacheInvariants, BatchRejectsBadInput) {
+  const std::string dir = test::work_dir() + "/goldens/gqa_groups3";
+  auto model = HymbaModel::load(dir);
+  auto a = model->new_sequence(4), full = model->new_sequence(0);
+  std::vector<float> out(size_t(2 * model->vocab_size()));
+  SequenceCache* twice[2] = {a.get(), a.get()};
+  int32_t ids[2] = {1, 2};
+  EXPECT_NE(test::error_of([&] { model->forward_batch(twice, ids, 2, out.data()); }).find("appears twice"),
+            std::string::npos);
+  SequenceCache* with_full[2] = {a.get(), full.get()};
+  EXPECT_NE(test::error_of([&] { model->forward_batch(with_full, ids, 2, out.data()); }).find("is full"),
+            std::string::npos);
+  int32_t bad[2] = {1, int32_t(model->vocab_size())};
+  SequenceCache* ok[1] = {a.get()};
+  EXPECT_NE(test::error_of([&] { model->forward_batch(ok, bad + 1, 1, out.data()); }).find("out of range"),
+            std::string::npos);
+  EXPECT_EQ(a->length(), model->cache_layout().n_meta);  // nothing was run
+}
+
 TEST(CacheInvariants, ChunkSizesAgree) {
   const std::string dir = test::work_dir() + "/goldens/gqa_groups3";
   const auto g = read_json(dir + "/golden.json");
