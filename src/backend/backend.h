@@ -62,6 +62,21 @@ class Backend {
   // commit of a chunk's K/V).
   virtual void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
                           int64_t ldd) = 0;
+
+  // ---- the per-sequence ops over many sequences at once (batched decode:
+  // each entry has its own cache segments / state). The defaults run the
+  // entries one by one; a device backend overrides them with one launch.
+  virtual void attention_batch(const AttentionArgs* a, int count) {
+    for (int i = 0; i < count; ++i) attention(a[i]);
+  }
+  virtual void causal_conv_silu_batch(const ConvArgs* a, int count) {
+    for (int i = 0; i < count; ++i)
+      causal_conv_silu(a[i].x, a[i].n, a[i].ldx, a[i].channels, a[i].weight, a[i].bias, a[i].k_width, a[i].state,
+                       a[i].y, a[i].ldy);
+  }
+  virtual void selective_scan_batch(const ScanArgs* a, int count) {
+    for (int i = 0; i < count; ++i) selective_scan(a[i]);
+  }
 };
 
 // The CPU backend (OpenMP threads; the count is set with set_threads).

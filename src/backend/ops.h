@@ -73,4 +73,16 @@ struct ScanArgs {
   int64_t n = 0, channels = 0, d_state = 0;
 };
 
+// Depthwise causal conv + SiLU of n tokens of one sequence (see
+// Backend::causal_conv_silu for the exact semantics of each field).
+struct ConvArgs {
+  const float* x = nullptr;  int64_t ldx = 0;
+  int64_t n = 0, channels = 0;
+  const float* weight = nullptr;  // [k_width, channels], tap-major
+  const float* bias = nullptr;    // [channels]
+  int k_width = 0;
+  float* state = nullptr;         // [k_width-1, channels], updated in place
+  float* y = nullptr;        int64_t ldy = 0;
+};
+
 }  // namespace hymba

@@ -16,6 +16,11 @@ struct HymbaModel::Workspace {
   DeviceArray<float> h, a, u, attn, conv, xdbc, dtn, delta, y, gate, up, cos, sin;
   std::vector<DeviceArray<float>> k, v;  // per kv slot: this chunk's post-RoPE K/V
   DeviceArray<float> logits;             // rows of logits before they go to the host
+  // Host-side argument lists of the per-sequence ops (one entry per span).
+  std::vector<AttentionArgs> attn_args;
+  std::vector<KVSegment> segs;
+  std::vector<ConvArgs> conv_args;
+  std::vector<ScanArgs> scan_args;
 };
 
 HymbaModel::~HymbaModel() = default;
@@ -209,14 +214,17 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
     be.round_to(layout_.kv_dtype, kc, n, layout_.kv_k, layout_.kv_k);
     be.round_to(layout_.kv_dtype, vc, n, layout_.kv_v, layout_.kv_v);
   }
-  // Attention, per sequence: its cached K/V plus its rows of this chunk.
+  // Attention, per sequence: its cached K/V plus its rows of this chunk
+  // (segments live in ws.segs: 4 per span, referenced by the args).
+  ws.attn_args.resize(size_t(n_spans));
+  ws.segs.resize(size_t(n_spans) * 4);
   for (int i = 0; i < n_spans; ++i) {
     const RowSpan& sp = spans[i];
-    KVSegment segs[4];
+    KVSegment* segs = ws.segs.data() + size_t(i) * 4;
     int n_segs = sp.seq->kv_segments(lp.kv_slot, segs);
     segs[n_segs++] = KVSegment{kc + sp.row0 * layout_.kv_k, vc + sp.row0 * layout_.kv_v, DType::F32,
                                layout_.kv_k, layout_.kv_v, sp.seq->length(), sp.n};
-    AttentionArgs aa;
+    AttentionArgs& aa = ws.attn_args[size_t(i)];
     aa.q = q + sp.row0 * ld_u;
     aa.ldq = ld_u;
     aa.n_q = sp.n;
@@ -232,23 +240,27 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
     aa.scale = 1.0f / std::sqrt(float(c.head_dim_qk));
     aa.out = ws.attn.data() + sp.row0 * Di;
     aa.ldo = Di;
-    be.attention(aa);
   }
+  be.attention_batch(ws.attn_args.data(), n_spans);
 
   // ---- Mamba branch (conv and scan carry per-sequence state)
+  ws.conv_args.resize(size_t(n_spans));
   for (int i = 0; i < n_spans; ++i) {
     const RowSpan& sp = spans[i];
-    be.causal_conv_silu(x + sp.row0 * ld_u, sp.n, ld_u, Di, w.conv_weight.data(), w.conv_bias.data(),
-                        c.mamba_d_conv, sp.seq->conv_state(lp.index), ws.conv.data() + sp.row0 * Di, Di);
+    ws.conv_args[size_t(i)] = ConvArgs{x + sp.row0 * ld_u, ld_u, sp.n, Di, w.conv_weight.data(), w.conv_bias.data(),
+                                       int(c.mamba_d_conv), sp.seq->conv_state(lp.index),
+                                       ws.conv.data() + sp.row0 * Di, Di};
   }
+  be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
   be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
   be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
   be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
   be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
   be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
+  ws.scan_args.resize(size_t(n_spans));
   for (int i = 0; i < n_spans; ++i) {
     const RowSpan& sp = spans[i];
-    ScanArgs sa;
+    ScanArgs& sa = ws.scan_args[size_t(i)];
     sa.u = ws.conv.data() + sp.row0 * Di;
     sa.ldu = Di;
     sa.delta = ws.delta.data() + sp.row0 * Di;
@@ -268,8 +280,8 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
     sa.n = sp.n;
     sa.channels = Di;
     sa.d_state = N;
-    be.selective_scan(sa);
   }
+  be.selective_scan_batch(ws.scan_args.data(), n_spans);
 
   // ---- fuse the branches: normalise each, average, project, residual
   be.rmsnorm(ws.attn.data(), n, Di, Di, w.attn_out_norm.data(), eps, ws.attn.data(), Di);

@@ -64,6 +64,15 @@ class ProfilingBackend final : public Backend {
   void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx) override {
     timed("round_to", 0, [&] { inner_->round_to(dt, x, n, d, ldx); });
   }
+  void attention_batch(const AttentionArgs* a, int count) override {
+    timed("attention", 0, [&] { inner_->attention_batch(a, count); });
+  }
+  void causal_conv_silu_batch(const ConvArgs* a, int count) override {
+    timed("conv+silu", 0, [&] { inner_->causal_conv_silu_batch(a, count); });
+  }
+  void selective_scan_batch(const ScanArgs* a, int count) override {
+    timed("selective_scan", 0, [&] { inner_->selective_scan_batch(a, count); });
+  }
   void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
                   int64_t ldd) override {
     timed("store_rows", 0, [&] { inner_->store_rows(src, lds, n, d, dt, dst, ldd); });
