@@ -1,13 +1,17 @@
-// `hymba`: the command-line front end. Subcommands: generate, logits, init,
-// info, tokenize, bench. Errors go to stderr with exit status 1.
+// `hymba`: the command-line front end. Subcommands: generate, chat, template,
+// logits, init, info, tokenize, bench. Errors go to stderr with exit status 1.
 #include <omp.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <iterator>
 #include <random>
 
 #include <CLI/CLI.hpp>
@@ -22,6 +26,8 @@
 #include "model/hymba_model.h"
 #include "model/presets.h"
 #include "model/weights.h"
+#include "runtime/chat_session.h"
+#include "runtime/chat_template.h"
 #include "runtime/generator.h"
 #include "util/error.h"
 
@@ -70,35 +76,57 @@ struct ModelArgs {
 
 bool has_tokenizer(const std::string& dir) { return fs::exists(fs::path(dir) / "tokenizer.model"); }
 
+// Sampling options shared by generate and chat.
+void add_sampling_options(CLI::App* app, SamplingParams& s) {
+  app->add_option("--temp", s.temperature, "sampling temperature; 0 = greedy");
+  app->add_option("--top-k", s.top_k, "keep the k most likely tokens; 0 = off");
+  app->add_option("--top-p", s.top_p, "nucleus sampling threshold in (0, 1]; 1 = off");
+  app->add_option("--min-p", s.min_p, "drop tokens below min-p x the top probability; 0 = off");
+  app->add_option("--repeat-penalty", s.repeat_penalty, "repetition penalty; 1 = off");
+  app->add_option("--repeat-last-n", s.repeat_last_n, "tokens of history the penalty looks at (-1 = all)");
+}
+
+void write_stdout(const std::string& text) {
+  if (text.empty()) return;
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fflush(stdout);
+}
+
 // ------------------------------------------------------------------ generate
 struct GenerateArgs {
   ModelArgs model;
   std::string prompt, ids, prompt_file;
   int n = 128;
-  float temp = 0.0f, top_p = 1.0f, min_p = 0.0f, repeat_penalty = 1.0f;
-  int top_k = 0, repeat_last_n = 64;
+  SamplingParams sampling;
   uint64_t seed = 42;
   bool print_ids = false, no_bos = false, ignore_eos = false;
   int64_t ctx = 0;
   std::vector<std::string> stop;
+  // --chat: the prompt is one user message in the checkpoint's chat format.
+  bool chat = false;
+  std::string system, chat_format = "auto";
+  bool system_given = false;
 };
 
 int run_generate(const GenerateArgs& a) {
   check(int(!a.prompt.empty()) + int(!a.ids.empty()) + int(!a.prompt_file.empty()) == 1,
         "give exactly one of -p/--prompt, -f/--file or --ids");
+  check(!a.chat || a.ids.empty(), "--chat needs the user message as text (-p/--prompt or -f/--file), not --ids");
+  check(a.chat || !a.system_given, "--system needs --chat");
+  check(a.chat || a.chat_format == "auto", "--chat-format needs --chat");
   GenerationRequest req;
   req.max_new_tokens = a.n;
-  req.sampling.temperature = a.temp;
-  req.sampling.top_k = a.top_k;
-  req.sampling.top_p = a.top_p;
-  req.sampling.min_p = a.min_p;
-  req.sampling.repeat_penalty = a.repeat_penalty;
-  req.sampling.repeat_last_n = a.repeat_last_n;
+  req.sampling = a.sampling;
   req.sampling.seed = a.seed;
   req.stop_strings = a.stop;
   req.ignore_eos = a.ignore_eos;
   req.context = a.ctx;
   validate_sampling(req.sampling);  // before the model loads: fail fast on bad options
+  std::unique_ptr<ChatTemplate> tmpl;
+  if (a.chat) {  // also before the model loads
+    check(has_tokenizer(a.model.dir), "'", a.model.dir, "' has no tokenizer.model: --chat needs the tokenizer");
+    tmpl = std::make_unique<ChatTemplate>(ChatTemplate::load(a.model.dir, a.chat_format));
+  }
   auto model = a.model.load();
   std::unique_ptr<Tokenizer> tok;
   if (has_tokenizer(a.model.dir)) tok = std::make_unique<Tokenizer>(Tokenizer::load(a.model.dir));
@@ -107,15 +135,21 @@ int run_generate(const GenerateArgs& a) {
   } else {
     check(tok != nullptr, "'", a.model.dir, "' has no tokenizer.model: give the prompt as --ids");
     const std::string text = a.prompt_file.empty() ? a.prompt : read_file(a.prompt_file);
-    req.prompt = tok->encode(text, !a.no_bos);
+    if (a.chat) {
+      Conversation conv;
+      if (a.system_given) conv.add_message("system", a.system);
+      conv.add_message("user", text);
+      conv.add_generation_prompt = true;
+      req.prompt = tok->encode(tmpl->render(conv), /*add_bos=*/false);  // the chat path has no BOS
+      req.stop_strings.push_back("</s>");
+    } else {
+      req.prompt = tok->encode(text, !a.no_bos);
+    }
   }
 
   Generator gen(*model, tok.get());
   auto res = gen.generate(req, [&](int32_t, const std::string& text) {
-    if (!text.empty()) {
-      std::fwrite(text.data(), 1, text.size(), stdout);
-      std::fflush(stdout);
-    }
+    write_stdout(text);
     return true;
   });
   if (tok) std::printf("\n");
@@ -127,6 +161,155 @@ int run_generate(const GenerateArgs& a) {
   if (a.model.profile) std::fprintf(stderr, "%s", profile_report(model->backend()).c_str());
   std::fprintf(stderr, "[prompt %" PRId64 " tok, %.1f tok/s | generated %zu tok, %.1f tok/s | stop: %s]\n",
                res.prompt_tokens, prefill_tps, res.tokens.size(), decode_tps, res.stop_reason.c_str());
+  return 0;
+}
+
+// ------------------------------------------------------------------ chat
+// Ctrl-C: while an answer is being produced it stops the answer (a second
+// Ctrl-C before the answer has stopped quits); at the prompt it quits.
+std::atomic<bool> g_generating{false};
+std::atomic<bool> g_cancel{false};
+
+extern "C" void on_sigint(int) {
+  if (g_generating.load() && !g_cancel.load()) {
+    g_cancel.store(true);
+    return;
+  }
+  const char nl = '\n';
+  [[maybe_unused]] ssize_t w = ::write(STDOUT_FILENO, &nl, 1);
+  _exit(130);
+}
+
+struct ChatArgs {
+  ModelArgs model;
+  std::string system, chat_format = "auto";
+  bool system_given = false;
+  int n = 512;
+  SamplingParams sampling;
+  uint64_t seed = 42;
+  int64_t ctx = 0;
+  std::vector<std::string> stop;
+  bool ignore_eos = false, print_ids = false, stats = false;
+};
+
+const char* kChatHelp =
+    "commands: /reset (forget the conversation, keep the system prompt), /exit or /quit (leave; so does Ctrl-D),\n"
+    "          /help. A line ending in '\\' continues on the next line. Ctrl-C stops the current answer\n"
+    "          (it stays in the history); Ctrl-C at the prompt quits.\n";
+
+// Reads one message: lines ending in a backslash continue. False at EOF.
+bool read_message(bool tty, std::string& msg) {
+  msg.clear();
+  std::string line;
+  bool first = true;
+  while (true) {
+    if (tty) {
+      std::fputs(first ? "> " : ". ", stdout);
+      std::fflush(stdout);
+    }
+    if (!std::getline(std::cin, line)) return !first;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    first = false;
+    if (!line.empty() && line.back() == '\\') {
+      line.pop_back();
+      msg += line + "\n";
+      continue;
+    }
+    msg += line;
+    return true;
+  }
+}
+
+int run_chat(const ChatArgs& a) {
+  ChatOptions opts;
+  opts.system = a.system;
+  opts.has_system = a.system_given;
+  opts.max_new_tokens = a.n;
+  opts.sampling = a.sampling;
+  opts.sampling.seed = a.seed;
+  opts.stop_strings.insert(opts.stop_strings.end(), a.stop.begin(), a.stop.end());
+  opts.ignore_eos = a.ignore_eos;
+  opts.context = a.ctx;
+  validate_sampling(opts.sampling);
+  check(has_tokenizer(a.model.dir), "'", a.model.dir, "' has no tokenizer.model: chat needs the tokenizer");
+  ChatTemplate tmpl = ChatTemplate::load(a.model.dir, a.chat_format);
+  Tokenizer tok = Tokenizer::load(a.model.dir);
+  auto model = a.model.load();
+  ChatSession session(*model, tok, tmpl, opts);
+
+  struct sigaction sa{};
+  sa.sa_handler = on_sigint;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+
+  const bool tty = ::isatty(STDIN_FILENO) != 0;
+  if (tty)
+    std::fprintf(stderr, "hymba chat: %s, context %" PRId64 " tokens, template from %s\n%s", a.model.dir.c_str(),
+                 session.context(), tmpl.source().c_str(), kChatHelp);
+  std::string msg;
+  while (read_message(tty, msg)) {
+    const std::string cmd = python_strip(msg);
+    if (cmd.empty()) continue;
+    if (cmd == "/exit" || cmd == "/quit") break;
+    if (cmd == "/help") {
+      std::fputs(kChatHelp, stderr);
+      continue;
+    }
+    if (cmd == "/reset") {
+      session.reset();
+      std::fprintf(stderr, "[conversation cleared]\n");
+      continue;
+    }
+    g_cancel.store(false);
+    g_generating.store(true);
+    ChatTurn turn;
+    try {
+      turn = session.send(msg, [&](int32_t, const std::string& text) {
+        write_stdout(text);
+        return !g_cancel.load();
+      });
+    } catch (const hymba::Error& e) {
+      g_generating.store(false);
+      std::fprintf(stderr, "error: %s\n", e.what());
+      continue;
+    }
+    g_generating.store(false);
+    write_stdout("\n");
+    if (turn.gen.stop_reason == "cancelled") std::fprintf(stderr, "[answer stopped]\n");
+    if (turn.gen.stop_reason == "context")
+      std::fprintf(stderr, "[the context is full: /reset to start over, or give a larger --ctx]\n");
+    if (a.print_ids) write_stdout(join_ids(turn.gen.tokens) + "\n");
+    if (a.stats) {
+      const auto& g = turn.gen;
+      const double prefill_tps = g.prefill_seconds > 0 ? double(turn.prefilled_tokens) / g.prefill_seconds : 0;
+      const double decode_tps =
+          g.decode_seconds > 0 && g.tokens.size() > 1 ? double(g.tokens.size() - 1) / g.decode_seconds : 0;
+      std::fprintf(stderr,
+                   "[turn %d: conversation %" PRId64 " tok, reused %" PRId64 ", prefilled %" PRId64
+                   " (%s), %.1f tok/s | answer %zu tok, %.1f tok/s | stop: %s]\n",
+                   session.turns(), turn.conversation_tokens, turn.reused_tokens, turn.prefilled_tokens,
+                   turn.cache_path.c_str(), prefill_tps, g.tokens.size(), decode_tps, g.stop_reason.c_str());
+    }
+  }
+  if (tty) write_stdout("\n");
+  return 0;
+}
+
+// ------------------------------------------------------------------ template
+int run_template(const std::string& dir, const std::string& file, const std::string& format, bool print_ids) {
+  const ChatTemplate tmpl = ChatTemplate::load(dir, format);
+  const std::string text = file == "-" ? std::string(std::istreambuf_iterator<char>(std::cin), {}) : read_file(file);
+  const Conversation conv = Conversation::from_json_text(text, file == "-" ? "stdin" : "'" + file + "'");
+  std::vector<std::string> warnings;
+  const std::string out = tmpl.render(conv, &warnings);
+  for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  if (print_ids) {
+    check(has_tokenizer(dir), "'", dir, "' has no tokenizer.model: --ids needs the tokenizer");
+    write_stdout(join_ids(Tokenizer::load(dir).encode(out, /*add_bos=*/false)) + "\n");
+  } else {
+    write_stdout(out);
+  }
   return 0;
 }
 
@@ -343,18 +526,50 @@ int main(int argc, char** argv) {
   g->add_option("-f,--file", gen.prompt_file, "read the prompt text from a file");
   g->add_option("--ids", gen.ids, "prompt as comma-separated token ids, e.g. 1,2,3");
   g->add_option("-n,--n-predict", gen.n, "number of tokens to generate")->check(CLI::Range(0, 1 << 24));
-  g->add_option("--temp", gen.temp, "sampling temperature; 0 = greedy");
-  g->add_option("--top-k", gen.top_k, "keep the k most likely tokens; 0 = off");
-  g->add_option("--top-p", gen.top_p, "nucleus sampling threshold in (0, 1]; 1 = off");
-  g->add_option("--min-p", gen.min_p, "drop tokens below min-p x the top probability; 0 = off");
-  g->add_option("--repeat-penalty", gen.repeat_penalty, "repetition penalty; 1 = off");
-  g->add_option("--repeat-last-n", gen.repeat_last_n, "tokens of history the penalty looks at (-1 = all)");
+  add_sampling_options(g, gen.sampling);
   g->add_option("--seed", gen.seed, "random seed (same seed, same output)");
   g->add_option("--ctx", gen.ctx, "context size in tokens (default: prompt + n)");
   g->add_option("--stop", gen.stop, "stop when this text is generated (repeatable)");
   g->add_flag("--print-ids", gen.print_ids, "end with one line of the generated token ids");
   g->add_flag("--no-bos", gen.no_bos, "do not add the BOS token to a text prompt");
   g->add_flag("--ignore-eos", gen.ignore_eos, "keep generating past the end-of-sequence token");
+  g->add_flag("--chat", gen.chat, "the prompt is one user message: render it with the checkpoint's chat template "
+              "(no BOS), print the assistant's answer (stops at EOS or '</s>')");
+  auto* g_sys = g->add_option("--system", gen.system, "system message for --chat (default: none)");
+  g->add_option("--chat-format", gen.chat_format, "with --chat: auto (the checkpoint's template, refused if it is "
+                "not Hymba's) or hymba (force the Hymba-Instruct format)")
+      ->check(CLI::IsMember(ChatTemplate::format_names()));
+
+  ChatArgs ch;
+  auto* c = app.add_subcommand("chat", "interactive multi-turn chat in the checkpoint's chat format (docs/CHAT.md)");
+  ch.model.add_to(c);
+  auto* c_sys = c->add_option("--system", ch.system, "system message (default: none)");
+  c->add_option("--chat-format", ch.chat_format, "auto (the checkpoint's template, refused if it is not Hymba's) "
+                "or hymba (force the Hymba-Instruct format)")
+      ->check(CLI::IsMember(ChatTemplate::format_names()));
+  c->add_option("-n,--n-predict", ch.n, "most tokens per answer")->check(CLI::Range(0, 1 << 24));
+  add_sampling_options(c, ch.sampling);
+  c->add_option("--seed", ch.seed, "random seed (turn k samples with seed + k)");
+  c->add_option("--ctx", ch.ctx, "context size in tokens for the whole conversation (default: the model's "
+                "max_position_embeddings, at most 8192)");
+  c->add_option("--stop", ch.stop, "also stop an answer at this text (repeatable; EOS and '</s>' always stop)");
+  c->add_flag("--ignore-eos", ch.ignore_eos, "keep generating past the end-of-sequence token");
+  c->add_flag("--print-ids", ch.print_ids, "after each answer, print one line of its token ids");
+  c->footer(std::string("In the chat: ") + kChatHelp);
+  c->add_flag("--stats", ch.stats, "after each answer, print to stderr the tokens reused from the cache, "
+              "prefilled and generated, and the speeds");
+
+  std::string tp_dir, tp_file, tp_format = "auto";
+  bool tp_ids = false;
+  auto* tp = app.add_subcommand("template", "print the chat prompt a conversation renders to, exactly (no newline "
+                                "added); needs only tokenizer_config.json");
+  tp->add_option("-m,--model", tp_dir, "directory with tokenizer_config.json")->required();
+  tp->add_option("-f,--file", tp_file, "conversation JSON: {\"messages\": [{\"role\", \"content\"}...], \"tools\": "
+                 "[...], \"contexts\": [...], \"add_generation_prompt\": bool}; - reads stdin")->required();
+  tp->add_option("--chat-format", tp_format, "auto (the checkpoint's template, refused if it is not Hymba's) or "
+                 "hymba (force the Hymba-Instruct format)")
+      ->check(CLI::IsMember(ChatTemplate::format_names()));
+  tp->add_flag("--ids", tp_ids, "print the prompt's token ids (no BOS, as the chat path) instead; needs tokenizer.model");
 
   ModelArgs lg_model;
   std::string lg_ids;
@@ -411,7 +626,15 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
   try {
-    if (g->parsed()) return run_generate(gen);
+    if (g->parsed()) {
+      gen.system_given = g_sys->count() > 0;
+      return run_generate(gen);
+    }
+    if (c->parsed()) {
+      ch.system_given = c_sys->count() > 0;
+      return run_chat(ch);
+    }
+    if (tp->parsed()) return run_template(tp_dir, tp_file, tp_format, tp_ids);
     if (lg->parsed()) return run_logits(lg_model, lg_ids, lg_all);
     if (in->parsed()) return run_init(in_preset, in_dtype, in_seed, in_out, in_config_only);
     if (inf->parsed()) return run_info(if_dir, if_ctx, if_json, if_cache);

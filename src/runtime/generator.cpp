@@ -15,12 +15,25 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 GenerationResult Generator::generate(const GenerationRequest& req, const TokenCallback& on_token) {
   check(!req.prompt.empty(), "the prompt is empty: at least one token is needed");
   check(req.max_new_tokens >= 0, "the number of tokens to generate must be >= 0");
-  check(req.stop_strings.empty() || tok_ != nullptr, "stop strings need a tokenizer");
-  const int64_t V = model_.vocab_size();
   const int64_t need = int64_t(req.prompt.size()) + req.max_new_tokens;
   const int64_t ctx = req.context > 0 ? req.context : need;
   check(int64_t(req.prompt.size()) <= ctx, "the prompt has ", req.prompt.size(),
         " tokens but the context holds ", ctx);
+  auto seq = model_.new_sequence(ctx);
+  GenerationRequest r = req;
+  r.history.clear();
+  return continue_sequence(*seq, r, on_token);
+}
+
+GenerationResult Generator::continue_sequence(SequenceCache& seq, const GenerationRequest& req,
+                                              const TokenCallback& on_token,
+                                              const std::function<void()>& after_prefill) {
+  check(!req.prompt.empty(), "the prompt is empty: at least one token is needed");
+  check(req.max_new_tokens >= 0, "the number of tokens to generate must be >= 0");
+  check(req.stop_strings.empty() || tok_ != nullptr, "stop strings need a tokenizer");
+  check(int64_t(req.prompt.size()) <= seq.remaining(), "the prompt has ", req.prompt.size(),
+        " new tokens but the context has room for ", seq.remaining(), " more");
+  const int64_t V = model_.vocab_size();
   Sampler sampler(req.sampling);
   StopMatcher stops(req.stop_strings);
   std::unique_ptr<StreamDecoder> detok;
@@ -28,12 +41,13 @@ GenerationResult Generator::generate(const GenerationRequest& req, const TokenCa
 
   GenerationResult res;
   res.prompt_tokens = int64_t(req.prompt.size());
-  auto seq = model_.new_sequence(ctx);
   std::vector<float> logits(static_cast<size_t>(V));
-  std::vector<int32_t> history = req.prompt;
+  std::vector<int32_t> history = req.history;
+  history.insert(history.end(), req.prompt.begin(), req.prompt.end());
   const auto t0 = std::chrono::steady_clock::now();
-  model_.forward(*seq, req.prompt.data(), int64_t(req.prompt.size()), logits.data(), false);
+  model_.forward(seq, req.prompt.data(), int64_t(req.prompt.size()), logits.data(), false);
   res.prefill_seconds = seconds_since(t0);
+  if (after_prefill) after_prefill();
   const int eos = model_.config().eos_token_id;
 
   std::chrono::steady_clock::time_point t_first;
@@ -66,11 +80,12 @@ GenerationResult Generator::generate(const GenerationRequest& req, const TokenCa
       break;
     }
     if (i + 1 == req.max_new_tokens) break;  // no forward for a token nobody will see
-    if (seq->remaining() < 1) {
+    if (seq.remaining() < 1) {
       res.stop_reason = "context";
       break;
     }
-    model_.forward(*seq, &id, 1, logits.data(), false, /*decode=*/true);
+    model_.forward(seq, &id, 1, logits.data(), false, /*decode=*/true);
+    ++res.tokens_in_cache;
   }
   if (!res.tokens.empty()) res.decode_seconds = seconds_since(t_first);
   if (detok && res.stop_reason != "stop_string") {

@@ -22,6 +22,9 @@ struct GenerationRequest {
   std::vector<std::string> stop_strings;  // needs a tokenizer
   bool ignore_eos = false;
   int64_t context = 0;  // cache room in real tokens; 0: prompt + max_new_tokens
+  // Ids already in the sequence before `prompt` (continue() only): the
+  // repetition penalty's history starts with them. Not run through the model.
+  std::vector<int32_t> history;
 };
 
 struct GenerationResult {
@@ -32,6 +35,10 @@ struct GenerationResult {
   double prefill_seconds = 0;   // prompt prefill (first token's logits included)
   double decode_seconds = 0;    // all decode steps after the first token
   double ttft_seconds = 0;      // request start to the first generated token
+  // How many of `tokens` were run through the model, i.e. appended to the
+  // sequence's cache after the prompt. Every generated token but the last is:
+  // the last one is only sampled (nobody needs its logits).
+  int64_t tokens_in_cache = 0;
 };
 
 class Generator {
@@ -44,6 +51,16 @@ class Generator {
   // end it may be called once more with id -1 for text held back until then.
   using TokenCallback = std::function<bool(int32_t id, const std::string& text)>;
   GenerationResult generate(const GenerationRequest& req, const TokenCallback& on_token = {});
+
+  // Continues an existing sequence (multi-turn chat): prefills req.prompt (at
+  // least one id: only the tokens not yet in `seq`) at the end of `seq`, calls
+  // after_prefill (if set; the cache then holds exactly the prompt), then
+  // decodes. req.context is ignored: the room is what `seq` has left. On
+  // return `seq` holds the prompt plus the first res.tokens_in_cache
+  // generated ids.
+  GenerationResult continue_sequence(SequenceCache& seq, const GenerationRequest& req,
+                                     const TokenCallback& on_token = {},
+                                     const std::function<void()>& after_prefill = {});
 
  private:
   HymbaModel& model_;

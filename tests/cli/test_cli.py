@@ -362,5 +362,214 @@ class BadInput(unittest.TestCase):
         self.expect_error(["generate", "-m", FIXTURE], "--ids")
 
 
+
+# ---------------------------------------------------------------- chat
+CHAT_GOLDENS = os.path.join(os.path.dirname(WORK), "chat_goldens.json")
+SPEC_CHAT_IDS = [529, 17833, 29918, 333, 29918, 29900, 29958, 3924, 13, 3492, 526, 263, 8444, 20255, 29889, 13, 13,
+                 29966, 17833, 29918, 333, 29918, 29896, 29958, 2659, 13, 18567, 13, 29966, 17833, 29918, 333, 29918,
+                 29896, 29958, 7900, 22137, 13]
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def run_bytes(*args, input_bytes=None):
+    return subprocess.run([BIN, *map(str, args)], capture_output=True, input=input_bytes, timeout=600)
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False)
+    return path
+
+
+def id_lines(stdout):
+    return [[int(x) for x in l.split(",")] for l in stdout.split("\n") if l and all(p.isdigit() for p in l.split(","))]
+
+
+class Chat(unittest.TestCase):
+    """Chat format (goldens: Jinja2 via the ctest fixture chat_goldens; the spec's
+    test vector), `hymba template`, `generate --chat` and `hymba chat`."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = os.path.join(WORK, "chat")
+        os.makedirs(cls.dir, exist_ok=True)
+        with open(CHAT_GOLDENS, encoding="utf-8") as f:
+            cls.goldens = json.load(f)
+        # A tiny random model with the real tokenizer beside it.
+        cls.tiny = os.path.join(cls.dir, "tiny")
+        shutil.rmtree(cls.tiny, ignore_errors=True)
+        run("init", "--preset", "tiny", "--dtype", "f32", "--seed", 3, "--out", cls.tiny)
+        for f in TOKENIZER_FILES:
+            shutil.copy(os.path.join(REAL_1P5B, f), cls.tiny)
+
+    def expect_error(self, args, *needles, input_bytes=None):
+        p = run_bytes(*args, input_bytes=input_bytes)
+        err = p.stderr.decode("utf-8", "replace")
+        self.assertEqual(p.returncode, 1, f"expected a clean failure: {args}\n{err}")
+        for n in needles:
+            self.assertIn(n, err)
+        self.assertNotIn("terminate called", err)
+        return err
+
+    def test_template_matches_jinja2_for_every_conversation(self):
+        n_ok = n_err = 0
+        for case in self.goldens["cases"]:
+            with self.subTest(case=case["name"]):
+                path = write_json(os.path.join(self.dir, case["name"] + ".json"), case["conversation"])
+                if case["error"]:
+                    self.expect_error(["template", "-m", REAL_1P5B, "-f", path], "error:")
+                    n_err += 1
+                    continue
+                p = run_bytes("template", "-m", REAL_1P5B, "-f", path)
+                self.assertEqual(p.returncode, 0, p.stderr)
+                self.assertEqual(p.stdout.decode("utf-8"), case["rendered"])  # exact: no newline added
+                ids = run("template", "-m", REAL_1P5B, "-f", path, "--ids").stdout
+                self.assertEqual(ids_line(ids), case["ids"])
+                n_ok += 1
+        self.assertGreaterEqual(n_ok, 20)
+        self.assertGreaterEqual(n_err, 4)
+
+    def test_spec_vector_and_stdin(self):
+        conv = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                             {"role": "user", "content": "Hi"}], "add_generation_prompt": True}
+        p = run_bytes("template", "-m", REAL_1P5B, "-f", "-", "--ids", input_bytes=json.dumps(conv).encode())
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(ids_line(p.stdout.decode()), SPEC_CHAT_IDS)  # no BOS on the chat path
+
+    def test_template_from_tokenizer_only_directory(self):
+        d = os.path.join(self.dir, "config-only")
+        os.makedirs(d, exist_ok=True)
+        shutil.copy(os.path.join(REAL_1P5B, "tokenizer_config.json"), d)
+        conv = write_json(os.path.join(self.dir, "hi.json"),
+                          {"messages": [{"role": "user", "content": "Hi"}], "add_generation_prompt": True})
+        self.assertEqual(run("template", "-m", d, "-f", conv).stdout,
+                         "<extra_id_0>System\n\n<extra_id_1>User\nHi\n<extra_id_1>Assistant\n")
+        self.expect_error(["template", "-m", d, "-f", conv, "--ids"], "tokenizer.model")
+
+    def test_template_bad_input(self):
+        bad = os.path.join(self.dir, "bad.json")
+        with open(bad, "w") as f:
+            f.write('{"messages": [')
+        self.expect_error(["template", "-m", REAL_1P5B, "-f", bad], "not valid JSON")
+        nomsg = write_json(os.path.join(self.dir, "nomsg.json"), {"add_generation_prompt": True})
+        self.expect_error(["template", "-m", REAL_1P5B, "-f", nomsg], "no \"messages\"")
+        notlist = write_json(os.path.join(self.dir, "notlist.json"), {"messages": "hi"})
+        self.expect_error(["template", "-m", REAL_1P5B, "-f", notlist], "must be an array")
+        nocontent = write_json(os.path.join(self.dir, "nocontent.json"), {"messages": [{"role": "user"}]})
+        self.expect_error(["template", "-m", REAL_1P5B, "-f", nocontent], "content")
+        self.expect_error(["template", "-m", REAL_1P5B, "-f", os.path.join(self.dir, "missing.json")], "missing.json")
+        # An unknown role is skipped by Hymba's template (as Jinja2 does): rendered, with a warning.
+        odd = write_json(os.path.join(self.dir, "odd.json"),
+                         {"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "u"}]})
+        p = run("template", "-m", REAL_1P5B, "-f", odd)
+        self.assertEqual(p.stdout, "<extra_id_0>System\n\n<extra_id_1>User\nu\n")
+        self.assertIn("developer", p.stderr)
+
+    def non_hymba_dir(self):
+        d = os.path.join(self.dir, "chatml")
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(self.tiny, d)
+        with open(os.path.join(d, "tokenizer_config.json")) as f:
+            cfg = json.load(f)
+        cfg["chat_template"] = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        write_json(os.path.join(d, "tokenizer_config.json"), cfg)
+        return d
+
+    def test_non_hymba_template_is_refused_unless_forced(self):
+        d = self.non_hymba_dir()
+        conv = write_json(os.path.join(self.dir, "hi2.json"), {"messages": [{"role": "user", "content": "Hi"}]})
+        for args in (["template", "-m", d, "-f", conv], ["generate", "-m", d, "--chat", "-p", "Hi"],
+                     ["chat", "-m", d]):
+            self.expect_error(args, "not Hymba", "--chat-format hymba", input_bytes=b"")
+        self.assertEqual(run("template", "-m", d, "-f", conv, "--chat-format", "hymba").stdout,
+                         "<extra_id_0>System\n\n<extra_id_1>User\nHi\n")
+        run("generate", "-m", d, "--chat", "-p", "Hi", "-n", 2, "--chat-format", "hymba")
+
+    def test_generate_chat_is_the_template_without_bos(self):
+        conv = write_json(os.path.join(self.dir, "one.json"),
+                          {"messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Hello there"}], "add_generation_prompt": True})
+        ids = last_line(run("template", "-m", self.tiny, "-f", conv, "--ids").stdout)
+        want = ids_line(run("generate", "-m", self.tiny, "--ids", ids, "-n", 10, "--temp", 1, "--seed", 4,
+                            "--print-ids").stdout)
+        got = ids_line(run("generate", "-m", self.tiny, "--chat", "--system", "Be brief.", "-p", "Hello there",
+                           "-n", 10, "--temp", 1, "--seed", 4, "--print-ids").stdout)
+        self.assertEqual(got, want)
+        self.expect_error(["generate", "-m", self.tiny, "--chat", "--ids", "1,2"], "--chat")
+        self.expect_error(["generate", "-m", self.tiny, "--system", "x", "-p", "Hi"], "--system needs --chat")
+
+    def test_chat_multi_turn_equals_recomputing_the_conversation(self):
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=os.path.join(REAL_1P5B, "tokenizer.model"))
+        common = ["-n", 12, "--temp", 1, "--top-k", 50]
+        p = run("chat", "-m", self.tiny, "--system", "Be nice.", *common, "--seed", 20, "--print-ids", "--stats",
+                input_text="First question\nSecond question\n")
+        answers = id_lines(p.stdout)
+        self.assertEqual(len(answers), 2, p.stdout)
+        self.assertIn("[turn 2:", p.stderr)
+        stats2 = [l for l in p.stderr.split("\n") if l.startswith("[turn 2:")][0]
+        self.assertNotIn("reused 0,", stats2)  # the second turn reuses the first turn's cache
+        # The same conversation from scratch: the first answer as text, a fresh cache, turn 2's seed.
+        first = answers[0][:-1] if answers[0][-1] == 2 else answers[0]
+        conv = write_json(os.path.join(self.dir, "two.json"), {"messages": [
+            {"role": "system", "content": "Be nice."}, {"role": "user", "content": "First question"},
+            {"role": "assistant", "content": sp.decode(first)}, {"role": "user", "content": "Second question"}],
+            "add_generation_prompt": True})
+        ids = last_line(run("template", "-m", self.tiny, "-f", conv, "--ids").stdout)
+        want = ids_line(run("generate", "-m", self.tiny, "--ids", ids, *common, "--seed", 21, "--stop", "</s>",
+                            "--print-ids").stdout)
+        self.assertEqual(answers[1], want)
+
+    def test_chat_commands_and_ctrl_c(self):
+        import select
+        import signal
+        import time
+        proc = subprocess.Popen([BIN, "chat", "-m", self.tiny, "-n", "100000", "--ignore-eos", "--stats"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            proc.stdin.write(b"Talk for a long time\n")
+            proc.stdin.flush()
+            got = b""
+            deadline = time.time() + 120
+            while len(got) < 4 and time.time() < deadline:  # the answer is streaming
+                r, _, _ = select.select([proc.stdout], [], [], 1.0)
+                if r:
+                    got += os.read(proc.stdout.fileno(), 4096)
+            self.assertGreaterEqual(len(got), 4, "no streamed output")
+            proc.send_signal(signal.SIGINT)  # stops the answer, not the session
+            out, err = proc.communicate(b"/reset\n/exit\n", timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err = err.decode("utf-8", "replace")
+        self.assertEqual(proc.returncode, 0, err)
+        self.assertIn("[answer stopped]", err)
+        self.assertIn("stop: cancelled", err)
+        self.assertIn("[conversation cleared]", err)
+
+    def test_chat_context_full_is_reported_and_session_continues(self):
+        p = run("chat", "-m", self.tiny, "--ctx", 40, "-n", 4, "--stats",
+                input_text="a " * 60 + "\nshort\n")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertIn("no longer fits", p.stderr)
+        self.assertIn("[turn 1:", p.stderr)  # the next message was answered
+
+    def test_help_documents_chat_options(self):
+        out = run("chat", "--help").stdout
+        for opt in ("--model", "--system", "--chat-format", "--n-predict", "--temp", "--top-k", "--top-p", "--min-p",
+                    "--repeat-penalty", "--seed", "--ctx", "--stop", "--ignore-eos", "--print-ids", "--stats",
+                    "--threads"):
+            self.assertIn(opt, out)
+        out = run("generate", "--help").stdout
+        for opt in ("--chat", "--system", "--chat-format"):
+            self.assertIn(opt, out)
+        out = run("template", "--help").stdout
+        for opt in ("--model", "--file", "--chat-format", "--ids"):
+            self.assertIn(opt, out)
+        out = run("--help").stdout
+        for cmd in ("chat", "template"):
+            self.assertIn(cmd, out)
+
+
 if __name__ == "__main__":
     unittest.main()
