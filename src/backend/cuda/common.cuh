@@ -1,0 +1,71 @@
+// Shared helpers of the CUDA backend: error checks that throw hymba::Error
+// naming the failed call, and bit-exact dtype conversions that match the
+// host ones in util/dtype.h (round-to-nearest-even, quiet NaN).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "util/dtype.h"
+#include "util/error.h"
+
+namespace hymba::cuda {
+
+// Throws hymba::Error naming `what` when a CUDA runtime call failed.
+inline void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // clear a sticky launch error so later calls report their own
+    fail("CUDA error in ", what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  }
+}
+#define HYMBA_CUDA_CHECK(call) ::hymba::cuda::check_cuda((call), #call)
+// After a kernel launch: configuration errors surface here, not at the next sync.
+#define HYMBA_CUDA_LAUNCHED(name) ::hymba::cuda::check_cuda(cudaGetLastError(), "launch of kernel " name)
+
+inline unsigned blocks_for(int64_t work, int threads, int64_t cap = 65535LL * 8) {
+  int64_t b = (work + threads - 1) / threads;
+  if (b < 1) b = 1;
+  return unsigned(b < cap ? b : cap);
+}
+
+// ---- element conversions (device), bit-identical to util/dtype.h
+
+__device__ __forceinline__ float bf16_bits_to_f32(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
+
+__device__ __forceinline__ uint16_t f32_to_bf16_bits(float f) {
+  const uint32_t bits = __float_as_uint(f);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // NaN stays quiet
+  const uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t((bits + rounding) >> 16);
+}
+
+__device__ __forceinline__ float f16_bits_to_f32(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+
+__device__ __forceinline__ uint16_t f32_to_f16_bits(float f) {
+  // __float2half_rn is IEEE round-to-nearest-even (subnormals and overflow to
+  // inf included), as f32_to_f16 on the host; only NaN needs the host's form.
+  if (f != f) return uint16_t((__float_as_uint(f) >> 16) & 0x8000) | 0x7e00;
+  return __half_as_ushort(__float2half_rn(f));
+}
+
+// Element i of an array of type dt as fp32.
+__device__ __forceinline__ float load_as_f32(const void* base, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::F32: return static_cast<const float*>(base)[i];
+    case DType::BF16: return bf16_bits_to_f32(static_cast<const uint16_t*>(base)[i]);
+    default: return f16_bits_to_f32(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+// f rounded to dt precision, kept as fp32.
+__device__ __forceinline__ float round_f32(float f, DType dt) {
+  if (dt == DType::BF16) return bf16_bits_to_f32(f32_to_bf16_bits(f));
+  if (dt == DType::F16) return f16_bits_to_f32(f32_to_f16_bits(f));
+  return f;
+}
+
+__device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x)); }
+
+}  // namespace hymba::cuda

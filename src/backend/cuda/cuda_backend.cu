@@ -1,0 +1,339 @@
+// CudaBackend: the Backend interface (backend/backend.h) on one CUDA device.
+// All work goes to one stream the backend owns, so ops run in call order
+// and asynchronously to the host; download() and synchronize() wait.
+// Memory is plain cudaMalloc (never managed memory). matmul runs through
+// cuBLASLt; every other op is a kernel of kernels.cuh.
+#include "backend/cuda/cuda_backend.h"
+
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/kernels.cuh"
+#include "util/error.h"
+
+namespace hymba {
+
+namespace {
+
+using cuda::check_cuda;
+
+void check_cublas(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error in ", what, ": ", cublasLtGetStatusString(s), " (", int(s), ")");
+}
+#define HYMBA_CUBLAS_CHECK(call) check_cublas((call), #call)
+
+// Largest power of two (up to 256) dividing both the address and the row
+// pitch: what cuBLASLt may assume about every column of the operand.
+uint32_t alignment_of(const void* p, int64_t ld_bytes) {
+  const uint64_t v = uint64_t(reinterpret_cast<uintptr_t>(p)) | uint64_t(ld_bytes) | 256u;
+  return uint32_t(v & (~v + 1));
+}
+
+// A cached cuBLASLt plan: descriptors and the heuristic's algorithm for one
+// problem shape (decode calls the same few shapes every token).
+struct GemmPlan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+using GemmKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, uint32_t, uint32_t, uint32_t>;
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend() {
+    check(cuda_device_present(), "CUDA backend: no usable CUDA device");
+    HYMBA_CUDA_CHECK(cudaGetDevice(&device_));
+    HYMBA_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
+    HYMBA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    HYMBA_CUBLAS_CHECK(cublasLtCreate(&lt_));
+    workspace_bytes_ = 32u << 20;  // cuBLAS' recommendation for Hopper
+    HYMBA_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    for (auto& [k, p] : plans_) {
+      if (!p.op) continue;
+      cublasLtMatmulDescDestroy(p.op);
+      cublasLtMatrixLayoutDestroy(p.a);
+      cublasLtMatrixLayoutDestroy(p.b);
+      cublasLtMatrixLayoutDestroy(p.c);
+    }
+    for (void* p : resident_allocs_) cudaFree(p);
+    for (auto& s : scratch_) cudaFree(s.ptr);
+    cudaFree(workspace_);
+    cublasLtDestroy(lt_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+
+  // ---- memory
+  void* allocate(size_t bytes) override {
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 256));
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      fail("CUDA backend: cudaMalloc of ", bytes, " bytes failed: ", cudaGetErrorString(e));
+    }
+    HYMBA_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+    return p;
+  }
+  void release(void* p) noexcept override {
+    if (!p) return;
+    // Work queued on the stream may still use p: cudaFree waits for the
+    // device, but only after the stream has been drained is that certain.
+    cudaStreamSynchronize(stream_);
+    cudaFree(p);
+  }
+  void upload(void* dst, const void* src, size_t bytes) override {
+    if (bytes) HYMBA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+  }
+  void download(void* dst, const void* src, size_t bytes) override {
+    if (bytes) HYMBA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void copy(void* dst, const void* src, size_t bytes) override {
+    if (bytes) HYMBA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+  void fill_zero(void* dst, size_t bytes) override {
+    if (bytes) HYMBA_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream_));
+  }
+  const void* resident(const void* host, size_t bytes) override {
+    std::lock_guard<std::mutex> lock(resident_mutex_);
+    auto it = resident_.find(host);
+    if (it != resident_.end() && it->second.second == bytes) return it->second.first;  // already uploaded
+    void* p = allocate(bytes);
+    resident_allocs_.push_back(p);
+    upload(p, host, bytes);
+    // The host copy may go away as soon as this returns (pageable memory is
+    // staged by the copy, but be certain): wait for the upload.
+    HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    resident_[host] = {p, bytes};  // (an earlier copy of another size stays alive in resident_allocs_)
+    return p;
+  }
+  void synchronize() override { HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  // ---- ops
+  void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
+              bool accumulate) override;
+
+  void rmsnorm(const float* x, int64_t n, int64_t d, int64_t ldx, const float* w, float eps, float* y,
+               int64_t ldy) override {
+    cuda::rmsnorm(x, n, d, ldx, w, eps, y, ldy, stream_);
+  }
+  void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float* c, float* s) override {
+    cuda::rope_tables(pos0, n, inv_freq, half, c, s, stream_);
+  }
+  void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c, const float* s) override {
+    cuda::rope(x, n, ldx, n_heads, head_dim, c, s, stream_);
+  }
+  void attention(const AttentionArgs& a) override {
+    const int splits = cuda::attention_splits(a, sm_count_);
+    void* scratch = scratch_at(kScratchAttention, cuda::attention_scratch_bytes(a, splits));
+    cuda::attention(a, splits, scratch, stream_);
+  }
+  void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
+                        const float* bias, int k_width, float* state, float* y, int64_t ldy) override {
+    cuda::causal_conv_silu(x, n, ldx, channels, weight, bias, k_width, state, y, ldy, stream_);
+  }
+  void selective_scan(const ScanArgs& a) override { cuda::selective_scan(a, stream_); }
+  void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64_t n, int64_t d, float* out,
+                int64_t ldo) override {
+    cuda::silu_mul(gate, ldg, up, ldu, n, d, out, ldo, stream_);
+  }
+  void average_into(float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d) override {
+    cuda::average_into(a, lda, b, ldb, n, d, stream_);
+  }
+  void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* out, int64_t ldo) override {
+    if (n <= 0) return;
+    // ids are host memory: range-checked here (the CPU kernel's message),
+    // then staged to device scratch on the stream.
+    for (int64_t t = 0; t < n; ++t)
+      check(ids[t] >= 0 && ids[t] < table.rows, "token id ", ids[t], " is out of range (vocabulary has ",
+            table.rows, " tokens)");
+    void* d_ids = scratch_at(kScratchIds, size_t(n) * sizeof(int32_t));
+    upload(d_ids, ids, size_t(n) * sizeof(int32_t));
+    cuda::embed_rows(table, static_cast<const int32_t*>(d_ids), n, out, ldo, stream_);
+  }
+  void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx) override {
+    cuda::round_to(dt, x, n, d, ldx, stream_);
+  }
+  void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
+                  int64_t ldd) override {
+    cuda::store_rows(src, lds, n, d, dt, dst, ldd, stream_);
+  }
+
+ private:
+  enum ScratchSlot { kScratchX = 0, kScratchW, kScratchY, kScratchIds, kScratchAttention, kScratchSlots };
+  struct Scratch {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+  };
+
+  // Grow-only device scratch, one buffer per use. Growing waits for the
+  // stream (queued work may still read the old buffer).
+  void* scratch_at(ScratchSlot slot, size_t bytes) {
+    if (bytes == 0) return nullptr;
+    Scratch& s = scratch_[slot];
+    if (s.bytes < bytes) {
+      HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (s.ptr) HYMBA_CUDA_CHECK(cudaFree(s.ptr));
+      s.ptr = nullptr, s.bytes = 0;
+      const size_t want = std::max(bytes, s.bytes * 3 / 2);
+      HYMBA_CUDA_CHECK(cudaMalloc(&s.ptr, want));
+      s.bytes = want;
+    }
+    return s.ptr;
+  }
+
+  // The cached plan for a shape and operand alignments; nullptr when
+  // cuBLASLt has no algorithm for them.
+  const GemmPlan* plan(DType wt, int64_t m, int64_t nn, int64_t k, int64_t ld_w, int64_t ld_b, int64_t ld_y,
+                       uint32_t al_a, uint32_t al_b, uint32_t al_c);
+
+  int device_ = 0;
+  int sm_count_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  Scratch scratch_[kScratchSlots];
+  std::map<GemmKey, GemmPlan> plans_;
+  std::mutex resident_mutex_;
+  std::unordered_map<const void*, std::pair<void*, size_t>> resident_;
+  std::vector<void*> resident_allocs_;  // every resident copy, freed with the backend
+};
+
+// cuBLASLt is column-major. Row-major y[n, rows] = x[n, cols] W^T reads, in
+// column-major terms, as Y (rows x n, ld ldy) = W^T(A: cols x rows, ld cols,
+// transposed) * X (B: cols x n, ld ldx): m = rows, n = tokens, k = cols.
+const GemmPlan* CudaBackend::plan(DType wt, int64_t m, int64_t nn, int64_t k, int64_t ld_w, int64_t ld_b,
+                                  int64_t ld_y, uint32_t al_a, uint32_t al_b, uint32_t al_c) {
+  const GemmKey key{int(wt), m, nn, k, ld_w, ld_b, ld_y, al_a, al_b, al_c};
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second.op ? &it->second : nullptr;
+  const cudaDataType_t ab = wt == DType::F32 ? CUDA_R_32F : wt == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  GemmPlan p;
+  // CUBLAS_COMPUTE_32F: true fp32 products (TF32 only with the _FAST_TF32 compute types).
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  HYMBA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, uint64_t(k), uint64_t(m), ld_w));
+  HYMBA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, uint64_t(k), uint64_t(nn), ld_b));
+  HYMBA_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, uint64_t(m), uint64_t(nn), ld_y));
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                          &workspace_bytes_, sizeof workspace_bytes_));
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+                                                          sizeof al_a));
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+                                                          sizeof al_b));
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c,
+                                                          sizeof al_c));
+  HYMBA_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c,
+                                                          sizeof al_c));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st =
+      cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+    if (st != CUBLAS_STATUS_SUCCESS && st != CUBLAS_STATUS_NOT_SUPPORTED)
+      check_cublas(st, "cublasLtMatmulAlgoGetHeuristic");
+    cublasLtMatmulDescDestroy(p.op);
+    cublasLtMatrixLayoutDestroy(p.a);
+    cublasLtMatrixLayoutDestroy(p.b);
+    cublasLtMatrixLayoutDestroy(p.c);
+    plans_.emplace(key, GemmPlan{});  // remembered as "none"
+    return nullptr;
+  }
+  p.algo = result.algo;
+  return &plans_.emplace(key, p).first->second;
+}
+
+void CudaBackend::matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
+                         bool accumulate) {
+  const int64_t rows = W.rows, cols = W.cols;
+  if (n <= 0 || rows <= 0) return;
+  if (cols <= 0) {  // an empty sum
+    if (!accumulate) cuda::zero_rows(y, n, rows, ldy, stream_);
+    return;
+  }
+  const int64_t es = int64_t(dtype_size(W.dtype));
+  auto round8 = [](int64_t v) { return (v + 7) / 8 * 8; };
+  // B operand: x itself for fp32 weights; for 16-bit weights x rounded to
+  // the weights' type into dense rows padded to 16 bytes (BF16: as the CPU
+  // kernel and a bf16 model compute; F16: the CPU widens W instead and keeps
+  // x in fp32, so here x loses precision to f16's 11-bit mantissa and
+  // saturates beyond 65504: a documented difference of this backend, about
+  // 1e-4 relative on the output).
+  const void* b = x;
+  int64_t ld_b = ldx;
+  if (W.dtype != DType::F32) {
+    ld_b = round8(cols);
+    void* packed = scratch_at(kScratchX, size_t(n) * size_t(ld_b) * 2);
+    cuda::store_rows(x, ldx, n, cols, W.dtype, packed, ld_b, stream_);
+    b = packed;
+  }
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const GemmPlan* p = plan(W.dtype, rows, n, cols, cols, ld_b, ldy, alignment_of(W.data, cols * es),
+                           alignment_of(b, ld_b * es), alignment_of(y, ldy * 4));
+  if (p) {
+    HYMBA_CUBLAS_CHECK(cublasLtMatmul(lt_, p->op, &alpha, W.data, p->a, b, p->b, &beta, y, p->c, y, p->c, &p->algo,
+                                      workspace_, workspace_bytes_, stream_));
+    return;
+  }
+  // No algorithm for these alignments (odd row pitches or offsets): run on
+  // 16-byte-aligned copies of every operand instead (rare: model shapes are
+  // multiples of 8).
+  const int64_t ld_w2 = round8(cols), ld_b2 = round8(cols), ld_y2 = round8(rows);
+  void* w2 = scratch_at(kScratchW, size_t(rows) * size_t(ld_w2) * size_t(es));
+  HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(w2, size_t(ld_w2 * es), W.data, size_t(cols * es), size_t(cols * es),
+                                     size_t(rows), cudaMemcpyDeviceToDevice, stream_));
+  const void* b2 = b;
+  if (W.dtype == DType::F32) {
+    void* xc = scratch_at(kScratchX, size_t(n) * size_t(ld_b2) * 4);
+    HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(xc, size_t(ld_b2 * 4), x, size_t(ldx * 4), size_t(cols * 4), size_t(n),
+                                       cudaMemcpyDeviceToDevice, stream_));
+    b2 = xc;
+  }
+  float* y2 = static_cast<float*>(scratch_at(kScratchY, size_t(n) * size_t(ld_y2) * 4));
+  if (accumulate)
+    HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(y2, size_t(ld_y2 * 4), y, size_t(ldy * 4), size_t(rows * 4), size_t(n),
+                                       cudaMemcpyDeviceToDevice, stream_));
+  const GemmPlan* p2 = plan(W.dtype, rows, n, cols, ld_w2, ld_b2, ld_y2, 16, 16, 16);
+  check(p2 != nullptr, "cuBLASLt found no algorithm for a ", dtype_name(W.dtype), " matmul of ", rows, " x ", cols,
+        " weights and ", n, " tokens");
+  HYMBA_CUBLAS_CHECK(cublasLtMatmul(lt_, p2->op, &alpha, w2, p2->a, b2, p2->b, &beta, y2, p2->c, y2, p2->c,
+                                    &p2->algo, workspace_, workspace_bytes_, stream_));
+  HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(y, size_t(ldy * 4), y2, size_t(ld_y2 * 4), size_t(rows * 4), size_t(n),
+                                     cudaMemcpyDeviceToDevice, stream_));
+}
+
+}  // namespace
+
+bool cuda_device_present() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // no driver / no device: not an error for the caller
+    return false;
+  }
+  return n > 0;
+}
+
+std::unique_ptr<Backend> make_cuda_backend() { return std::make_unique<CudaBackend>(); }
+
+}  // namespace hymba

@@ -1,0 +1,186 @@
+// Row-wise and elementwise ops: rmsnorm, rotary embedding, silu_mul,
+// average_into, embedding gather, rounding and dtype stores. Each is
+// memory-bound: one pass, one thread per element (a grid-stride loop over
+// the n*d elements of a strided matrix), except rmsnorm (one block per row).
+#include "backend/cuda/common.cuh"
+#include "backend/cuda/kernels.cuh"
+
+namespace hymba::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Sum over the block (blockDim.x == kThreads); the result is valid in every thread.
+__device__ double block_sum(double v) {
+  __shared__ double warp_sums[kThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  return total;
+}
+
+// One block per row. Sum of squares in double, as the CPU kernel: the result
+// does not depend on the summation order to fp32 precision.
+__global__ void rmsnorm_kernel(const float* x, int64_t d, int64_t ldx, const float* w, float eps, float* y,
+                               int64_t ldy) {
+  const float* xr = x + int64_t(blockIdx.x) * ldx;
+  float* yr = y + int64_t(blockIdx.x) * ldy;
+  double ss = 0.0;
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) ss += double(xr[i]) * double(xr[i]);
+  ss = block_sum(ss);
+  const float inv = float(1.0 / sqrt(ss / double(d) + double(eps)));
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) yr[i] = __fmul_rn(xr[i], inv) * w[i];
+}
+
+__global__ void rope_tables_kernel(int64_t pos0, int64_t n, const float* inv_freq, int half, float* c,
+                                   float* s) {
+  const int64_t total = n * half;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / half;
+    const int j = int(i % half);
+    const float angle = __fmul_rn(float(pos0 + t), inv_freq[j]);  // the fp32 product, as the reference
+    c[i] = float(cos(double(angle)));
+    s[i] = float(sin(double(angle)));
+  }
+}
+
+// One thread per (token, head, pair): rotates (v[i], v[i + half]).
+__global__ void rope_kernel(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c,
+                            const float* s) {
+  const int half = head_dim / 2;
+  const int64_t total = n * n_heads * half;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int i = int(idx % half);
+    const int64_t th = idx / half;
+    const int h = int(th % n_heads);
+    const int64_t t = th / n_heads;
+    float* v = x + t * ldx + int64_t(h) * head_dim;
+    const float cs = c[t * half + i], sn = s[t * half + i];
+    const float a = v[i], b = v[i + half];
+    v[i] = __fmul_rn(a, cs) - __fmul_rn(b, sn);
+    v[i + half] = __fmul_rn(b, cs) + __fmul_rn(a, sn);
+  }
+}
+
+// The loop every strided n x d elementwise kernel shares: f(t, c).
+template <typename F>
+__device__ __forceinline__ void for_each_element(int64_t n, int64_t d, F f) {
+  const int64_t total = n * d;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    f(i / d, i % d);
+}
+
+__global__ void silu_mul_kernel(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t n, int64_t d,
+                                float* o, int64_t ldo) {
+  for_each_element(n, d, [&](int64_t t, int64_t c) { o[t * ldo + c] = silu_f(g[t * ldg + c]) * u[t * ldu + c]; });
+}
+
+__global__ void average_into_kernel(float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d) {
+  for_each_element(n, d, [&](int64_t t, int64_t c) {
+    float* p = a + t * lda + c;
+    *p = (*p + b[t * ldb + c]) * 0.5f;
+  });
+}
+
+__global__ void embed_rows_kernel(const void* table, DType dt, int64_t cols, const int32_t* ids, int64_t n,
+                                  float* out, int64_t ldo) {
+  for_each_element(n, cols, [&](int64_t t, int64_t c) {
+    out[t * ldo + c] = load_as_f32(table, dt, int64_t(ids[t]) * cols + c);
+  });
+}
+
+__global__ void round_to_kernel(DType dt, float* x, int64_t n, int64_t d, int64_t ldx) {
+  for_each_element(n, d, [&](int64_t t, int64_t c) {
+    float* p = x + t * ldx + c;
+    *p = round_f32(*p, dt);
+  });
+}
+
+// dst (dt elements, leading dimension ldd) = src converted (also the
+// matmul's bf16/f16 packing of x).
+__global__ void store_rows_kernel(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
+                                  int64_t ldd) {
+  for_each_element(n, d, [&](int64_t t, int64_t c) {
+    const float v = src[t * lds + c];
+    const int64_t o = t * ldd + c;
+    if (dt == DType::F32) static_cast<float*>(dst)[o] = v;
+    else if (dt == DType::BF16) static_cast<uint16_t*>(dst)[o] = f32_to_bf16_bits(v);
+    else static_cast<uint16_t*>(dst)[o] = f32_to_f16_bits(v);
+  });
+}
+
+__global__ void zero_rows_kernel(float* y, int64_t n, int64_t d, int64_t ldy) {
+  for_each_element(n, d, [&](int64_t t, int64_t c) { y[t * ldy + c] = 0.0f; });
+}
+
+}  // namespace
+
+void rmsnorm(const float* x, int64_t n, int64_t d, int64_t ldx, const float* w, float eps, float* y, int64_t ldy,
+             cudaStream_t stream) {
+  if (n <= 0) return;
+  check(n <= 0x7fffffff, "rmsnorm: too many rows (", n, ")");
+  rmsnorm_kernel<<<unsigned(n), kThreads, 0, stream>>>(x, d, ldx, w, eps, y, ldy);
+  HYMBA_CUDA_LAUNCHED("rmsnorm");
+}
+
+void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float* c, float* s,
+                 cudaStream_t stream) {
+  if (n <= 0 || half <= 0) return;
+  rope_tables_kernel<<<blocks_for(n * half, kThreads), kThreads, 0, stream>>>(pos0, n, inv_freq, half, c, s);
+  HYMBA_CUDA_LAUNCHED("rope_tables");
+}
+
+void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c, const float* s,
+          cudaStream_t stream) {
+  if (n <= 0 || n_heads <= 0 || head_dim < 2) return;
+  rope_kernel<<<blocks_for(n * n_heads * (head_dim / 2), kThreads), kThreads, 0, stream>>>(x, n, ldx, n_heads,
+                                                                                           head_dim, c, s);
+  HYMBA_CUDA_LAUNCHED("rope");
+}
+
+void silu_mul(const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t n, int64_t d, float* o,
+              int64_t ldo, cudaStream_t stream) {
+  if (n <= 0 || d <= 0) return;
+  silu_mul_kernel<<<blocks_for(n * d, kThreads), kThreads, 0, stream>>>(g, ldg, u, ldu, n, d, o, ldo);
+  HYMBA_CUDA_LAUNCHED("silu_mul");
+}
+
+void average_into(float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d, cudaStream_t stream) {
+  if (n <= 0 || d <= 0) return;
+  average_into_kernel<<<blocks_for(n * d, kThreads), kThreads, 0, stream>>>(a, lda, b, ldb, n, d);
+  HYMBA_CUDA_LAUNCHED("average_into");
+}
+
+void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* out, int64_t ldo,
+                cudaStream_t stream) {
+  if (n <= 0 || table.cols <= 0) return;
+  embed_rows_kernel<<<blocks_for(n * table.cols, kThreads), kThreads, 0, stream>>>(table.data, table.dtype,
+                                                                                   table.cols, ids, n, out, ldo);
+  HYMBA_CUDA_LAUNCHED("embed_rows");
+}
+
+void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx, cudaStream_t stream) {
+  if (dt == DType::F32 || n <= 0 || d <= 0) return;
+  round_to_kernel<<<blocks_for(n * d, kThreads), kThreads, 0, stream>>>(dt, x, n, d, ldx);
+  HYMBA_CUDA_LAUNCHED("round_to");
+}
+
+void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst, int64_t ldd,
+                cudaStream_t stream) {
+  if (n <= 0 || d <= 0) return;
+  store_rows_kernel<<<blocks_for(n * d, kThreads), kThreads, 0, stream>>>(src, lds, n, d, dt, dst, ldd);
+  HYMBA_CUDA_LAUNCHED("store_rows");
+}
+
+void zero_rows(float* y, int64_t n, int64_t d, int64_t ldy, cudaStream_t stream) {
+  if (n <= 0 || d <= 0) return;
+  zero_rows_kernel<<<blocks_for(n * d, kThreads), kThreads, 0, stream>>>(y, n, d, ldy);
+  HYMBA_CUDA_LAUNCHED("zero_rows");
+}
+
+}  // namespace hymba::cuda

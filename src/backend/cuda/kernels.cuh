@@ -1,0 +1,45 @@
+// Launchers of the CUDA kernels, one per op (semantics: backend/ops.h and
+// backend/cpu/kernels.h). All pointers are device pointers; every launcher
+// queues its work on `stream` and checks the launch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "backend/ops.h"
+
+namespace hymba::cuda {
+
+// ---- elementwise.cu
+void rmsnorm(const float* x, int64_t n, int64_t d, int64_t ldx, const float* w, float eps, float* y, int64_t ldy,
+             cudaStream_t stream);
+void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float* cos_out, float* sin_out,
+                 cudaStream_t stream);
+void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* cos_t, const float* sin_t,
+          cudaStream_t stream);
+void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64_t n, int64_t d, float* out,
+              int64_t ldo, cudaStream_t stream);
+void average_into(float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d, cudaStream_t stream);
+// ids: device array of n ids, already range-checked on the host.
+void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* out, int64_t ldo,
+                cudaStream_t stream);
+void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx, cudaStream_t stream);
+void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst, int64_t ldd,
+                cudaStream_t stream);
+// y[t, 0:d] = 0 for n rows (a matmul with no input features).
+void zero_rows(float* y, int64_t n, int64_t d, int64_t ldy, cudaStream_t stream);
+
+// ---- mamba.cu
+void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
+                      const float* bias, int k_width, float* state, float* y, int64_t ldy, cudaStream_t stream);
+void selective_scan(const ScanArgs& a, cudaStream_t stream);
+
+// ---- attention.cu
+// Scratch the split-key path needs for its partial softmax states, in bytes
+// (0 when the launch needs none); `splits` is chosen by attention_splits.
+int attention_splits(const AttentionArgs& a, int sm_count);
+size_t attention_scratch_bytes(const AttentionArgs& a, int splits);
+void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream);
+
+}  // namespace hymba::cuda
