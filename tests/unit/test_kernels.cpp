@@ -445,6 +445,59 @@ TEST(KernelAttention, PrefillManyKeyBlocksOnlineSoftmax) {
                      314);
 }
 
+// The decode path (n_q <= 16, head dims multiples of 16): a work item is a
+// share of the keys for all kv heads, walked in blocks of 64 keys, with V read
+// straight from the segment; items' softmax states are merged.
+
+TEST(KernelAttention, DecodePathHymbaSegmentsFewQueries) {
+  // Meta (BF16) + wrapped ring in two pieces (BF16, counts not multiples of
+  // 16 or 64) + the chunk's own K/V (F32, padded rows), window 200: the
+  // window's edge falls inside a key block and differs per query.
+  for (int64_t n_q : {1, 2, 3}) {
+    const int64_t p0 = 700;
+    run_attention_case({"decode path, n_q = " + std::to_string(n_q), 25, 5, 64, 128, n_q, p0, 200, 128,
+                        {{0, 128, DType::BF16, 0}, {601, 99, DType::BF16, 0}, {420, 181, DType::BF16, 0},
+                         {p0, n_q, DType::F32, 9}}, 4.0f},
+                       uint32_t(320 + n_q));
+  }
+}
+
+TEST(KernelAttention, DecodePathDtypesAndPaddedRows) {
+  // F16 and F32 cache segments with padded rows (ld > heads * dim), MQA and
+  // plain MHA groups, equal head dims.
+  run_attention_case({"decode path, F16 + F32, gqa", 8, 2, 32, 32, 1, 150, -1, 0,
+                      {{0, 77, DType::F16, 3}, {77, 73, DType::F32, 1}, {150, 1, DType::F32, 5}}},
+                     330);
+  run_attention_case({"decode path, mqa, n_q 2", 6, 1, 16, 48, 2, 90, 30, 5,
+                      {{0, 90, DType::F16, 0}, {90, 2, DType::F32, 0}}},
+                     331);
+  run_attention_case({"decode path, mha, bf16, 3 queries", 4, 4, 48, 16, 3, 333, -1, 0,
+                      {{100, 233, DType::BF16, 2}, {0, 100, DType::F16, 0}, {333, 3, DType::F32, 0}}},
+                     332);
+}
+
+TEST(KernelAttention, DecodePathFewKeysAndTinyBlocks) {
+  // Fewer keys than a block, and single-key segments: every block is a tail.
+  run_attention_case({"decode path, 5 keys", 10, 5, 16, 16, 1, 4, -1, 0,
+                      {{0, 1, DType::BF16, 0}, {1, 3, DType::F16, 0}, {4, 1, DType::F32, 0}}},
+                     333);
+  run_attention_case({"decode path, window 0 with meta", 4, 2, 32, 32, 2, 50, 0, 3,
+                      {{0, 50, DType::BF16, 0}, {50, 2, DType::F32, 0}}},
+                     334);
+}
+
+TEST(KernelAttention, DecodePathLargestQueryCountAndBeyond) {
+  // 16 queries (the most the decode path takes) and 17 (the per-head path),
+  // causal edge and window edge inside the chunk, wrapped ring.
+  for (int64_t n_q : {16, 17}) {
+    const int64_t p0 = 400;
+    run_attention_case({"n_q = " + std::to_string(n_q), 25, 5, 64, 128, n_q, p0, 150, 128,
+                        {{0, 128, DType::BF16, 0}, {300, 100, DType::BF16, 0}, {200, 100, DType::BF16, 0},
+                         {p0, n_q, DType::F32, 0}}},
+                       uint32_t(340 + n_q));
+  }
+}
+
 TEST(KernelAttention, MhaManyQueriesGlobal) {
   run_attention_case({"mha 33 queries", 5, 5, 7, 9, 33, 3, -1, 0,
                       {{0, 3, DType::F16, 0}, {3, 33, DType::F32, 2}}},

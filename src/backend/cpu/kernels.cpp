@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -141,9 +142,15 @@ inline v16f load16_as(const void* base, int64_t offset) {
 #endif
   } else {
     const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+#if defined(__AVX512F__)
+    // vcvtph2ps: exact, subnormals included (MXCSR.DAZ does not apply to it);
+    // maskz form for the same GCC 12 false positive as above
+    return (v16f)_mm512_maskz_cvtph_ps(__mmask16(0xFFFF), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+#else
     alignas(64) float tmp[16];
     for (int i = 0; i < 16; ++i) tmp[i] = f16_to_f32(src[i]);
     return v16_load(tmp);
+#endif
   }
 }
 
@@ -200,9 +207,388 @@ struct AttnScratch {
   std::vector<float> kt, v, q, scores, m, l, acc;
 };
 
+// ---------------------------------------------------------------------------
+// Decode path (a few query positions): the K/V rows are read once, in memory
+// order. A work item is a contiguous share of the visible keys for ALL kv
+// heads (rows are head-major, so a block of keys is one contiguous stretch of
+// the cache: the hardware prefetcher streams it from DRAM, where a per-head
+// item would read 128-byte slices at a row stride). For each block of
+// kDecKeys keys and each kv head: K is transposed into a small L1 buffer, the
+// group's rows score it, and P*V reads V straight from the cache (bf16 ->
+// fp32 is a shift) into register accumulators. Items' partial softmax states
+// are merged at the end.
+constexpr int kDecKeys = 64;    // keys per block: kDecVecs vectors of scores per row
+constexpr int kDecVecs = kDecKeys / 16;
+// Query positions up to which attention takes this path (measured faster than
+// the per-head path up to 16 queries, 1 thread, Hymba shape).
+constexpr int kDecMaxQ = 16;
+
+// Horizontal max / sum of a vector: halving folds (the _mm512_reduce_*
+// intrinsics trip a GCC 12 -Wmaybe-uninitialized false positive).
+inline v16f fold8(v16f v) {
+  return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+inline v16f fold4(v16f v) {
+  return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+}
+inline v16f fold2(v16f v) {
+  return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+}
+inline v16f fold1(v16f v) {
+  return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+}
+inline v16f vmax(v16f a, v16f b) { return a > b ? a : b; }
+inline float hmax16(v16f v) {
+  v = vmax(v, fold8(v));
+  v = vmax(v, fold4(v));
+  v = vmax(v, fold2(v));
+  return vmax(v, fold1(v))[0];
+}
+inline float hsum16(v16f v) {
+  v += fold8(v);
+  v += fold4(v);
+  v += fold2(v);
+  return (v + fold1(v))[0];
+}
+
+// transpose16, always inlined: as a call its 16 rows go through memory.
+[[gnu::always_inline]] inline void dec_transpose16(v16f* r) {
+  transpose_stage<8>(r);
+  transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+}
+
+template <DType DT>
+using elem_t = std::conditional_t<DT == DType::F32, float, uint16_t>;
+
+struct DecodeShape {
+  const float* q;  // [n_kv][rows_g][dq], pre-scaled; rows r = t * group + j
+  int n_kv, group, n_q, rows_g, dq, dv;
+  int64_t q_pos0, window, n_always_visible;
+};
+
+// acc[r][c0*16 .. (c0+CN)*16) = acc * corr[r] + sum_k p[r][k] V[k], V rows of
+// type DT read from the cache at vg + k*ldv.
+template <int R, int CN, DType DT>
+inline void dec_pv(const elem_t<DT>* __restrict vg, int64_t ldv, int nk, const float* __restrict p,
+                   const float* corr, float* __restrict acc, int dv) {
+  v16f o[R][CN];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CN; ++c) o[r][c] = v16_load(acc + size_t(r) * dv + c * 16) * corr[r];
+  for (int k = 0; k < nk; ++k) {
+    const elem_t<DT>* vr = vg + k * ldv;
+    v16f vv[CN];
+    for (int c = 0; c < CN; ++c) vv[c] = load16_as<DT>(vr, c * 16);
+    for (int r = 0; r < R; ++r) {
+      const float pk = p[r * kDecKeys + k];
+      for (int c = 0; c < CN; ++c) o[r][c] += pk * vv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CN; ++c) v16_store(acc + size_t(r) * dv + c * 16, o[r][c]);
+}
+
+// R rows (consecutive rows rb.. of one kv head) against one block of NV*16
+// keys: scores from the transposed block kt [dq][kDecKeys], online softmax
+// update of m, l, then P*V.
+template <int R, int NV, DType DT>
+void dec_rows(const DecodeShape& d, int rb, const float* __restrict q, const float* __restrict kt,
+              const v16i (*vis)[kDecVecs], const elem_t<DT>* __restrict vg, int64_t ldv, int nk, float* __restrict m,
+              float* __restrict l, float* __restrict acc) {
+  const int dq = d.dq;
+  v16f s[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) s[r][v] = v16_splat(0.0f);
+  for (int i = 0; i < dq; ++i) {
+    v16f k[NV];
+    for (int v = 0; v < NV; ++v) k[v] = v16_load(kt + size_t(i) * kDecKeys + v * 16);
+    for (int r = 0; r < R; ++r) {
+      const float qi = q[size_t(r) * dq + i];
+      for (int v = 0; v < NV; ++v) s[r][v] += qi * k[v];
+    }
+  }
+  alignas(64) float p[R * kDecKeys];
+  float corr[R];
+  for (int r = 0; r < R; ++r) {
+    const v16i* vt = vis[(rb + r) / d.group];
+    v16f mx = v16_splat(-INFINITY);
+    for (int v = 0; v < NV; ++v) {
+      s[r][v] = vt[v] ? s[r][v] : v16_splat(-INFINITY);
+      mx = v == 0 ? s[r][v] : vmax(mx, s[r][v]);
+    }
+    const float mb = hmax16(mx);
+    if (mb == -INFINITY) {  // no visible key in this block: contributes nothing
+      corr[r] = 1.0f;
+      for (int v = 0; v < NV; ++v) v16_store(p + r * kDecKeys + v * 16, v16_splat(0.0f));
+      continue;
+    }
+    const float m_new = std::max(m[r], mb);
+    corr[r] = fast_exp(m[r] - m_new);  // ~0 when m was -inf (acc is 0 then)
+    m[r] = m_new;
+    v16f sum = v16_splat(0.0f);
+    for (int v = 0; v < NV; ++v) {
+      // Masked keys get exactly 0 (the exp saturates at e^-87, not 0).
+      const v16f e = vt[v] ? v16_exp(s[r][v] - m_new) : v16_splat(0.0f);
+      v16_store(p + r * kDecKeys + v * 16, e);
+      sum += e;
+    }
+    l[r] = l[r] * corr[r] + hsum16(sum);
+  }
+  const int dv = d.dv, nc = dv / 16;
+  for (int c0 = 0; c0 < nc; c0 += 4) {
+    const elem_t<DT>* vc = vg + c0 * 16;
+    float* ac = acc + c0 * 16;
+    switch (std::min(4, nc - c0)) {
+      case 4: dec_pv<R, 4, DT>(vc, ldv, nk, p, corr, ac, dv); break;
+      case 3: dec_pv<R, 3, DT>(vc, ldv, nk, p, corr, ac, dv); break;
+      case 2: dec_pv<R, 2, DT>(vc, ldv, nk, p, corr, ac, dv); break;
+      default: dec_pv<R, 1, DT>(vc, ldv, nk, p, corr, ac, dv); break;
+    }
+  }
+}
+
+// One block of nk <= kDecKeys keys (rows r0.. of seg) for every kv head.
+// m, l, acc: the item's running state, rows ordered (kv head, t, j).
+template <DType DT>
+void dec_block(const DecodeShape& d, const KVSegment& seg, int64_t r0, int nk, float* __restrict m,
+               float* __restrict l, float* __restrict acc, float* __restrict kt) {
+  using T = elem_t<DT>;
+  const int dq = d.dq, dv = d.dv, rows_g = d.rows_g;
+  const int64_t ldk = seg.ld_k, ldv = seg.ld_v;
+  const T* const kbase = static_cast<const T*>(seg.k) + r0 * ldk;
+  const T* const vbase = static_cast<const T*>(seg.v) + r0 * ldv;
+  const int64_t kp0 = seg.pos0 + r0;
+  // Visibility of key kp0 + k to query t, as lane masks: k < nk, k <= p - kp0
+  // and (k >= p - window - kp0 or k < n_always_visible - kp0); bounds
+  // clamped to int.
+  v16i vis[kDecMaxQ][kDecVecs];
+  bool any = false;
+  {
+    const auto clampi = [](int64_t x) { return int(std::clamp<int64_t>(x, -1, kDecKeys + 1)); };
+    const v16i iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int t = 0; t < d.n_q; ++t) {
+      const int64_t p = d.q_pos0 + t;
+      const int hi = std::min(clampi(p - kp0), nk - 1);
+      const int lo = d.window < 0 ? -1 : clampi(p - d.window - kp0);
+      const int pre = d.window < 0 ? -1 : clampi(d.n_always_visible - kp0);
+      any |= hi >= 0 && (lo <= hi || pre > 0);
+      for (int v = 0; v < kDecVecs; ++v) {
+        const v16i k = iota + 16 * v;
+        vis[t][v] = (k <= hi) & ((k >= lo) | (k < pre));
+      }
+    }
+  }
+  if (!any) return;
+  const int nv = (nk + 15) / 16;
+  const int n_groups = (rows_g + kMaxRows - 1) / kMaxRows;
+  for (int g = 0; g < d.n_kv; ++g) {
+    // K of this head transposed into kt [dq][kDecKeys]; missing keys are 0.
+    const T* kg = kbase + int64_t(g) * dq;
+    for (int k16 = 0; k16 < nk; k16 += 16) {
+      const int kn = std::min(16, nk - k16);
+      for (int i16 = 0; i16 < dq; i16 += 16) {
+        v16f r[16];
+        const T* src = kg + k16 * ldk + i16;
+        if (kn == 16) {
+          for (int k = 0; k < 16; ++k) r[k] = load16_as<DT>(src, k * ldk);
+        } else {
+          for (int k = 0; k < 16; ++k) r[k] = k < kn ? load16_as<DT>(src, k * ldk) : v16_splat(0.0f);
+        }
+        dec_transpose16(r);
+        for (int i = 0; i < 16; ++i) v16_store(kt + size_t(i16 + i) * kDecKeys + k16, r[i]);
+      }
+    }
+    const T* vg = vbase + int64_t(g) * dv;
+    const float* qg = d.q + size_t(g) * rows_g * dq;
+    const size_t s0 = size_t(g) * rows_g;
+    for (int gi = 0; gi < n_groups; ++gi) {
+      const int rb = rows_g * gi / n_groups;
+      const int nr = rows_g * (gi + 1) / n_groups - rb;
+      with_rows(nr, [&]<int R>() {
+        const float* qr = qg + size_t(rb) * dq;
+        float* mr = m + s0 + rb;
+        float* lr = l + s0 + rb;
+        float* ar = acc + (s0 + rb) * dv;
+        if constexpr (kDecVecs >= 4) {
+          if (nv == 4) return dec_rows<R, 4, DT>(d, rb, qr, kt, vis, vg, ldv, nk, mr, lr, ar);
+          if (nv == 3) return dec_rows<R, 3, DT>(d, rb, qr, kt, vis, vg, ldv, nk, mr, lr, ar);
+        }
+        if (nv == 2) dec_rows<R, 2, DT>(d, rb, qr, kt, vis, vg, ldv, nk, mr, lr, ar);
+        else dec_rows<R, 1, DT>(d, rb, qr, kt, vis, vg, ldv, nk, mr, lr, ar);
+      });
+    }
+  }
+}
+
+// Reads one word of every cache line of rows r0 .. r0+n-1 of a segment's K
+// (first wk elements of each row) and V (first wv), in address order. In
+// decode the cache rows were evicted by the weight stream since the last
+// token: a plain sequential sweep lets the hardware stream them in at full
+// bandwidth, where the block loop's strided per-head accesses (and software
+// prefetches, measured: no gain or worse) leave it latency bound. Measured
+// (bench_attention, 2 threads, 512 ring keys): cold call 115 -> 73 us, ~4 us
+// extra when the rows are already cached; in the model 155-200 -> 105-120 us.
+inline void touch_rows(const KVSegment& seg, int64_t r0, int64_t n, int64_t wk, int64_t wv) {
+  const int64_t es = int64_t(dtype_size(seg.dtype));
+  uint32_t sum = 0;
+  const auto sweep = [&](const void* base, int64_t ld, int64_t w) {
+    const char* b = static_cast<const char*>(base) + r0 * ld * es;
+    const int64_t len = (ld == w ? n * w : w) * es;  // contiguous rows: one run
+    for (int64_t r = 0; r < (ld == w ? 1 : n); ++r)
+      for (int64_t off = 0; off < len; off += 64) {
+        uint32_t x;
+        std::memcpy(&x, b + r * ld * es + off, sizeof x);
+        sum += x;
+      }
+  };
+  sweep(seg.k, seg.ld_k, wk);
+  sweep(seg.v, seg.ld_v, wv);
+  asm volatile("" : : "r"(sum));  // keeps the loads
+}
+
+void attention_decode(const AttentionArgs& a) {
+  DecodeShape d;
+  d.n_kv = a.n_kv_heads;
+  d.group = a.n_heads / a.n_kv_heads;
+  d.n_q = int(a.n_q);
+  d.rows_g = d.n_q * d.group;
+  d.dq = a.head_dim_qk;
+  d.dv = a.head_dim_v;
+  d.q_pos0 = a.q_pos0;
+  d.window = a.window;
+  d.n_always_visible = a.n_always_visible;
+  const int dq = d.dq, dv = d.dv, group = d.group;
+  const int rows = d.rows_g * d.n_kv;
+
+  // Scratch of the calling thread, grown only (no allocation per call).
+  struct Piece {
+    const KVSegment* seg;
+    int64_t r0, r1;
+  };
+  static thread_local std::vector<float> qbuf, part_m, part_l, part_acc;
+  static thread_local std::vector<Piece> pieces;
+
+  // Queries, pre-scaled, rows ordered (kv head, t, j).
+  grow(qbuf, size_t(rows) * dq);
+  for (int g = 0; g < d.n_kv; ++g)
+    for (int t = 0; t < d.n_q; ++t)
+      for (int j = 0; j < group; ++j) {
+        const float* src = a.q + t * a.ldq + int64_t(g * group + j) * dq;
+        float* dst = qbuf.data() + (size_t(g) * d.rows_g + size_t(t) * group + j) * dq;
+        for (int i = 0; i < dq; ++i) dst[i] = src[i] * a.scale;
+      }
+  d.q = qbuf.data();
+
+  // The keys any of the queries can see: in each segment the always-visible
+  // prefix and the union of the windows.
+  pieces.clear();
+  int64_t total = 0;
+  {
+    const int64_t p_first = a.q_pos0, p_last = a.q_pos0 + a.n_q - 1;
+    for (int s = 0; s < a.n_segments; ++s) {
+      const KVSegment& seg = a.segments[s];
+      const int64_t end = std::min(seg.pos0 + seg.count, p_last + 1);
+      auto add = [&](int64_t k0, int64_t k1) {
+        if (k1 <= k0) return;
+        pieces.push_back({&seg, k0 - seg.pos0, k1 - seg.pos0});
+        total += k1 - k0;
+      };
+      if (a.window < 0) {
+        add(seg.pos0, end);
+      } else {
+        const int64_t win_lo = std::max(seg.pos0, p_first - a.window);
+        const int64_t pre_hi = std::min(end, std::min(a.n_always_visible, win_lo));
+        add(seg.pos0, pre_hi);
+        add(std::max(win_lo, pre_hi), end);
+      }
+    }
+  }
+
+  // Items: equal shares of the keys, in memory order.
+  const int threads = omp_get_max_threads();
+  const int n_items = int(std::max<int64_t>(1, std::min<int64_t>(threads, total / kDecKeys)));
+  grow(part_m, size_t(n_items) * rows);
+  grow(part_l, size_t(n_items) * rows);
+  grow(part_acc, size_t(n_items) * rows * dv);
+  float* const pm = part_m.data();
+  float* const pl = part_l.data();
+  float* const pacc = part_acc.data();
+  const Piece* const pc = pieces.data();
+  const int n_pieces = int(pieces.size());
+
+#pragma omp parallel if (n_items > 1)
+  {
+    static thread_local std::vector<float> kt;
+    grow(kt, size_t(dq) * kDecKeys);
+    float* const ktp = kt.data();
+#pragma omp for schedule(static, 1)
+    for (int item = 0; item < n_items; ++item) {
+      float* const m = pm + size_t(item) * rows;
+      float* const l = pl + size_t(item) * rows;
+      float* const acc = pacc + size_t(item) * rows * dv;
+      std::fill(m, m + rows, -INFINITY);
+      std::fill(l, l + rows, 0.0f);
+      std::fill(acc, acc + size_t(rows) * dv, 0.0f);
+      const int64_t k_begin = total * item / n_items, k_end = total * (item + 1) / n_items;
+      {  // bring this item's rows in first (see touch_rows)
+        int64_t at = 0;
+        for (int pi = 0; pi < n_pieces; ++pi) {
+          const int64_t len = pc[pi].r1 - pc[pi].r0;
+          const int64_t lo = std::max(k_begin, at), hi = std::min(k_end, at + len);
+          if (hi > lo)
+            touch_rows(*pc[pi].seg, pc[pi].r0 + (lo - at), hi - lo, int64_t(d.n_kv) * dq, int64_t(d.n_kv) * dv);
+          at += len;
+        }
+      }
+      int64_t at = 0;  // keys of the pieces before this one
+      for (int pi = 0; pi < n_pieces; ++pi) {
+        const Piece& pc_i = pc[pi];
+        const int64_t len = pc_i.r1 - pc_i.r0;
+        const int64_t lo = std::max(k_begin, at), hi = std::min(k_end, at + len);
+        for (int64_t k = lo; k < hi; k += kDecKeys) {
+          const int64_t r0 = pc_i.r0 + (k - at);
+          const int nk = int(std::min<int64_t>(kDecKeys, hi - k));
+          const KVSegment& seg = *pc_i.seg;
+          if (seg.dtype == DType::BF16) dec_block<DType::BF16>(d, seg, r0, nk, m, l, acc, ktp);
+          else if (seg.dtype == DType::F32) dec_block<DType::F32>(d, seg, r0, nk, m, l, acc, ktp);
+          else dec_block<DType::F16>(d, seg, r0, nk, m, l, acc, ktp);
+        }
+        at += len;
+      }
+    }
+    // Merge the items' partial softmax states into the output.
+#pragma omp for schedule(static)
+    for (int r = 0; r < rows; ++r) {
+      const int g = r / d.rows_g, t = (r % d.rows_g) / group, j = r % group;
+      float* out = a.out + t * a.ldo + int64_t(g * group + j) * dv;
+      float mx = -INFINITY;
+      for (int it = 0; it < n_items; ++it) mx = std::max(mx, pm[size_t(it) * rows + r]);
+      float lsum = 0.0f;
+      std::fill(out, out + dv, 0.0f);
+      for (int it = 0; it < n_items; ++it) {
+        const size_t at = size_t(it) * rows + r;
+        if (pm[at] == -INFINITY) continue;  // this item saw no key of this row
+        const float c = n_items == 1 ? 1.0f : fast_exp(pm[at] - mx);
+        lsum += pl[at] * c;
+        const float* ac = pacc + at * dv;
+        for (int i = 0; i < dv; ++i) out[i] += ac[i] * c;
+      }
+      const float inv = lsum > 0 ? 1.0f / lsum : 0.0f;
+      for (int i = 0; i < dv; ++i) out[i] *= inv;
+    }
+  }
+}
+
 }  // namespace
 
+
 void attention(const AttentionArgs& a) {
+  if (a.n_q <= kDecMaxQ && a.head_dim_qk % 16 == 0 && a.head_dim_v % 16 == 0 && a.head_dim_qk <= 512 &&
+      a.head_dim_v <= 512) {
+    attention_decode(a);
+    return;
+  }
   const int group = a.n_heads / a.n_kv_heads;
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
   const int DQ = pad16(dq), DV = pad16(dv);
