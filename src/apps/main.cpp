@@ -44,7 +44,7 @@ struct ModelArgs {
   std::string cache_type;  // "", f32, bf16, f16
   bool hf_decode_window = false;
   int64_t chunk = 256;
-  std::string device = "cpu";
+  std::string device = "auto";
   bool profile = false;
   bool huge_pages = false;
 
@@ -57,7 +57,8 @@ struct ModelArgs {
                   "during decode use the reference's window of (window-1) past tokens instead of the training rule "
                   "q-k <= window (spec 8.1)");
     app->add_option("--chunk", chunk, "prefill chunk size in tokens (bounds working memory)")->check(CLI::Range(1, 65536));
-    app->add_option("--device", device, "compute device")->check(CLI::IsMember({"cpu"}));
+    app->add_option("--device", device, "compute device: cpu, cuda, or auto (cuda when this build has it and a GPU "
+                    "is visible, else cpu)")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
     app->add_flag("--profile", profile, "time every op and print a table to stderr at the end");
     app->add_flag("--hugepages", huge_pages, "copy the weights into transparent huge pages instead of mapping the "
                   "file (faster decode where THP is available; one copy at load)");
@@ -70,6 +71,7 @@ struct ModelArgs {
     o.max_chunk = chunk;
     o.profile = profile;
     o.huge_pages = huge_pages;
+    o.device = device;
     return HymbaModel::load(dir, o);
   }
 };
@@ -422,37 +424,85 @@ int run_tokenize(const std::string& dir, const std::string& text, const std::str
 }
 
 // ------------------------------------------------------------------ bench
-int run_bench(const ModelArgs& m, int64_t prompt_len, int gen_len, bool as_json, uint64_t seed) {
-  check(prompt_len >= 1, "--prompt-len must be >= 1");
-  check(gen_len >= 1, "--gen-len must be >= 1");
+struct BenchArgs {
+  int64_t prompt_len = 512;
+  int gen_len = 64;
+  int64_t batch = 1;
+  std::string batch_fill = "prefill";
+  bool as_json = false;
+  uint64_t seed = 0;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Prefill one random prompt (or `batch` of them), then decode gen_len greedy
+// steps: one sequence with forward(), a batch with forward_batch() (all
+// sequences step together). With --batch-fill replicate only the first
+// prompt is prefilled and its cache copied into the other sequences: decode
+// cost does not depend on the values, and prefilling 128 long prompts can
+// take longer than the measurement itself.
+int run_bench(const ModelArgs& m, const BenchArgs& b) {
+  check(b.prompt_len >= 1, "--prompt-len must be >= 1");
+  check(b.gen_len >= 1, "--gen-len must be >= 1");
+  check(b.batch >= 1, "--batch must be >= 1");
   const auto t_load = std::chrono::steady_clock::now();
   auto model = m.load();
-  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
+  const double load_s = seconds_since(t_load);
   const HymbaConfig& c = model->config();
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
-  for (auto& id : prompt) id = int32_t(3 + rng() % uint64_t(std::max<int64_t>(c.vocab_size - 4, 1)));
-  auto seq = model->new_sequence(prompt_len + gen_len);
-  std::vector<float> logits(size_t(c.vocab_size));
-  auto argmax = [&] {
-    return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  const int64_t V = c.vocab_size;
+  std::mt19937_64 rng(b.seed);
+  auto random_prompt = [&] {
+    std::vector<int32_t> prompt(static_cast<size_t>(b.prompt_len));
+    for (auto& id : prompt) id = int32_t(3 + rng() % uint64_t(std::max<int64_t>(V - 4, 1)));
+    return prompt;
+  };
+  std::vector<std::unique_ptr<SequenceCache>> seqs;
+  for (int64_t i = 0; i < b.batch; ++i) seqs.push_back(model->new_sequence(b.prompt_len + b.gen_len));
+  std::vector<float> logits(size_t(b.batch * V));
+  auto argmax = [&](int64_t i) {
+    const float* row = logits.data() + i * V;
+    return int32_t(std::max_element(row, row + V) - row);
   };
   profile_reset(model->backend());  // the meta prefix ran at load: not part of the prompt
-  auto t0 = std::chrono::steady_clock::now();
-  model->forward(*seq, prompt.data(), prompt_len, logits.data(), false);
-  const double prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  int32_t next = argmax();
-  const double ttft_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<int32_t> first_prompt = random_prompt();
+  model->forward(*seqs[0], first_prompt.data(), b.prompt_len, logits.data(), false);
+  const double prefill_s = seconds_since(t0);
+  std::vector<int32_t> next(size_t(b.batch));
+  next[0] = argmax(0);
+  const double ttft_s = seconds_since(t0);
+  const auto t_fill = std::chrono::steady_clock::now();
+  for (int64_t i = 1; i < b.batch; ++i) {
+    if (b.batch_fill == "replicate") {
+      seqs[size_t(i)]->copy_from(*seqs[0]);
+      next[size_t(i)] = next[0];
+    } else {
+      const std::vector<int32_t> p = random_prompt();
+      model->forward(*seqs[size_t(i)], p.data(), b.prompt_len, logits.data() + i * V, false);
+      next[size_t(i)] = argmax(i);
+    }
+  }
+  model->backend().synchronize();
+  const double fill_s = seconds_since(t_fill);
   if (m.profile) {
-    std::fprintf(stderr, "--- prefill of %" PRId64 " tokens\n%s", prompt_len, profile_report(model->backend()).c_str());
+    std::fprintf(stderr, "--- prefill of %" PRId64 " tokens\n%s", b.prompt_len,
+                 profile_report(model->backend()).c_str());
     profile_reset(model->backend());
   }
-  auto t1 = std::chrono::steady_clock::now();
-  for (int i = 0; i < gen_len; ++i) {
-    model->forward(*seq, &next, 1, logits.data(), false, true);
-    next = argmax();
+  std::vector<SequenceCache*> ptrs;
+  for (auto& sq : seqs) ptrs.push_back(sq.get());
+  const auto t1 = std::chrono::steady_clock::now();
+  for (int step = 0; step < b.gen_len; ++step) {
+    if (b.batch == 1) {
+      model->forward(*seqs[0], next.data(), 1, logits.data(), false, true);
+    } else {
+      model->forward_batch(ptrs.data(), next.data(), b.batch, logits.data());
+    }
+    for (int64_t i = 0; i < b.batch; ++i) next[size_t(i)] = argmax(i);
   }
-  const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  const double decode_s = seconds_since(t1);
 
   // Bytes of weights a decode step streams: every matrix once, the tied
   // embedding once (as the LM head); small vectors are negligible.
@@ -463,49 +513,73 @@ int run_bench(const ModelArgs& m, int64_t prompt_len, int gen_len, bool as_json,
     weight_bytes += mb(l.in_proj) + mb(l.x_proj) + mb(l.dt_proj) + mb(l.out_proj) + mb(l.gate_proj) +
                     mb(l.up_proj) + mb(l.down_proj);
   weight_bytes += mb(w.lm_head);
-  const CacheBytes cache = seq->allocated_bytes();
+  CacheBytes cache;  // summed over the batch
+  for (const auto& sq : seqs) {
+    const CacheBytes one = sq->allocated_bytes();
+    cache.global_kv += one.global_kv, cache.sliding_kv += one.sliding_kv, cache.ssm += one.ssm,
+        cache.conv += one.conv;
+  }
+  const int64_t formula = b.batch * model->cache_layout().bytes(b.prompt_len + b.gen_len).total();
   if (m.profile)
-    std::fprintf(stderr, "--- decode of %d tokens\n%s", gen_len, profile_report(model->backend()).c_str());
-  const double prefill_tps = double(prompt_len) / prefill_s, decode_tps = double(gen_len) / decode_s;
+    std::fprintf(stderr, "--- decode of %d steps\n%s", b.gen_len, profile_report(model->backend()).c_str());
+  const double prefill_tps = double(b.prompt_len) / prefill_s;
+  const double step_s = decode_s / b.gen_len;
+  const double decode_tps = double(b.batch) / step_s;  // tokens of all sequences
+  // A decode step reads every weight once and, at most, each sequence's whole
+  // cache (K/V of the positions in use, SSM and conv state): an upper bound
+  // of the bytes a step must move.
+  const double bytes_per_step = double(weight_bytes) + double(cache.total());
   const int64_t rss = peak_rss_bytes();
-  if (as_json) {
-    json j = {{"prefill_tok_s", prefill_tps},
+  if (b.as_json) {
+    json j = {{"device", model->backend().name()},
+              {"prefill_tok_s", prefill_tps},
               {"decode_tok_s", decode_tps},
+              {"decode_step_ms", step_s * 1e3},
               {"ttft_ms", ttft_s * 1e3},
               {"peak_rss_bytes", rss},
               {"cache_bytes", cache_json(cache)},
-              {"prompt_len", prompt_len},
-              {"gen_len", gen_len},
+              {"cache_bytes_formula", formula},
+              {"prompt_len", b.prompt_len},
+              {"gen_len", b.gen_len},
+              {"batch", b.batch},
+              {"batch_fill", b.batch_fill},
+              {"batch_fill_s", fill_s},
               {"threads", cpu_threads()},
               {"matmul_isa", cpu::matmul_isa()},
               {"weights_dtype", dtype_name(w.matrix_dtype)},
               {"cache_dtype", dtype_name(model->cache_layout().kv_dtype)},
               {"weight_bytes_per_token", weight_bytes},
-              {"decode_effective_gb_s", double(weight_bytes) * decode_tps / 1e9},
+              {"bytes_per_step_upper", bytes_per_step},
+              {"decode_effective_gb_s", double(weight_bytes) / step_s / 1e9},
               {"load_s", load_s}};
     std::cout << j.dump(2) << "\n";
     return 0;
   }
-  std::printf("model %s (%s weights, %s cache), %d threads, matmul %s\n", m.dir.c_str(),
-              dtype_name(w.matrix_dtype), dtype_name(model->cache_layout().kv_dtype), cpu_threads(),
-              cpu::matmul_isa());
+  std::printf("model %s (%s weights, %s cache) on %s, %d CPU threads, matmul %s\n", m.dir.c_str(),
+              dtype_name(w.matrix_dtype), dtype_name(model->cache_layout().kv_dtype),
+              model->backend().name().c_str(), cpu_threads(), cpu::matmul_isa());
   std::printf("load            %8.2f s\n", load_s);
-  std::printf("prefill  %5" PRId64 " tok %8.2f tok/s  (%.2f s)\n", prompt_len, prefill_tps, prefill_s);
+  std::printf("prefill  %5" PRId64 " tok %8.2f tok/s  (%.2f s)\n", b.prompt_len, prefill_tps, prefill_s);
   std::printf("ttft            %8.1f ms\n", ttft_s * 1e3);
-  std::printf("decode   %5d tok %8.2f tok/s  (%.2f s, %.1f GB/s of weights)\n", gen_len, decode_tps, decode_s,
-              double(weight_bytes) * decode_tps / 1e9);
+  if (b.batch > 1)
+    std::printf("batch    %5" PRId64 " seq  filled by %s in %.2f s\n", b.batch, b.batch_fill.c_str(), fill_s);
+  std::printf("decode   %5d steps %8.2f tok/s  (%.2f ms/step, %.1f GB/s of weights)\n", b.gen_len, decode_tps,
+              step_s * 1e3, double(weight_bytes) / step_s / 1e9);
   std::printf("peak RSS        %s\n", human_bytes(rss).c_str());
-  std::printf("cache           global K/V %s, sliding K/V %s, SSM %s, conv %s, total %s\n",
+  std::printf("cache           global K/V %s, sliding K/V %s, SSM %s, conv %s, total %s (formula %s)\n",
               human_bytes(cache.global_kv).c_str(), human_bytes(cache.sliding_kv).c_str(),
-              human_bytes(cache.ssm).c_str(), human_bytes(cache.conv).c_str(), human_bytes(cache.total()).c_str());
+              human_bytes(cache.ssm).c_str(), human_bytes(cache.conv).c_str(), human_bytes(cache.total()).c_str(),
+              human_bytes(formula).c_str());
   return 0;
 }
 
 std::string version_string() {
-  std::string s = std::string("hymba ") + HYMBA_VERSION + "\nbackends: cpu (matmul paths:";
+  std::string s = std::string("hymba ") + HYMBA_VERSION + "\nbackends:";
+  for (const std::string& b : compiled_backends()) s += " " + b;
+  s += "\ncpu matmul paths:";
   for (const char* isa : {"avx512", "avx512-nobf16", "avx2", "portable"})
     if (cpu::matmul_isa_supported(isa)) s += std::string(" ") + isa;
-  s += std::string("; default ") + cpu::matmul_isa() + ")";
+  s += std::string(" (default ") + cpu::matmul_isa() + ")";
   return s;
 }
 
@@ -609,16 +683,20 @@ int main(int argc, char** argv) {
   tk->add_flag("--no-bos", tk_no_bos, "do not add the BOS token");
 
   ModelArgs bn_model;
-  int64_t bn_prompt = 512;
-  int bn_gen = 64;
-  bool bn_json = false;
-  uint64_t bn_seed = 1;
+  BenchArgs bn_args;
+  bn_args.seed = 1;
   auto* bn = app.add_subcommand("bench", "measure prefill and decode speed, time to first token and memory");
   bn_model.add_to(bn);
-  bn->add_option("--prompt-len", bn_prompt, "prompt tokens (random ids)");
-  bn->add_option("--gen-len", bn_gen, "generated tokens (greedy)");
-  bn->add_option("--seed", bn_seed, "seed of the random prompt");
-  bn->add_flag("--json", bn_json, "print JSON");
+  bn->add_option("--prompt-len", bn_args.prompt_len, "prompt tokens (random ids)");
+  bn->add_option("--gen-len", bn_args.gen_len, "generated tokens (greedy), i.e. decode steps");
+  bn->add_option("--batch", bn_args.batch, "sequences decoding together (batched decode steps)")
+      ->check(CLI::Range(int64_t(1), int64_t(4096)));
+  bn->add_option("--batch-fill", bn_args.batch_fill,
+                 "how the other sequences of a batch get their prompt: prefill (each its own random prompt) or "
+                 "replicate (copy the first one's cache; decode cost does not depend on the values)")
+      ->check(CLI::IsMember({"prefill", "replicate"}));
+  bn->add_option("--seed", bn_args.seed, "seed of the random prompts");
+  bn->add_flag("--json", bn_args.as_json, "print JSON");
 
   try {
     app.parse(argc, argv);
@@ -639,7 +717,7 @@ int main(int argc, char** argv) {
     if (in->parsed()) return run_init(in_preset, in_dtype, in_seed, in_out, in_config_only);
     if (inf->parsed()) return run_info(if_dir, if_ctx, if_json, if_cache);
     if (tk->parsed()) return run_tokenize(tk_dir, tk_text, tk_file, tk_no_bos);
-    if (bn->parsed()) return run_bench(bn_model, bn_prompt, bn_gen, bn_json, bn_seed);
+    if (bn->parsed()) return run_bench(bn_model, bn_args);
     std::cout << app.help();
     return 0;
   } catch (const hymba::Error& e) {

@@ -245,6 +245,28 @@ class BenchAndVersion(unittest.TestCase):
         cb = j["cache_bytes"]
         self.assertEqual(cb["total"], cb["global_kv"] + cb["sliding_kv"] + cb["ssm"] + cb["conv"])
 
+    def test_bench_batch_json(self):
+        for fill in ("prefill", "replicate"):
+            j = json.loads(run("bench", "-m", FIXTURE, "--prompt-len", 9, "--gen-len", 3, "--batch", 3,
+                               "--batch-fill", fill, "--json", "--device", "cpu").stdout)
+            self.assertEqual(j["batch"], 3)
+            self.assertEqual(j["device"], "cpu")
+            self.assertGreater(j["decode_tok_s"], 0)
+            # Three sequences' caches, allocated exactly as the layout formula says.
+            self.assertEqual(j["cache_bytes"]["total"], j["cache_bytes_formula"])
+        one = json.loads(run("bench", "-m", FIXTURE, "--prompt-len", 9, "--gen-len", 3, "--json").stdout)
+        self.assertEqual(j["cache_bytes"]["total"], 3 * one["cache_bytes"]["total"])
+
+    def test_unavailable_device_is_clear_error(self):
+        if shutil.which("nvidia-smi") and run("--version").stdout.find("cuda") >= 0:
+            self.skipTest("this machine may have a CUDA GPU")
+        r = run("logits", "-m", FIXTURE, "--ids", "1,2", "--device", "cuda", check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("--device cuda", r.stderr)
+        r = run("logits", "-m", FIXTURE, "--ids", "1,2", "--device", "tpu", check=False)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("--device", r.stderr)
+
     def test_version_names_backends(self):
         out = run("--version").stdout
         self.assertIn("hymba", out)
