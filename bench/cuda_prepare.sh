@@ -18,12 +18,12 @@ cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHYMBA_NATIVE=OFF -DHYMBA_B
   >build-cuda.configure.log 2>&1 || { cat build-cuda.configure.log; exit 1; }
 rm -f build-cuda.configure.log
 grep -q "HYMBA_HAVE_CUDA" build-cuda/compile_commands.json || { echo "build-cuda has no CUDA backend (nvcc not found?)"; exit 1; }
-cmake --build build-cuda -j "$jobs" --target hymba_cuda_tests
+cmake --build build-cuda -j "$jobs" --target hymba_cuda_tests hymba
 
 dist=build-cuda/dist
 rm -rf "$dist"
 mkdir -p "$dist/bin" "$dist/lib" "$dist/lib-extra"
-cp build-cuda/tests/cuda/hymba_cuda_tests "$dist/bin/"
+cp build-cuda/tests/cuda/hymba_cuda_tests build-cuda/hymba "$dist/bin/"
 strip "$dist/bin/"*
 for b in "$dist/bin/"*; do ldd "$b"; done | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
   case "$(basename "$lib")" in
@@ -32,6 +32,11 @@ for b in "$dist/bin/"*; do ldd "$b"; done | awk '/=> \// {print $3}' | sort -u |
     *) cp -L "$lib" "$dist/lib/" ;;
   esac
 done
+# Test data the GPU tests read (the device has no ../shared): the reference
+# goldens, made here by the PyTorch reference, and NVIDIA's tiny-a fixture.
+mkdir -p "$dist/test-work" "$dist/shared/fixtures"
+/usr/bin/python3 tests/reference/make_goldens.py --out "$dist/test-work/goldens" >/dev/null
+cp -r ../shared/fixtures/tiny-a "$dist/shared/fixtures/"
 echo "build-cuda/dist ready:"
 du -sh "$dist" "$dist"/*
 ls "$dist/lib" "$dist/lib-extra"

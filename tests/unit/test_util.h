@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -48,7 +49,14 @@ std::string error_of(F&& f) {
   return "<no hymba::Error thrown>";
 }
 
-inline std::string shared_dir() { return HYMBA_SHARED_DIR; }
-inline std::string work_dir() { return HYMBA_TEST_WORK; }
+// Where ../shared and the test work directory are: the build's paths, unless
+// the environment names others (test binaries run on another machine, e.g.
+// the GPU tests on the device machine).
+inline std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? v : fallback;
+}
+inline std::string shared_dir() { return env_or("HYMBA_SHARED_DIR", HYMBA_SHARED_DIR); }
+inline std::string work_dir() { return env_or("HYMBA_TEST_WORK", HYMBA_TEST_WORK); }
 
 }  // namespace hymba::test

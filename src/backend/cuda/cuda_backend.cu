@@ -173,7 +173,7 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  enum ScratchSlot { kScratchX = 0, kScratchW, kScratchY, kScratchIds, kScratchAttention, kScratchSlots };
+  enum ScratchSlot { kScratchX = 0, kScratchW, kScratchY, kScratchIds, kScratchAttention, kScratchWide, kScratchSlots };
   struct Scratch {
     void* ptr = nullptr;
     size_t bytes = 0;
@@ -271,14 +271,21 @@ void CudaBackend::matmul(const MatrixView& W, const float* x, int64_t n, int64_t
     if (!accumulate) cuda::zero_rows(y, n, rows, ldy, stream_);
     return;
   }
+  if (W.dtype == DType::F16) {
+    // The CPU's F16 semantics: W widened to fp32, x kept in fp32. W is
+    // widened into scratch on every call, then the product is a true fp32
+    // GEMM: exact, at the cost of extra traffic (f16 checkpoints are rare;
+    // Hymba ships bf16).
+    float* wide = static_cast<float*>(scratch_at(kScratchWide, size_t(rows * cols) * sizeof(float)));
+    cuda::widen_to_f32(W.data, W.dtype, rows * cols, wide, stream_);
+    matmul(MatrixView{wide, DType::F32, rows, cols}, x, n, ldx, y, ldy, accumulate);
+    return;
+  }
   const int64_t es = int64_t(dtype_size(W.dtype));
   auto round8 = [](int64_t v) { return (v + 7) / 8 * 8; };
-  // B operand: x itself for fp32 weights; for 16-bit weights x rounded to
-  // the weights' type into dense rows padded to 16 bytes (BF16: as the CPU
-  // kernel and a bf16 model compute; F16: the CPU widens W instead and keeps
-  // x in fp32, so here x loses precision to f16's 11-bit mantissa and
-  // saturates beyond 65504: a documented difference of this backend, about
-  // 1e-4 relative on the output).
+  // B operand: x itself for fp32 weights; for bf16 weights x rounded to bf16
+  // into dense rows padded to 16 bytes (as the CPU kernel and a bf16 model
+  // compute).
   const void* b = x;
   int64_t ld_b = ldx;
   if (W.dtype != DType::F32) {

@@ -114,6 +114,10 @@ __global__ void store_rows_kernel(const float* src, int64_t lds, int64_t n, int6
   });
 }
 
+__global__ void widen_kernel(const void* src, DType dt, int64_t count, float* dst) {
+  for_each_element(1, count, [&](int64_t, int64_t i) { dst[i] = load_as_f32(src, dt, i); });
+}
+
 __global__ void zero_rows_kernel(float* y, int64_t n, int64_t d, int64_t ldy) {
   for_each_element(n, d, [&](int64_t t, int64_t c) { y[t * ldy + c] = 0.0f; });
 }
@@ -175,6 +179,12 @@ void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, v
   if (n <= 0 || d <= 0) return;
   store_rows_kernel<<<blocks_for(n * d, kThreads), kThreads, 0, stream>>>(src, lds, n, d, dt, dst, ldd);
   HYMBA_CUDA_LAUNCHED("store_rows");
+}
+
+void widen_to_f32(const void* src, DType dt, int64_t count, float* dst, cudaStream_t stream) {
+  if (count <= 0) return;
+  widen_kernel<<<blocks_for(count, kThreads), kThreads, 0, stream>>>(src, dt, count, dst);
+  HYMBA_CUDA_LAUNCHED("widen_to_f32");
 }
 
 void zero_rows(float* y, int64_t n, int64_t d, int64_t ldy, cudaStream_t stream) {

@@ -27,6 +27,8 @@ void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* o
 void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx, cudaStream_t stream);
 void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst, int64_t ldd,
                 cudaStream_t stream);
+// dst[i] = src[i] as fp32 for count elements of type dt.
+void widen_to_f32(const void* src, DType dt, int64_t count, float* dst, cudaStream_t stream);
 // y[t, 0:d] = 0 for n rows (a matmul with no input features).
 void zero_rows(float* y, int64_t n, int64_t d, int64_t ldy, cudaStream_t stream);
 

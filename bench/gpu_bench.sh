@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Device-side run of issue 4's checks and benchmarks, in ONE call so that
+# hymba.cpp and the PyTorch baseline are measured on the same card:
+#   1. the GPU tests (tests/cuda: op by op vs the CPU backend; the whole
+#      engine vs the reference goldens, NVIDIA's tiny-a fixture, the CPU
+#      engine, incremental decode and batch invariance);
+#   2. the card's two ceilings (device-to-device copy bandwidth, bf16 GEMM);
+#   3. `hymba bench --device cuda` on a random-weight 1.5B bf16 checkpoint
+#      (hymba init): batch-1 decode at 1K and 8K context, 8K prefill, and
+#      128 sequences of 8K prompts decoding together;
+#   4. bench/torch_bench.py (the PyTorch baseline, same config) with
+#      TORCH_BUDGET seconds;
+#   5. compute-sanitizer memcheck on a model-level GPU test.
+#   6. (PARTS=profile) `hymba bench --profile`: per-op GPU time of decode.
+# PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
+# Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.
+# Every step has a time limit; logs and JSON go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dist=${DIST:-build-cuda/dist}
+out=${OUT:-/tmp/hymba-gpu-out}
+mkdir -p "$out"
+hymba=$dist/bin/hymba
+tests=$dist/bin/hymba_cuda_tests
+export LD_LIBRARY_PATH="$PWD/$dist/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+if ! ldd "$hymba" | grep -q "libcublasLt.so.13 => /"; then
+  lt=$(find / -xdev -name 'libcublasLt.so.13' 2>/dev/null | head -1)
+  [ -n "$lt" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$lt")"
+fi
+ldd "$hymba" 2>&1 | grep -q "not found" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$PWD/$dist/lib-extra"
+export HYMBA_TEST_WORK=$PWD/$dist/test-work HYMBA_SHARED_DIR=$PWD/$dist/shared
+export OMP_NUM_THREADS=$(nproc)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1
+echo "gpu: $(cat "$out/gpu.txt")"
+"$hymba" --version
+
+parts=${PARTS:-tests,ceilings,bench,torch,memcheck}
+want() { [[ ",$parts," == *",$1,"* ]]; }
+model=/tmp/hymba-1.5b-random-bf16
+make_model() {
+  [ -f "$model/model.safetensors" ] ||
+    timeout 150 "$hymba" init --preset 1.5b --dtype bf16 --seed 1 --out "$model" >"$out/init.log" 2>&1 ||
+    echo "init failed"
+}
+
+if want tests; then
+echo "== 1. GPU tests"
+timeout 150 "$tests" --gtest_color=no >"$out/gpu_tests.log" 2>&1
+echo "rc=$?"; grep -E "^\[  (FAILED|PASSED|SKIPPED) " "$out/gpu_tests.log" | head -30
+grep -B2 -A6 "Failure" "$out/gpu_tests.log" | head -60
+fi
+
+if want ceilings; then
+echo "== 2. ceilings"
+timeout 60 python3 - >"$out/ceilings.json" 2>"$out/ceilings.log" <<'PY'
+import json, torch
+x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda"); y = torch.empty_like(x)
+for _ in range(3): y.copy_(x)
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+s.record(); n = 10
+for _ in range(n): y.copy_(x)
+e.record(); torch.cuda.synchronize()
+bw = 2 * x.numel() * n / (s.elapsed_time(e) / 1e3) / 1e9
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
+for _ in range(3): a @ b
+s.record()
+for _ in range(10): a @ b
+e.record(); torch.cuda.synchronize()
+tf = 2 * 8192**3 * 10 / (s.elapsed_time(e) / 1e3) / 1e12
+print(json.dumps({"copy_gb_s_read_plus_write": bw, "bf16_gemm_tflops": tf, "torch": torch.__version__}))
+PY
+cat "$out/ceilings.json"
+fi
+
+if want bench; then
+echo "== 3. hymba bench --device cuda"
+make_model
+i=0
+for args in "--prompt-len 1024 --gen-len 128" "--prompt-len 8192 --gen-len 64" \
+            "--prompt-len 8192 --gen-len 16 --batch 128 --batch-fill replicate"; do
+  i=$((i + 1))
+  timeout 150 "$hymba" bench -m "$model" --device cuda --json $args >"$out/bench_$i.json" 2>"$out/bench_$i.log"
+  echo "bench $i ($args): rc=$? $(tr -d '\n ' <"$out/bench_$i.json" | head -c 600)"
+done
+fi
+
+if want torch; then
+echo "== 4. PyTorch baseline"
+timeout $(( ${TORCH_BUDGET:-140} + 60 )) python3 bench/torch_bench.py --preset 1.5b --device cuda \
+  --modes eager,graph --time-budget "${TORCH_BUDGET:-140}" --json-out "$out/torch_bench.json" \
+  >"$out/torch_bench.stdout" 2>"$out/torch_bench.log"
+echo "rc=$?"; tail -25 "$out/torch_bench.log"
+fi
+
+if want memcheck; then
+echo "== 5. memcheck (model-level tests, matmul)"
+timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" --gtest_color=no \
+  --gtest_filter='CudaModel.FixtureTinyA:CudaModel.BatchedDecodeEqualsDecodingAlone:CudaVsCpu.Matmul' \
+  >"$out/memcheck_model.log" 2>&1
+echo "rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_model.log" | tail -1)"
+fi
+
+if want profile; then
+echo "== 6. decode profile"
+make_model
+timeout 120 "$hymba" bench -m "$model" --device cuda --prompt-len 1024 --gen-len 32 --profile >"$out/profile.log" 2>&1
+echo "rc=$?"; cat "$out/profile.log"
+fi
