@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/cli_util.h"
+#include "apps/perplexity_cmd.h"
 #include "backend/backend.h"
 #include "backend/cpu/matmul.h"
 #include "backend/profiling.h"
@@ -697,6 +698,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"prefill", "replicate"}));
   bn->add_option("--seed", bn_args.seed, "seed of the random prompts");
   bn->add_flag("--json", bn_args.as_json, "print JSON");
+
+  add_perplexity_command(app);
 
   try {
     app.parse(argc, argv);
