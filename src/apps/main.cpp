@@ -73,7 +73,28 @@ struct ModelArgs {
     o.profile = profile;
     o.huge_pages = huge_pages;
     o.device = device;
-    return HymbaModel::load(dir, o);
+    // One line while loading (with progress where copying weights takes
+    // time, on a terminal), one summary line when done; both on stderr.
+    const bool tty = isatty(fileno(stderr));
+    if (tty) {
+      o.progress = [](const char* stage, double f) {
+        std::fprintf(stderr, "\rloading %s %3d%%", stage, int(f * 100));
+        std::fflush(stderr);
+      };
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    auto model = HymbaModel::load(dir, o);
+    if (tty) std::fprintf(stderr, "\r\033[K");
+    const HymbaConfig& c = model->config();
+    int n_global = 0, n_consumers = 0;
+    for (const LayerPlan& l : model->plan().layers) n_global += l.global, n_consumers += !l.owns_kv;
+    std::fprintf(stderr, "loaded %s: %.1fM params, %s weights, %d layers (%d global, %d sharing K/V), %" PRId64
+                 " meta tokens, on %s in %.1f s\n",
+                 dir.c_str(), double(parameter_count(c, model->plan())) / 1e6,
+                 dtype_name(model->weights().matrix_dtype), int(c.num_hidden_layers), n_global, n_consumers,
+                 int64_t(c.num_memory_tokens), model->backend().name().c_str(),
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    return model;
   }
 };
 

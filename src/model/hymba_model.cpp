@@ -39,7 +39,9 @@ std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const Model
   m->layout_ = CacheLayout::build(m->cfg_, m->plan_, kv);
   m->be_ = make_backend(opts.device);
   if (opts.profile) m->be_ = make_profiling_backend(std::move(m->be_));
-  m->w_.make_resident(*m->be_);
+  std::function<void(double)> upload_progress;
+  if (opts.progress) upload_progress = [&](double f) { opts.progress("weights", f); };
+  m->w_.make_resident(*m->be_, upload_progress);
   if (m->cfg_.rope) {
     const std::vector<float> inv_freq = m->cfg_.rope_inv_freq();
     m->inv_freq_ = DeviceArray<float>(*m->be_, inv_freq.size());

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -34,6 +35,9 @@ struct ModelOptions {
   bool huge_pages = false;
   // Compute device: "cpu", "cuda" or "auto" (see make_backend).
   std::string device = "cpu";
+  // Called during load with a stage name and its fraction done (0..1), e.g.
+  // while weights are copied to a GPU; may be empty.
+  std::function<void(const char* stage, double fraction)> progress;
 };
 
 class HymbaModel {

@@ -138,7 +138,7 @@ ModelWeights ModelWeights::bind(const SafetensorsCheckpoint& ck, const HymbaConf
   return w;
 }
 
-void ModelWeights::make_resident(Backend& be) {
+void ModelWeights::make_resident(Backend& be, const std::function<void(double)>& progress) {
   auto matrix = [&](MatrixView& m) {
     m.data = be.resident(m.data, size_t(m.rows * m.cols) * dtype_size(m.dtype));
   };
@@ -155,13 +155,16 @@ void ModelWeights::make_resident(Backend& be) {
   else matrix(lm_head);
   vec(memory_tokens);
   vec(final_norm);
-  for (LayerWeights& l : layers) {
+  for (size_t i = 0; i < layers.size(); ++i) {
+    LayerWeights& l = layers[i];
+    if (progress) progress(double(i) / double(layers.size()));
     for (MatrixView* m : {&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate_proj, &l.up_proj, &l.down_proj})
       matrix(*m);
     for (ParamVector* v : {&l.input_norm, &l.conv_weight, &l.conv_bias, &l.dt_norm, &l.B_norm, &l.C_norm, &l.dt_bias,
                            &l.A, &l.D, &l.attn_out_norm, &l.ssm_out_norm, &l.mlp_norm})
       vec(*v);
   }
+  if (progress) progress(1.0);
 }
 
 }  // namespace hymba

@@ -5,6 +5,7 @@
 // the same mapping, nothing copied).
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -60,7 +61,8 @@ struct ModelWeights {
   static ModelWeights bind(const SafetensorsCheckpoint& ck, const HymbaConfig& c, const ModelPlan& plan);
   // Points every matrix and vector at a backend-resident copy (uploads for a
   // GPU backend; a no-op for the CPU). The checkpoint must stay open.
-  void make_resident(Backend& be);
+  // `progress` (may be empty) is told the fraction of layers done.
+  void make_resident(Backend& be, const std::function<void(double)>& progress = {});
 };
 
 // Every tensor name and shape a checkpoint of this config holds (HF layout);
