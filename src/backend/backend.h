@@ -37,6 +37,20 @@ class Backend {
   // Waits until all queued work is done (no-op where ops are synchronous).
   virtual void synchronize() {}
 
+  // ---- recording (optional): ops issued between begin_recording() and
+  // end_recording() are recorded, not run, and replay() runs them again with
+  // the same arguments (CUDA graphs: one launch instead of dozens). Only ops
+  // whose arguments point at device memory may be recorded (not embed_rows'
+  // host ids, not download). A backend that cannot record returns false from
+  // can_record() and is never asked to.
+  virtual bool can_record() const { return false; }
+  virtual void begin_recording() {}
+  // Returns an id for replay(); throws hymba::Error if recording failed.
+  virtual int end_recording() { return -1; }
+  virtual void replay(int recording) {}
+  // Frees every recording (their buffers changed or are gone).
+  virtual void drop_recordings() {}
+
   // ---- ops (semantics in ops.h and backend/cpu/kernels.h)
 
   virtual void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,

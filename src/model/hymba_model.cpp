@@ -38,6 +38,7 @@ std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const Model
   const DType kv = opts.kv_dtype ? *opts.kv_dtype : (m->w_.matrix_dtype == DType::F32 ? DType::F32 : DType::BF16);
   m->layout_ = CacheLayout::build(m->cfg_, m->plan_, kv);
   m->be_ = make_backend(opts.device);
+  if (opts.wrap_backend) m->be_ = opts.wrap_backend(std::move(m->be_));
   if (opts.profile) m->be_ = make_profiling_backend(std::move(m->be_));
   std::function<void(double)> upload_progress;
   if (opts.progress) upload_progress = [&](double f) { opts.progress("weights", f); };
@@ -75,6 +76,9 @@ std::unique_ptr<SequenceCache> HymbaModel::new_sequence(int64_t max_tokens) cons
 void HymbaModel::ensure_workspace(int64_t n) {
   Workspace& ws = *ws_;
   if (n <= ws.capacity) return;
+  // Recordings point at the old buffers.
+  be_->drop_recordings();
+  recordings_.clear();
   const HymbaConfig& c = cfg_;
   const int64_t D = c.hidden_size, Di = c.d_inner, R = c.dt_rank, N = c.mamba_d_state;
   int64_t in_rows = 0;
@@ -118,7 +122,9 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
     Workspace& ws = *ws_;
     be_->embed_rows(w_.embed, ids + done, nc, ws.h.data(), D);
     const RowSpan span{&seq, 0, nc};
+    recording_on_ = decode && nc == 1 && opts_.record_decode && !opts_.profile && be_->can_record();
     run_layers(&span, 1, nc, decode);
+    recording_on_ = false;
     done += nc;
     if (!logits) continue;
     // LM head on the rows that are asked for: every row, or the very last one.
@@ -159,6 +165,37 @@ void HymbaModel::forward_batch(SequenceCache* const* seqs, const int32_t* ids, i
   }
 }
 
+// Single-token decode on a backend that can record: each stretch of ops
+// whose arguments do not change from step to step (they point only at the
+// workspace, the weights and one sequence's conv/SSM state) is run eagerly
+// the first time (so the backend settles its plans and scratch), recorded the
+// second time, and replayed from then on. The key holds every pointer a part
+// depends on beyond the workspace, so a recording is reused only where it is
+// valid; workspace reallocation drops them all.
+template <typename F>
+void HymbaModel::recorded(const RecordKey& key, F&& ops) {
+  if (!recording_on_) {
+    ops();
+    return;
+  }
+  auto it = recordings_.find(key);
+  if (it == recordings_.end()) {
+    if (recordings_.size() >= 4096) {  // many sequences came and went: start over
+      be_->drop_recordings();
+      recordings_.clear();
+    }
+    ops();
+    recordings_.emplace(key, -1);  // seen once
+    return;
+  }
+  if (it->second < 0) {
+    be_->begin_recording();
+    ops();
+    it->second = be_->end_recording();
+  }
+  be_->replay(it->second);
+}
+
 void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool decode) {
   Workspace& ws = *ws_;
   const int half = int(cfg_.head_dim_qk / 2);
@@ -191,31 +228,34 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
   const int64_t ld_u = w.in_proj.rows;
 
   // Fused input projection: u = [q | k | v | x | z] (k, v only for KV owners).
-  be.rmsnorm(ws.h.data(), n, D, D, w.input_norm.data(), eps, ws.a.data(), D);
-  be.matmul(w.in_proj, ws.a.data(), n, D, ws.u.data(), ld_u, false);
   float* q = ws.u.data();
   int64_t off = c.attn_dim;
   if (lp.owns_kv) off += layout_.kv_k + layout_.kv_v;
   float* x = ws.u.data() + off;
   float* z = x + Di;
-
-  // ---- attention branch
-  if (c.rope) be.rope(q, n, ld_u, c.num_attention_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
   float* kc = ws.k[lp.kv_slot].data();
   float* vc = ws.v[lp.kv_slot].data();
-  if (lp.owns_kv) {
-    // This chunk's K/V, packed (the fused projection's rows are wider).
-    const float* k = ws.u.data() + c.attn_dim;
-    const float* v = k + layout_.kv_k;
-    be.store_rows(k, ld_u, n, layout_.kv_k, DType::F32, kc, layout_.kv_k);
-    be.store_rows(v, ld_u, n, layout_.kv_v, DType::F32, vc, layout_.kv_v);
-    if (c.rope)
-      be.rope(kc, n, layout_.kv_k, c.num_key_value_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
-    // Round to the cache precision now, so results do not depend on whether a
-    // key is read from this chunk or, later, from the cache.
-    be.round_to(layout_.kv_dtype, kc, n, layout_.kv_k, layout_.kv_k);
-    be.round_to(layout_.kv_dtype, vc, n, layout_.kv_v, layout_.kv_v);
-  }
+  // Everything up to attention depends only on the workspace and weights:
+  // in single-token decode it is recorded once and replayed (see recorded()).
+  recorded({lp.index, 0, nullptr, nullptr, n}, [&] {
+    be.rmsnorm(ws.h.data(), n, D, D, w.input_norm.data(), eps, ws.a.data(), D);
+    be.matmul(w.in_proj, ws.a.data(), n, D, ws.u.data(), ld_u, false);
+    // ---- attention branch
+    if (c.rope) be.rope(q, n, ld_u, c.num_attention_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
+    if (lp.owns_kv) {
+      // This chunk's K/V, packed (the fused projection's rows are wider).
+      const float* k = ws.u.data() + c.attn_dim;
+      const float* v = k + layout_.kv_k;
+      be.store_rows(k, ld_u, n, layout_.kv_k, DType::F32, kc, layout_.kv_k);
+      be.store_rows(v, ld_u, n, layout_.kv_v, DType::F32, vc, layout_.kv_v);
+      if (c.rope)
+        be.rope(kc, n, layout_.kv_k, c.num_key_value_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
+      // Round to the cache precision now, so results do not depend on whether a
+      // key is read from this chunk or, later, from the cache.
+      be.round_to(layout_.kv_dtype, kc, n, layout_.kv_k, layout_.kv_k);
+      be.round_to(layout_.kv_dtype, vc, n, layout_.kv_v, layout_.kv_v);
+    }
+  });
   // Attention, per sequence: its cached K/V plus its rows of this chunk
   // (segments live in ws.segs: 4 per span, referenced by the args).
   ws.attn_args.resize(size_t(n_spans));
@@ -243,61 +283,72 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
     aa.out = ws.attn.data() + sp.row0 * Di;
     aa.ldo = Di;
   }
-  be.attention_batch(ws.attn_args.data(), n_spans);
+  if (n_spans == 1) be.attention(ws.attn_args[0]);
+  else be.attention_batch(ws.attn_args.data(), n_spans);
 
-  // ---- Mamba branch (conv and scan carry per-sequence state)
-  ws.conv_args.resize(size_t(n_spans));
-  for (int i = 0; i < n_spans; ++i) {
-    const RowSpan& sp = spans[i];
-    ws.conv_args[size_t(i)] = ConvArgs{x + sp.row0 * ld_u, ld_u, sp.n, Di, w.conv_weight.data(), w.conv_bias.data(),
-                                       int(c.mamba_d_conv), sp.seq->conv_state(lp.index),
-                                       ws.conv.data() + sp.row0 * Di, Di};
-  }
-  be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
-  be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
-  be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
-  be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
-  be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
-  be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
-  ws.scan_args.resize(size_t(n_spans));
-  for (int i = 0; i < n_spans; ++i) {
-    const RowSpan& sp = spans[i];
-    ScanArgs& sa = ws.scan_args[size_t(i)];
-    sa.u = ws.conv.data() + sp.row0 * Di;
-    sa.ldu = Di;
-    sa.delta = ws.delta.data() + sp.row0 * Di;
-    sa.ld_delta = Di;
-    sa.B = ws.xdbc.data() + sp.row0 * XD + R;
-    sa.ldb = XD;
-    sa.C = ws.xdbc.data() + sp.row0 * XD + R + N;
-    sa.ldc = XD;
-    sa.z = z + sp.row0 * ld_u;
-    sa.ldz = ld_u;
-    sa.dt_bias = w.dt_bias.data();
-    sa.A = w.A.data();
-    sa.D = w.D.data();
-    sa.state = sp.seq->ssm_state(lp.index);
-    sa.y = ws.y.data() + sp.row0 * Di;
-    sa.ldy = Di;
-    sa.n = sp.n;
-    sa.channels = Di;
-    sa.d_state = N;
-  }
-  be.selective_scan_batch(ws.scan_args.data(), n_spans);
+  // The Mamba branch, the fusion and the MLP: workspace, weights and the
+  // sequence's conv/SSM state (recorded per state, see recorded()).
+  recorded({lp.index, 1, spans[0].seq->conv_state(lp.index), spans[0].seq->ssm_state(lp.index), n}, [&] {
+    // ---- Mamba branch (conv and scan carry per-sequence state)
+    ws.conv_args.resize(size_t(n_spans));
+    for (int i = 0; i < n_spans; ++i) {
+      const RowSpan& sp = spans[i];
+      ws.conv_args[size_t(i)] = ConvArgs{x + sp.row0 * ld_u, ld_u, sp.n, Di, w.conv_weight.data(), w.conv_bias.data(),
+                                         int(c.mamba_d_conv), sp.seq->conv_state(lp.index),
+                                         ws.conv.data() + sp.row0 * Di, Di};
+    }
+    if (n_spans == 1) {  // the single-sequence op (what a recording may hold)
+      const ConvArgs& ca = ws.conv_args[0];
+      be.causal_conv_silu(ca.x, ca.n, ca.ldx, ca.channels, ca.weight, ca.bias, ca.k_width, ca.state, ca.y, ca.ldy);
+    } else {
+      be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
+    }
+    be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
+    be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
+    be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
+    be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
+    be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
+    ws.scan_args.resize(size_t(n_spans));
+    for (int i = 0; i < n_spans; ++i) {
+      const RowSpan& sp = spans[i];
+      ScanArgs& sa = ws.scan_args[size_t(i)];
+      sa.u = ws.conv.data() + sp.row0 * Di;
+      sa.ldu = Di;
+      sa.delta = ws.delta.data() + sp.row0 * Di;
+      sa.ld_delta = Di;
+      sa.B = ws.xdbc.data() + sp.row0 * XD + R;
+      sa.ldb = XD;
+      sa.C = ws.xdbc.data() + sp.row0 * XD + R + N;
+      sa.ldc = XD;
+      sa.z = z + sp.row0 * ld_u;
+      sa.ldz = ld_u;
+      sa.dt_bias = w.dt_bias.data();
+      sa.A = w.A.data();
+      sa.D = w.D.data();
+      sa.state = sp.seq->ssm_state(lp.index);
+      sa.y = ws.y.data() + sp.row0 * Di;
+      sa.ldy = Di;
+      sa.n = sp.n;
+      sa.channels = Di;
+      sa.d_state = N;
+    }
+    if (n_spans == 1) be.selective_scan(ws.scan_args[0]);
+    else be.selective_scan_batch(ws.scan_args.data(), n_spans);
 
-  // ---- fuse the branches: normalise each, average, project, residual
-  be.rmsnorm(ws.attn.data(), n, Di, Di, w.attn_out_norm.data(), eps, ws.attn.data(), Di);
-  be.rmsnorm(ws.y.data(), n, Di, Di, w.ssm_out_norm.data(), eps, ws.y.data(), Di);
-  be.average_into(ws.attn.data(), Di, ws.y.data(), Di, n, Di);
-  be.matmul(w.out_proj, ws.attn.data(), n, Di, ws.h.data(), D, true);
+    // ---- fuse the branches: normalise each, average, project, residual
+    be.rmsnorm(ws.attn.data(), n, Di, Di, w.attn_out_norm.data(), eps, ws.attn.data(), Di);
+    be.rmsnorm(ws.y.data(), n, Di, Di, w.ssm_out_norm.data(), eps, ws.y.data(), Di);
+    be.average_into(ws.attn.data(), Di, ws.y.data(), Di, n, Di);
+    be.matmul(w.out_proj, ws.attn.data(), n, Di, ws.h.data(), D, true);
 
-  // ---- SwiGLU MLP, residual
-  const int64_t I = c.intermediate_size;
-  be.rmsnorm(ws.h.data(), n, D, D, w.mlp_norm.data(), eps, ws.a.data(), D);
-  be.matmul(w.gate_proj, ws.a.data(), n, D, ws.gate.data(), I, false);
-  be.matmul(w.up_proj, ws.a.data(), n, D, ws.up.data(), I, false);
-  be.silu_mul(ws.gate.data(), I, ws.up.data(), I, n, I, ws.gate.data(), I);
-  be.matmul(w.down_proj, ws.gate.data(), n, I, ws.h.data(), D, true);
+    // ---- SwiGLU MLP, residual
+    const int64_t I = c.intermediate_size;
+    be.rmsnorm(ws.h.data(), n, D, D, w.mlp_norm.data(), eps, ws.a.data(), D);
+    be.matmul(w.gate_proj, ws.a.data(), n, D, ws.gate.data(), I, false);
+    be.matmul(w.up_proj, ws.a.data(), n, D, ws.up.data(), I, false);
+    be.silu_mul(ws.gate.data(), I, ws.up.data(), I, n, I, ws.gate.data(), I);
+    be.matmul(w.down_proj, ws.gate.data(), n, I, ws.h.data(), D, true);
+  });
 }
 
 }  // namespace hymba

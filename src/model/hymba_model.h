@@ -6,6 +6,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
+#include <tuple>
 #include <memory>
 #include <optional>
 #include <string>
@@ -35,6 +37,12 @@ struct ModelOptions {
   bool huge_pages = false;
   // Compute device: "cpu", "cuda" or "auto" (see make_backend).
   std::string device = "cpu";
+  // Single-token decode steps record their step-invariant stretches of ops
+  // once and replay them (CUDA graphs) where the backend can record.
+  bool record_decode = true;
+  // Wraps the backend after it is made (tests and tools: e.g. a decorator
+  // that checks or counts ops); may be empty.
+  std::function<std::unique_ptr<Backend>(std::unique_ptr<Backend>)> wrap_backend;
   // Called during load with a stage name and its fraction done (0..1), e.g.
   // while weights are copied to a GPU; may be empty.
   std::function<void(const char* stage, double fraction)> progress;
@@ -93,6 +101,18 @@ class HymbaModel {
   void run_layers(const RowSpan* spans, int n_spans, int64_t n, bool decode);
   void run_layer(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans, int64_t n,
                  bool decode);
+  // A recordable stretch of a layer: (layer, part, the sequence state it
+  // touches, rows).
+  struct RecordKey {
+    int layer, part;
+    const float *conv, *ssm;
+    int64_t n;
+    bool operator<(const RecordKey& o) const {
+      return std::tie(layer, part, conv, ssm, n) < std::tie(o.layer, o.part, o.conv, o.ssm, o.n);
+    }
+  };
+  template <typename F>
+  void recorded(const RecordKey& key, F&& ops);
 
   HymbaConfig cfg_;
   ModelPlan plan_;
@@ -104,6 +124,8 @@ class HymbaModel {
   DeviceArray<float> inv_freq_;
   std::unique_ptr<Workspace> ws_;
   std::unique_ptr<SequenceCache> meta_;
+  bool recording_on_ = false;
+  std::map<RecordKey, int> recordings_;  // -1: seen once, not recorded yet
 };
 
 }  // namespace hymba
