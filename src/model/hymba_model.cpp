@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 
 #include "backend/profiling.h"
@@ -122,7 +123,8 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
     Workspace& ws = *ws_;
     be_->embed_rows(w_.embed, ids + done, nc, ws.h.data(), D);
     const RowSpan span{&seq, 0, nc};
-    recording_on_ = decode && nc == 1 && opts_.record_decode && !opts_.profile && be_->can_record();
+    recording_on_ = decode && nc == 1 && opts_.record_decode && !opts_.profile && !recording_broken_ &&
+                    be_->can_record();
     run_layers(&span, 1, nc, decode);
     recording_on_ = false;
     done += nc;
@@ -189,9 +191,24 @@ void HymbaModel::recorded(const RecordKey& key, F&& ops) {
     return;
   }
   if (it->second < 0) {
-    be_->begin_recording();
-    ops();
-    it->second = be_->end_recording();
+    try {
+      be_->begin_recording();
+      ops();
+      it->second = be_->end_recording();
+    } catch (const Error& e) {
+      // Nothing recorded ran: close the recording if it is still open, stop
+      // recording for this model and run the ops the plain way.
+      try {
+        be_->end_recording();
+      } catch (const Error&) {
+      }
+      std::fprintf(stderr, "warning: decode recording failed, running op by op from now on (%s)\n", e.what());
+      recording_broken_ = true;
+      recording_on_ = false;
+      recordings_.erase(it);
+      ops();
+      return;
+    }
   }
   be_->replay(it->second);
 }

@@ -125,6 +125,7 @@ class HymbaModel {
   std::unique_ptr<Workspace> ws_;
   std::unique_ptr<SequenceCache> meta_;
   bool recording_on_ = false;
+  bool recording_broken_ = false;  // a recording failed: run op by op
   std::map<RecordKey, int> recordings_;  // -1: seen once, not recorded yet
 };
 

@@ -18,6 +18,7 @@ class RecordingCpu final : public Backend {
  public:
   explicit RecordingCpu(std::unique_ptr<Backend> inner) : in_(std::move(inner)) {}
   int recordings_made = 0, replays = 0;
+  bool fail_recording = false;  // end_recording throws (a capture that broke)
 
   std::string name() const override { return in_->name(); }
   void* allocate(size_t b) override { return in_->allocate(b); }
@@ -37,6 +38,7 @@ class RecordingCpu final : public Backend {
   int end_recording() override {
     check(recording_, "end_recording without begin");
     recording_ = false;
+    if (fail_recording) fail("capture failed (simulated)");
     recs_.push_back(std::move(current_));
     ++recordings_made;
     return int(recs_.size()) - 1;
@@ -144,6 +146,32 @@ TEST(DecodeRecording, ReplayEqualsRunningEveryOp) {
   const int T = int(ids.size());
   EXPECT_EQ(rec->recordings_made, layers * 3);
   EXPECT_EQ(rec->replays, layers * ((2 * T - 1) + 2 * (T - 1)));
+}
+
+// A recording that fails is not fatal: the model warns, runs the ops of that
+// step itself and stays op by op; the results are unchanged.
+TEST(DecodeRecording, FailedRecordingFallsBackToRunningOps) {
+  const std::string dir = test::work_dir() + "/goldens/gqa_groups3";
+  RecordingCpu* rec = nullptr;
+  ModelOptions o;
+  o.wrap_backend = [&](std::unique_ptr<Backend> inner) {
+    auto r = std::make_unique<RecordingCpu>(std::move(inner));
+    r->fail_recording = true;
+    rec = r.get();
+    return std::unique_ptr<Backend>(std::move(r));
+  };
+  auto recorded = HymbaModel::load(dir, o);
+  auto plain = HymbaModel::load(dir);
+  const size_t V = size_t(plain->vocab_size());
+  auto a = recorded->new_sequence(8), b = plain->new_sequence(8);
+  std::vector<float> x(V), y(V);
+  for (int32_t id : {5, 9, 2, 7, 1}) {
+    recorded->forward(*a, &id, 1, x.data(), false, true);
+    plain->forward(*b, &id, 1, y.data(), false, true);
+    ASSERT_EQ(x, y);
+  }
+  EXPECT_EQ(rec->recordings_made, 0);
+  EXPECT_EQ(rec->replays, 0);
 }
 
 }  // namespace
