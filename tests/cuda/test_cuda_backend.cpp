@@ -11,6 +11,7 @@
 // ("[cuda-vs-cpu] op ... max rel L2 ...").
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -21,6 +22,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "backend/backend.h"
@@ -104,6 +106,20 @@ class CudaVsCpu : public ::testing::Test {
     for (float& x : v) x = d(rng_);
     return v;
   }
+
+  // Uniform values with the given mean and standard deviation, from a fast
+  // generator seeded by rng_ (the batched tests need tens of millions).
+  std::vector<float> noise(size_t n, float mean = 0.0f, float stddev = 1.0f) {
+    uint64_t s = (uint64_t(rng_()) << 32) | rng_() | 1u;
+    const float k = stddev * 1.7320508f / 8388608.0f;  // [-2^23, 2^23) -> [-sqrt(3), sqrt(3)) stddev
+    std::vector<float> v(n);
+    for (float& x : v) {
+      s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+      x = mean + (float(int64_t(s >> 40) - 8388608)) * k;
+    }
+    return v;
+  }
+  int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng_); }
 
   // Device copy of a host array (freed at TearDown).
   template <typename T>
@@ -535,6 +551,469 @@ TEST_F(CudaVsCpu, RoundToAndStoreRows) {
     const std::vector<uint8_t> sg = down(ds, sc.size());
     EXPECT_EQ(sg, sc) << "store_rows " << dtype_name(dt) << " must be bit-exact (padding untouched)";
     worst()["store_rows"] = std::max(worst()["store_rows"], sg == sc ? 0.0 : 1.0);
+  }
+}
+
+// ---------------------------------------------------------------- batched ops
+// attention_batch / causal_conv_silu_batch / selective_scan_batch (batched
+// decode: one entry per sequence, each with its own caches and state),
+// against the CPU backend's single-entry ops entry by entry, and against the
+// GPU's own single-entry ops. Entries differ in length, segment layout
+// (wrapped ring, meta prefix, pieces in any order, empty and future
+// segments), dtypes and windows; some force the per-entry fallback.
+
+// Relative L2 error of gpu vs cpu over [lo, hi), skipping NaN pairs.
+double rel_l2_range(const std::vector<float>& gpu, const std::vector<float>& cpu, size_t lo, size_t hi) {
+  double num = 0, den = 0;
+  for (size_t i = lo; i < hi; ++i) {
+    if (std::isnan(cpu[i]) || std::isnan(gpu[i])) {
+      if (std::isnan(cpu[i]) != std::isnan(gpu[i])) return INFINITY;
+      continue;
+    }
+    const double d = double(gpu[i]) - double(cpu[i]);
+    num += d * d;
+    den += double(cpu[i]) * double(cpu[i]);
+  }
+  return num == 0 ? 0.0 : std::sqrt(num / std::max(den, 1e-300));
+}
+
+struct BatchHeads {
+  int n_heads, n_kv, dq, dv;
+};
+
+struct BatchAttnEntry {
+  BatchHeads hd;
+  int64_t n_q = 1, q_pos0 = 0, window = -1, nav = 0;
+  float q_scale = 1.0f;
+  std::vector<SegSpec> segs;  // cache segments and the current token(s)
+  std::string note;
+};
+
+class CudaBatch : public CudaVsCpu {
+ protected:
+  DType any_dtype() {
+    const DType d[3] = {DType::BF16, DType::F16, DType::F32};
+    return d[pick(0, 2)];
+  }
+  int64_t any_pad() {
+    const int64_t p[5] = {0, 0, 0, 8, 1};  // 1: rows not 16-byte aligned (scalar loads)
+    return p[pick(0, 4)];
+  }
+
+  // A decode entry (one query at position L) over keys 0..L, laid out as
+  // the model's caches are (or forced to the fallback by `force`).
+  BatchAttnEntry make_entry(const BatchHeads& hd, const std::string& force = "") {
+    BatchAttnEntry e;
+    e.hd = hd;
+    const int64_t r = pick(0, 99);
+    int64_t L = r < 10 ? 0 : r < 45 ? pick(1, 40) : r < 90 ? pick(41, 400) : pick(401, 2000);
+    if (force == "segments" && L < 8) L = 8 + pick(0, 50);
+    e.q_pos0 = L;
+    if (pick(0, 1)) {
+      const int64_t w[6] = {0, 3, 16, 64, 100, 1024};
+      e.window = w[pick(0, 5)];
+      const int64_t m[3] = {0, 2, 16};
+      e.nav = m[pick(0, 2)];
+    } else {
+      e.nav = pick(0, 1) ? 0 : 16;  // (ignored without a window)
+    }
+    e.q_scale = pick(0, 9) == 0 ? 4.0f : 1.0f;
+    std::vector<std::pair<int64_t, int64_t>> runs;  // (pos0, count) of the cache
+    if (force == "segments") {
+      // [0, L) in 8 pieces: 9 segments with the current token.
+      std::vector<int64_t> cuts = {0, L};
+      while (cuts.size() < 9) {
+        const int64_t c = pick(1, L - 1);
+        if (std::find(cuts.begin(), cuts.end(), c) == cuts.end()) cuts.push_back(c);
+      }
+      std::sort(cuts.begin(), cuts.end());
+      for (size_t i = 0; i + 1 < cuts.size(); ++i) runs.push_back({cuts[i], cuts[i + 1] - cuts[i]});
+      e.note = "9 segments";
+    } else if (L > 0 && e.window >= 0 && pick(0, 1)) {
+      // Meta prefix + ring of the last window(+0..3) positions, wrapped.
+      const int64_t meta = std::min(e.nav, L);
+      if (meta > 0) runs.push_back({0, meta});
+      const int64_t R = std::min(L - meta, e.window + pick(0, 3));
+      if (R > 0) {
+        const int64_t start = L - R, wrap = pick(start, L - 1);
+        runs.push_back({wrap, L - wrap});  // newest part first, as a ring wrapped at `wrap`
+        if (wrap > start) runs.push_back({start, wrap - start});
+      }
+      e.note = "ring";
+    } else if (L > 0) {
+      // [0, L) in 1..3 pieces, shuffled.
+      std::vector<int64_t> cuts = {0, L};
+      const int64_t pieces = std::min<int64_t>(L, pick(1, 3));
+      while (int64_t(cuts.size()) < pieces + 1) {
+        const int64_t c = pick(1, L - 1);
+        if (std::find(cuts.begin(), cuts.end(), c) == cuts.end()) cuts.push_back(c);
+      }
+      std::sort(cuts.begin(), cuts.end());
+      for (size_t i = 0; i + 1 < cuts.size(); ++i) runs.push_back({cuts[i], cuts[i + 1] - cuts[i]});
+      std::shuffle(runs.begin(), runs.end(), rng_);
+      e.note = "pieces";
+    } else {
+      e.note = "one key";
+    }
+    e.n_q = force == "n_q" ? 2 : 1;
+    for (auto [p0, n] : runs) e.segs.push_back({p0, n, any_dtype(), any_pad()});
+    if (force != "segments") {
+      if (pick(0, 19) == 0) e.segs.push_back({L, 0, any_dtype(), 0});                       // empty
+      if (pick(0, 19) == 0) e.segs.push_back({L + e.n_q, pick(1, 40), any_dtype(), 0});  // future keys
+    }
+    e.segs.push_back({L, e.n_q, DType::F32, 0});  // this step's K/V (fp32 rows)
+    if (!force.empty()) e.note += " [" + force + "]";
+    e.note += " L=" + std::to_string(L) + " w=" + std::to_string(e.window);
+    return e;
+  }
+
+  void run_attention_batch(const std::string& name, const std::vector<BatchAttnEntry>& es) {
+    SCOPED_TRACE(name);
+    const size_t n = es.size();
+    // Every segment's K and V in one pool (16-byte aligned starts), queries
+    // and outputs in one each (gaps between entries stay poisoned).
+    std::vector<uint8_t> pool;
+    std::vector<std::vector<std::pair<size_t, size_t>>> offs(n);
+    std::vector<float> qh;
+    std::vector<size_t> qoff(n), ooff(n);
+    std::vector<int64_t> ldq(n), ldo(n);
+    size_t out_size = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const BatchAttnEntry& e = es[i];
+      const int64_t kv_k = int64_t(e.hd.n_kv) * e.hd.dq, kv_v = int64_t(e.hd.n_kv) * e.hd.dv;
+      for (const SegSpec& s : e.segs) {
+        auto add = [&](int64_t ld) {
+          pool.resize((pool.size() + 15) / 16 * 16);
+          const size_t at = pool.size();
+          const std::vector<uint8_t> b = store_as(noise(size_t(s.count * ld)), s.dtype);
+          pool.insert(pool.end(), b.begin(), b.end());
+          return at;
+        };
+        const size_t k = add(kv_k + s.pad);
+        const size_t v = add(kv_v + 2 * s.pad);
+        offs[i].push_back({k, v});
+      }
+      ldq[i] = int64_t(e.hd.n_heads) * e.hd.dq + 3;
+      qoff[i] = qh.size();
+      const std::vector<float> q = noise(size_t(e.n_q * ldq[i]), 0.0f, e.q_scale);
+      qh.insert(qh.end(), q.begin(), q.end());
+      ldo[i] = int64_t(e.hd.n_heads) * e.hd.dv + 5;
+      ooff[i] = out_size;
+      out_size += size_t(e.n_q * ldo[i]) + 7;
+    }
+    pool.resize(std::max<size_t>(pool.size(), 16));
+    const uint8_t* dpool = up(pool);
+    const float* dq = up(qh);
+    const std::vector<float> poison(out_size, kNaN);
+    float* d_batch = up(poison);
+    float* d_halves = up(poison);
+    float* d_single = up(poison);
+
+    std::vector<std::vector<KVSegment>> hsegs(n), dsegs(n);
+    std::vector<AttentionArgs> ha(n), da(n);
+    for (size_t i = 0; i < n; ++i) {
+      const BatchAttnEntry& e = es[i];
+      const int64_t kv_k = int64_t(e.hd.n_kv) * e.hd.dq, kv_v = int64_t(e.hd.n_kv) * e.hd.dv;
+      for (size_t j = 0; j < e.segs.size(); ++j) {
+        const SegSpec& s = e.segs[j];
+        KVSegment seg;
+        seg.dtype = s.dtype;
+        seg.ld_k = kv_k + s.pad;
+        seg.ld_v = kv_v + 2 * s.pad;
+        seg.pos0 = s.pos0;
+        seg.count = s.count;
+        seg.k = pool.data() + offs[i][j].first;
+        seg.v = pool.data() + offs[i][j].second;
+        hsegs[i].push_back(seg);
+        seg.k = dpool + offs[i][j].first;
+        seg.v = dpool + offs[i][j].second;
+        dsegs[i].push_back(seg);
+      }
+      AttentionArgs a;
+      a.ldq = ldq[i];
+      a.n_q = e.n_q;
+      a.q_pos0 = e.q_pos0;
+      a.n_heads = e.hd.n_heads;
+      a.n_kv_heads = e.hd.n_kv;
+      a.head_dim_qk = e.hd.dq;
+      a.head_dim_v = e.hd.dv;
+      a.n_segments = int(e.segs.size());
+      a.window = e.window;
+      a.n_always_visible = e.nav;
+      a.scale = 1.0f / std::sqrt(float(e.hd.dq));
+      a.ldo = ldo[i];
+      ha[i] = da[i] = a;
+      ha[i].q = qh.data() + qoff[i];
+      ha[i].segments = hsegs[i].data();
+      da[i].q = dq + qoff[i];
+      da[i].segments = dsegs[i].data();
+      da[i].out = d_batch + ooff[i];
+    }
+    std::vector<float> oc = poison;
+    for (size_t i = 0; i < n; ++i) {
+      ha[i].out = oc.data() + ooff[i];
+      cpu_->attention(ha[i]);
+    }
+    // One batch; the same entries as two batches queued back to back (two
+    // descriptor uploads in flight); and one by one with the single-entry op.
+    gpu_->attention_batch(da.data(), int(n));
+    {
+      std::vector<AttentionArgs> h = da;
+      for (size_t i = 0; i < n; ++i) h[i].out = d_halves + ooff[i];
+      const int first = int(n / 2);
+      gpu_->attention_batch(h.data(), first);
+      gpu_->attention_batch(h.data() + first, int(n) - first);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      AttentionArgs a = da[i];
+      a.out = d_single + ooff[i];
+      gpu_->attention(a);
+    }
+    const std::vector<float> ob = down(d_batch, out_size);
+    const std::vector<float> oh = down(d_halves, out_size);
+    const std::vector<float> os = down(d_single, out_size);
+    const std::string what = name + " (" + std::to_string(n) + " entries)";
+    expect_close("attention_batch", what, ob, oc, 1e-5);
+    expect_close("attention_batch", what + " as 2 batches", oh, oc, 1e-5);
+    expect_close("attention_batch_vs_gpu", what, ob, os, 1e-5);
+    // An entry's key splits depend on its own keys only, not on the batch:
+    // the same entries in other batches give the same numbers (1e-7: one
+    // ulp of slack for the merge's exp(0) where one batch needs no merge).
+    expect_close("attention_batch_invariance", what, oh, ob, 1e-7);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t lo = ooff[i], hi = ooff[i] + size_t(es[i].n_q * ldo[i]);
+      EXPECT_LE(rel_l2_range(ob, oc, lo, hi), 1e-5) << "entry " << i << ": " << es[i].note << " (seed " << seed_ << ")";
+      EXPECT_LE(rel_l2_range(oh, oc, lo, hi), 1e-5) << "entry " << i << " (2 batches): " << es[i].note;
+    }
+  }
+};
+
+TEST_F(CudaBatch, AttentionBatch) {
+  const BatchHeads m15{25, 5, 64, 128};  // Hymba-1.5B: v heads twice as wide as qk
+  // Sizes 1, 3, 37, 130 at the model's shape; fallback entries: two queries,
+  // nine segments, other head dims (the first entry of "3" is one).
+  for (int count : {1, 3, 37, 130}) {
+    std::vector<BatchAttnEntry> es;
+    for (int i = 0; i < count; ++i) es.push_back(make_entry(m15));
+    if (count == 3) es[0] = make_entry(m15, "n_q");
+    if (count >= 37) {
+      es[size_t(count / 3)] = make_entry(m15, "n_q");
+      es[size_t(count / 2)] = make_entry(m15, "segments");
+      es[size_t(count - 2)] = make_entry({25, 5, 64, 64}, "heads");
+    }
+    run_attention_batch("1.5B decode", es);
+    TearDown();
+  }
+  // At most one tile of keys per entry (one segment, <= 32 visible keys):
+  // one split, the output written directly (no merge pass).
+  {
+    std::vector<BatchAttnEntry> es;
+    for (int i = 0; i < 3; ++i) {
+      BatchAttnEntry e = make_entry(m15);
+      e.q_pos0 = i * 7;
+      e.window = i == 2 ? 3 : -1;
+      e.nav = 0;
+      e.segs = {{0, e.q_pos0 + 1, i == 1 ? DType::F16 : DType::BF16, 0}};
+      e.note = "single tile";
+      es.push_back(e);
+    }
+    run_attention_batch("1.5B decode, <= 32 keys", es);
+    TearDown();
+  }
+  // Other head shapes: odd dims (scalar loads), heads split over two blocks,
+  // wide qk heads (dynamic shared memory above 48 KiB), value heads wider
+  // than the batched kernel takes (all entries fall back).
+  for (auto [hd, count] : std::vector<std::pair<BatchHeads, int>>{
+           {{6, 3, 7, 9}, 37}, {{64, 1, 16, 16}, 5}, {{32, 1, 256, 128}, 3}, {{2, 1, 256, 256}, 3}, {{4, 2, 32, 48}, 11}}) {
+    std::vector<BatchAttnEntry> es;
+    for (int i = 0; i < count; ++i) es.push_back(make_entry(hd));
+    run_attention_batch("heads " + std::to_string(hd.n_heads) + "/" + std::to_string(hd.n_kv) + " dims " +
+                            std::to_string(hd.dq) + "/" + std::to_string(hd.dv),
+                        es);
+    TearDown();
+  }
+}
+
+TEST_F(CudaBatch, CausalConvSiluBatch) {
+  for (auto [count, channels, k_width] :
+       std::vector<std::tuple<int, int64_t, int>>{{1, 3200, 4}, {3, 20, 1}, {37, 37, 3}, {130, 3200, 4}}) {
+    // Main weights, and an odd entry's own (other channels and width).
+    const int64_t channels2 = channels + 13;
+    const int k_width2 = k_width == 4 ? 2 : 4;
+    const std::vector<float> w = randn(size_t(k_width * channels), 0.0f, 0.5f), b = randn(size_t(channels));
+    const std::vector<float> w2 = randn(size_t(k_width2 * channels2), 0.0f, 0.5f), b2 = randn(size_t(channels2));
+    const float* dw = up(w);
+    const float* db = up(b);
+    const float* dw2 = up(w2);
+    const float* db2 = up(b2);
+    auto hetero = [&](int i) { return count >= 3 && i == count - 1; };
+    // States: one pool, an entry's [hist, channels] block each.
+    std::vector<size_t> soff(static_cast<size_t>(count));
+    size_t state_size = 0;
+    for (int i = 0; i < count; ++i) {
+      const int64_t C = hetero(i) ? channels2 : channels;
+      const int kw = hetero(i) ? k_width2 : k_width;
+      soff[size_t(i)] = state_size;
+      state_size += size_t(std::max(1, kw - 1) * C);
+    }
+    std::vector<float> sc = noise(state_size);
+    float* ds_batch = up(sc);
+    float* ds_single = up(sc);
+    // Two rounds: the state carries over.
+    for (int round = 0; round < 2; ++round) {
+      std::vector<int64_t> ns(static_cast<size_t>(count));
+      const int64_t choices[8] = {1, 1, 1, 1, 2, 3, 5, 33};
+      for (int i = 0; i < count; ++i) ns[size_t(i)] = count == 1 ? 1 : choices[pick(0, 7)];
+      if (count >= 3) ns[1] = round == 0 ? 0 : 2;  // nothing to do, then a short chunk
+      if (count >= 37) ns[size_t(count / 2)] = 100;  // past the batched kernel's limit: the fallback
+      std::vector<size_t> xoff(static_cast<size_t>(count)), yoff(static_cast<size_t>(count));
+      std::vector<int64_t> ldx(static_cast<size_t>(count)), ldy(static_cast<size_t>(count));
+      size_t x_size = 0, y_size = 0;
+      for (int i = 0; i < count; ++i) {
+        const int64_t C = hetero(i) ? channels2 : channels;
+        ldx[size_t(i)] = 2 * C + 3, ldy[size_t(i)] = C + 1;
+        xoff[size_t(i)] = x_size, yoff[size_t(i)] = y_size;
+        x_size += size_t(ns[size_t(i)] * ldx[size_t(i)]);
+        y_size += size_t(ns[size_t(i)] * ldy[size_t(i)]) + 3;
+      }
+      const std::vector<float> x = noise(std::max<size_t>(x_size, 1));
+      const std::vector<float> poison(y_size, kNaN);
+      const float* dx = up(x);
+      float* dy_batch = up(poison);
+      float* dy_single = up(poison);
+      std::vector<float> yc = poison;
+      std::vector<ConvArgs> da(static_cast<size_t>(count));
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        const bool h = hetero(i);
+        const int64_t C = h ? channels2 : channels;
+        const int kw = h ? k_width2 : k_width;
+        cpu_->causal_conv_silu(x.data() + xoff[k] + C, ns[k], ldx[k], C, (h ? w2 : w).data(), (h ? b2 : b).data(),
+                               kw, sc.data() + soff[k], yc.data() + yoff[k], ldy[k]);
+        da[k] = ConvArgs{dx + xoff[k] + C, ldx[k], ns[k], C, h ? dw2 : dw, h ? db2 : db, kw,
+                         ds_batch + soff[k], dy_batch + yoff[k], ldy[k]};
+      }
+      gpu_->causal_conv_silu_batch(da.data(), count);
+      for (int i = 0; i < count; ++i) {
+        const ConvArgs& a = da[size_t(i)];
+        gpu_->causal_conv_silu(a.x, a.n, a.ldx, a.channels, a.weight, a.bias, a.k_width, ds_single + soff[size_t(i)],
+                               dy_single + yoff[size_t(i)], a.ldy);
+      }
+      const std::string what = std::to_string(count) + " entries C=" + std::to_string(channels) +
+                               " k=" + std::to_string(k_width) + " round " + std::to_string(round);
+      const std::vector<float> yb = down(dy_batch, y_size);
+      expect_close("conv_batch", what, yb, yc, 1e-5);
+      expect_close("conv_batch_vs_gpu", what, yb, down(dy_single, y_size), 1e-6);
+      const std::vector<float> sb = down(ds_batch, state_size);
+      expect_close("conv_batch_state", what, sb, sc, 0.0);
+      expect_close("conv_batch_state_vs_gpu", what, sb, down(ds_single, state_size), 0.0);
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        EXPECT_LE(rel_l2_range(yb, yc, yoff[k], yoff[k] + size_t(ns[k] * ldy[k])), 1e-5)
+            << "entry " << i << " n=" << ns[k] << (hetero(i) ? " (other shape)" : "") << " (seed " << seed_ << ")";
+      }
+    }
+    TearDown();
+  }
+}
+
+TEST_F(CudaBatch, SelectiveScanBatch) {
+  for (auto [count, channels, d_state] :
+       std::vector<std::tuple<int, int64_t, int64_t>>{{1, 3200, 16}, {3, 50, 40}, {37, 37, 5}, {130, 3200, 16}}) {
+    // Shared parameters, and an odd entry's own (other channels and d_state).
+    struct Params {
+      int64_t C, N;
+      std::vector<float> dt_bias, A, D;
+      const float *d_bias, *dA, *dD;
+    };
+    auto make = [&](int64_t C, int64_t N) {
+      Params p{C, N, randn(size_t(C), -2.0f, 1.0f), randn(size_t(C * N)), randn(size_t(C)), nullptr, nullptr, nullptr};
+      for (float& v : p.A) v = -std::exp(v);
+      p.d_bias = up(p.dt_bias), p.dA = up(p.A), p.dD = up(p.D);
+      return p;
+    };
+    const Params base = make(channels, d_state);
+    const Params other = make(channels + 7, d_state == 16 ? 40 : 16);
+    auto params = [&](int i) -> const Params& { return count >= 3 && i == count - 1 ? other : base; };
+    std::vector<size_t> soff(static_cast<size_t>(count));
+    size_t state_size = 0;
+    for (int i = 0; i < count; ++i) {
+      soff[size_t(i)] = state_size;
+      state_size += size_t(params(i).C * params(i).N);
+    }
+    std::vector<float> sc = noise(state_size, 0.0f, 0.5f);
+    float* ds_batch = up(sc);
+    float* ds_single = up(sc);
+    for (int round = 0; round < 2; ++round) {
+      std::vector<int64_t> ns(static_cast<size_t>(count));
+      const int64_t choices[8] = {1, 1, 1, 1, 2, 3, 9, 24};
+      for (int i = 0; i < count; ++i) ns[size_t(i)] = count == 1 ? 1 : choices[pick(0, 7)];
+      if (count >= 3) ns[1] = round == 0 ? 0 : 3;
+      // u | delta | z of an entry as column slices of its rows in one pool,
+      // B | C likewise in another.
+      std::vector<size_t> ioff(static_cast<size_t>(count)), boff(static_cast<size_t>(count)), yoff(static_cast<size_t>(count));
+      std::vector<int64_t> ld_in(static_cast<size_t>(count)), ld_bc(static_cast<size_t>(count)), ldy(static_cast<size_t>(count));
+      size_t in_size = 0, bc_size = 0, y_size = 0;
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        const Params& p = params(i);
+        ld_in[k] = 3 * p.C + 1, ld_bc[k] = 2 * p.N + 3, ldy[k] = p.C + 2;
+        ioff[k] = in_size, boff[k] = bc_size, yoff[k] = y_size;
+        in_size += size_t(ns[k] * ld_in[k]);
+        bc_size += size_t(ns[k] * ld_bc[k]);
+        y_size += size_t(ns[k] * ldy[k]) + 3;
+      }
+      const std::vector<float> in = noise(std::max<size_t>(in_size, 1));
+      const std::vector<float> bc = noise(std::max<size_t>(bc_size, 1));
+      const std::vector<float> poison(y_size, kNaN);
+      const float* din = up(in);
+      const float* dbc = up(bc);
+      float* dy_batch = up(poison);
+      float* dy_single = up(poison);
+      std::vector<float> yc = poison;
+      std::vector<ScanArgs> da(static_cast<size_t>(count));
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        const Params& p = params(i);
+        ScanArgs a;
+        a.ldu = a.ld_delta = a.ldz = ld_in[k];
+        a.ldb = a.ldc = ld_bc[k];
+        a.ldy = ldy[k];
+        a.n = ns[k], a.channels = p.C, a.d_state = p.N;
+        a.u = in.data() + ioff[k], a.delta = a.u + p.C, a.z = a.u + 2 * p.C;
+        a.B = bc.data() + boff[k], a.C = a.B + p.N;
+        a.dt_bias = p.dt_bias.data(), a.A = p.A.data(), a.D = p.D.data();
+        a.state = sc.data() + soff[k], a.y = yc.data() + yoff[k];
+        cpu_->selective_scan(a);
+        a.u = din + ioff[k], a.delta = a.u + p.C, a.z = a.u + 2 * p.C;
+        a.B = dbc + boff[k], a.C = a.B + p.N;
+        a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD;
+        a.state = ds_batch + soff[k], a.y = dy_batch + yoff[k];
+        da[k] = a;
+      }
+      gpu_->selective_scan_batch(da.data(), count);
+      for (int i = 0; i < count; ++i) {
+        ScanArgs a = da[size_t(i)];
+        a.state = ds_single + soff[size_t(i)], a.y = dy_single + yoff[size_t(i)];
+        gpu_->selective_scan(a);
+      }
+      const std::string what = std::to_string(count) + " entries C=" + std::to_string(channels) +
+                               " N=" + std::to_string(d_state) + " round " + std::to_string(round);
+      const std::vector<float> yb = down(dy_batch, y_size);
+      expect_close("scan_batch", what, yb, yc, 1e-5);
+      expect_close("scan_batch_vs_gpu", what, yb, down(dy_single, y_size), 1e-6);
+      const std::vector<float> sb = down(ds_batch, state_size);
+      expect_close("scan_batch_state", what, sb, sc, 1e-5);
+      expect_close("scan_batch_state_vs_gpu", what, sb, down(ds_single, state_size), 1e-6);
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        EXPECT_LE(rel_l2_range(yb, yc, yoff[k], yoff[k] + size_t(ns[k] * ldy[k])), 1e-5)
+            << "entry " << i << " n=" << ns[k] << " (seed " << seed_ << ")";
+        EXPECT_LE(rel_l2_range(sb, sc, soff[k], soff[k] + size_t(params(i).C * params(i).N)), 1e-5)
+            << "state of entry " << i << " n=" << ns[k] << " (seed " << seed_ << ")";
+      }
+    }
+    TearDown();
   }
 }
 

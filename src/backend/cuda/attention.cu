@@ -32,6 +32,10 @@ constexpr int kRows = 32;         // (query, head) rows per block
 constexpr int kRowsPerWarp = kRows / kWarps;
 constexpr int kMaxSegments = 16;
 constexpr int kMaxHeadDim = 256;
+constexpr int kBatchSegments = 8;  // segments a batched entry holds inline
+constexpr int kBatchMinTilesPerSplit = 2;
+constexpr int kBatchMaxSplits = 64;
+constexpr int kBatchDVL = 4;  // the batched kernel's value columns per lane: head_dim_v <= 128
 
 struct SegDesc {
   const void* k;
@@ -40,21 +44,47 @@ struct SegDesc {
   DType dtype;
 };
 
-struct Params {
-  const float* q;
-  int64_t ldq, n_q, q_pos0;
+// The launch-wide shape: heads, dims and how a block's rows are chosen.
+struct Shape {
   int n_heads, dq, dv, group;
   int heads_per_block, q_per_block, head_blocks;
-  int n_seg;
-  SegDesc seg[kMaxSegments];
+  int q_rows;  // (query, head) rows sQ holds: q_per_block * heads_per_block, or heads_per_block in decode
+  int splits;
+};
+
+// One sequence's attention: queries, visibility, output, and (launch
+// splits > 1) its partial softmax states: m, l [n_split][n_q][n_heads],
+// acc x dv. Its keys are split between the blocks z < n_split.
+struct Job {
+  const float* q;
+  int64_t ldq, n_q, q_pos0;
   int64_t window, n_always_visible;
   float scale;
+  int n_seg;
+  int n_split;
   float* out;
   int64_t ldo;
-  int splits;
-  float* part_m;    // [splits][n_q][n_heads]
-  float* part_l;    // [splits][n_q][n_heads]
-  float* part_acc;  // [splits][n_q][n_heads][dv]
+  float* part_m;
+  float* part_l;
+  float* part_acc;
+};
+
+// A single-sequence launch: everything in kernel parameters.
+struct Params {
+  Shape sh;
+  Job job;
+  SegDesc seg[kMaxSegments];
+};
+
+// A batched decode launch: one BatchEntry per sequence in device memory
+// (staged by the backend), one block row per entry.
+struct BatchEntry {
+  Job job;
+  SegDesc seg[kBatchSegments];
+};
+struct BatchParams {
+  Shape sh;
+  const BatchEntry* entries;
 };
 
 // The key ranges a tile of queries at positions p_first..p_last can see:
@@ -138,29 +168,32 @@ __device__ __forceinline__ void load_tile(float* dst, int ld_dst, const void* ba
   }
 }
 
-// grid: x = query tile, y = kv head * head_blocks + head block, z = split.
+// The work of one block: query tile q_tile of job `jb`, kv head block gy
+// (kv head * head_blocks + head block), key split `split`. seg: the job's
+// segments (kernel parameters or shared memory). Every thread of the block
+// calls this (it synchronises the block).
 template <int DVL>
-__global__ void __launch_bounds__(kThreads) attention_kernel(const Params p) {
-  extern __shared__ float smem[];
-  const int dq = p.dq, dv = p.dv;
-  float* sQ = smem;                    // [kRows][dq], pre-scaled
-  float* sK = sQ + kRows * dq;         // [kBK][dq + 1] (padded: lane j reads row j without bank conflicts)
+__device__ __forceinline__ void attend(const Shape& sh, const Job& jb, const SegDesc* seg, int64_t q_tile, int gy,
+                                       int split, float* smem) {
+  const int dq = sh.dq, dv = sh.dv;
+  float* sQ = smem;                    // [q_rows][dq], pre-scaled
+  float* sK = sQ + sh.q_rows * dq;     // [kBK][dq + 1] (padded: lane j reads row j without bank conflicts)
   float* sV = sK + kBK * (dq + 1);     // [kBK][dv]
   const int ldk = dq + 1;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = blockIdx.y / p.head_blocks;             // kv head
-  const int hb = blockIdx.y % p.head_blocks;
-  const int h0 = g * p.group + hb * p.heads_per_block;  // first query head of this block
-  const int hib = min(p.heads_per_block, p.group - hb * p.heads_per_block);
-  const int64_t t0 = int64_t(blockIdx.x) * p.q_per_block;
-  const int nq = int(min(int64_t(p.q_per_block), p.n_q - t0));
-  const int rows = nq * hib;  // row r = (query t0 + r / hib, head h0 + r % hib)
-  const int64_t p_first = p.q_pos0 + t0, p_last = p_first + nq - 1;
+  const int g = gy / sh.head_blocks;                     // kv head
+  const int hb = gy % sh.head_blocks;
+  const int h0 = g * sh.group + hb * sh.heads_per_block;  // first query head of this block
+  const int hib = min(sh.heads_per_block, sh.group - hb * sh.heads_per_block);
+  const int64_t t0 = q_tile * sh.q_per_block;
+  const int nq = int(min(int64_t(sh.q_per_block), jb.n_q - t0));
+  const int rows = nq * hib;  // row r = (query t0 + r / hib, head h0 + r % hib); rows <= q_rows
+  const int64_t p_first = jb.q_pos0 + t0, p_last = p_first + nq - 1;
 
   for (int idx = threadIdx.x; idx < rows * dq; idx += kThreads) {
     const int r = idx / dq, i = idx % dq;
-    sQ[idx] = p.q[(t0 + r / hib) * p.ldq + int64_t(h0 + r % hib) * dq + i] * p.scale;
+    sQ[idx] = jb.q[(t0 + r / hib) * jb.ldq + int64_t(h0 + r % hib) * dq + i] * jb.scale;
   }
 
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][DVL];
@@ -173,13 +206,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params p) {
   }
 
   // This block's share of the tiles.
-  const int64_t n_tiles = count_tiles(p.seg, p.n_seg, p.window, p.n_always_visible, p_first, p_last);
-  const int64_t tile_lo = n_tiles * blockIdx.z / p.splits, tile_hi = n_tiles * (blockIdx.z + 1) / p.splits;
+  const int64_t n_tiles = count_tiles(seg, jb.n_seg, jb.window, jb.n_always_visible, p_first, p_last);
+  const int64_t tile_lo = n_tiles * split / jb.n_split, tile_hi = n_tiles * (split + 1) / jb.n_split;
   int64_t tile = 0;
 
-  for_each_range(p.seg, p.n_seg, p.window, p.n_always_visible, p_first, p_last,
+  for_each_range(seg, jb.n_seg, jb.window, jb.n_always_visible, p_first, p_last,
                  [&](int s, int64_t first, int64_t len) {
-    const SegDesc& sg = p.seg[s];
+    const SegDesc& sg = seg[s];
     for (int64_t off = 0; off < len; off += kBK, ++tile) {
       if (tile < tile_lo || tile >= tile_hi) continue;
       const int nk = int(min(int64_t(kBK), len - off));
@@ -197,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params p) {
         if (r >= rows) break;  // warp-uniform
         const int64_t pos = p_first + r / hib;
         const bool visible = lane < nk && kp <= pos &&
-                             (p.window < 0 || pos - kp <= p.window || kp < p.n_always_visible);
+                             (jb.window < 0 || pos - kp <= jb.window || kp < jb.n_always_visible);
         const float* qr = sQ + r * dq;
         const float* kr = sK + lane * ldk;
         float s0 = 0.0f, s1 = 0.0f;
@@ -237,48 +270,83 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const Params p) {
     if (r >= rows) break;
     const int64_t t = t0 + r / hib;
     const int h = h0 + r % hib;
-    if (p.splits == 1) {
+    if (sh.splits == 1) {
       const float inv = l[rr] > 0.0f ? 1.0f / l[rr] : 0.0f;
-      float* o = p.out + t * p.ldo + int64_t(h) * dv;
+      float* o = jb.out + t * jb.ldo + int64_t(h) * dv;
 #pragma unroll
       for (int d = 0; d < DVL; ++d)
         if (lane + 32 * d < dv) o[lane + 32 * d] = acc[rr][d] * inv;
     } else {
-      const int64_t at = (int64_t(blockIdx.z) * p.n_q + t) * p.n_heads + h;
+      const int64_t at = (int64_t(split) * jb.n_q + t) * sh.n_heads + h;
       if (lane == 0) {
-        p.part_m[at] = m[rr];
-        p.part_l[at] = l[rr];
+        jb.part_m[at] = m[rr];
+        jb.part_l[at] = l[rr];
       }
 #pragma unroll
       for (int d = 0; d < DVL; ++d)
-        if (lane + 32 * d < dv) p.part_acc[at * dv + lane + 32 * d] = acc[rr][d];
+        if (lane + 32 * d < dv) jb.part_acc[at * dv + lane + 32 * d] = acc[rr][d];
     }
   }
 }
 
-// One block per (query, head): merges the splits' partial softmax states.
-__global__ void attention_merge_kernel(const Params p) {
-  const int64_t th = blockIdx.x;  // t * n_heads + h
-  const int64_t t = th / p.n_heads;
-  const int h = int(th % p.n_heads);
-  const int64_t stride = p.n_q * p.n_heads;
+// grid: x = query tile, y = kv head * head_blocks + head block, z = split.
+template <int DVL>
+__global__ void __launch_bounds__(kThreads) attention_kernel(const Params p) {
+  extern __shared__ float smem[];
+  attend<DVL>(p.sh, p.job, p.seg, blockIdx.x, int(blockIdx.y), int(blockIdx.z), smem);
+}
+
+// Batched decode (n_q = 1 per entry). grid: x = entry, y = kv head *
+// head_blocks + head block, z = split. The entry (job and segments) is
+// copied to shared memory first: attend reads it for every tile, and held
+// in registers it would spill.
+template <int DVL>
+__global__ void __launch_bounds__(kThreads) attention_batch_kernel(const BatchParams p) {
+  extern __shared__ float smem[];
+  __shared__ BatchEntry entry;
+  const BatchEntry* e = p.entries + blockIdx.x;
+  if (threadIdx.x == 0) entry.job = e->job;
+  if (int(threadIdx.x) < kBatchSegments) entry.seg[threadIdx.x] = e->seg[threadIdx.x];
+  __syncthreads();
+  if (int(blockIdx.z) >= entry.job.n_split) return;  // (the whole block) this entry has fewer splits
+  attend<DVL>(p.sh, entry.job, entry.seg, 0, int(blockIdx.y), int(blockIdx.z), smem);
+}
+
+// Merges the splits' partial softmax states of row (query t, head h) of a
+// job into its output; the threads of the block share the dims.
+__device__ __forceinline__ void merge_row(const Shape& sh, const Job& jb, int64_t t, int h) {
+  const int64_t th = t * sh.n_heads + h;
+  const int64_t stride = jb.n_q * sh.n_heads;
   float mx = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, p.part_m[s * stride + th]);
-  float* o = p.out + t * p.ldo + int64_t(h) * p.dv;
+  for (int s = 0; s < jb.n_split; ++s) mx = fmaxf(mx, jb.part_m[s * stride + th]);
+  float* o = jb.out + t * jb.ldo + int64_t(h) * sh.dv;
   float l = 0.0f;
-  for (int s = 0; s < p.splits; ++s) {
-    const float ms = p.part_m[s * stride + th];
-    if (ms != -INFINITY) l += p.part_l[s * stride + th] * expf(ms - mx);
+  for (int s = 0; s < jb.n_split; ++s) {
+    const float ms = jb.part_m[s * stride + th];
+    if (ms != -INFINITY) l += jb.part_l[s * stride + th] * expf(ms - mx);
   }
   const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-  for (int d = threadIdx.x; d < p.dv; d += blockDim.x) {
+  for (int d = threadIdx.x; d < sh.dv; d += blockDim.x) {
     float acc = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float ms = p.part_m[s * stride + th];
-      if (ms != -INFINITY) acc += p.part_acc[(s * stride + th) * p.dv + d] * expf(ms - mx);
+    for (int s = 0; s < jb.n_split; ++s) {
+      const float ms = jb.part_m[s * stride + th];
+      if (ms != -INFINITY) acc += jb.part_acc[(s * stride + th) * sh.dv + d] * expf(ms - mx);
     }
     o[d] = acc * inv;
   }
+}
+
+// One block per (query, head).
+__global__ void attention_merge_kernel(const Params p) {
+  const int64_t th = blockIdx.x;  // t * n_heads + h
+  merge_row(p.sh, p.job, th / p.sh.n_heads, int(th % p.sh.n_heads));
+}
+
+// One block per (entry, head).
+__global__ void attention_batch_merge_kernel(const BatchParams p) {
+  const int64_t eh = blockIdx.x;  // entry * n_heads + h
+  const Job jb = p.entries[eh / p.sh.n_heads].job;
+  merge_row(p.sh, jb, 0, int(eh % p.sh.n_heads));
 }
 
 // The block shape for these heads: rows are (query, head) pairs of one kv head.
@@ -336,33 +404,48 @@ size_t attention_scratch_bytes(const AttentionArgs& a, int splits) {
   return sizeof(float) * size_t(splits) * size_t(a.n_q) * size_t(a.n_heads) * size_t(a.head_dim_v + 2);
 }
 
+// The launch shape of a's heads; q_rows for a single-sequence launch.
+Shape make_shape(const AttentionArgs& a, int splits) {
+  Shape sh{};
+  sh.n_heads = a.n_heads, sh.dq = a.head_dim_qk, sh.dv = a.head_dim_v, sh.group = a.n_heads / a.n_kv_heads;
+  shape(a, sh.heads_per_block, sh.q_per_block, sh.head_blocks);
+  sh.q_rows = sh.q_per_block * sh.heads_per_block;
+  sh.splits = std::max(1, splits);
+  return sh;
+}
+
+// Shared memory of an attention block.
+size_t smem_bytes(const Shape& sh) {
+  return sizeof(float) * size_t(sh.q_rows * sh.dq + kBK * (sh.dq + 1) + kBK * sh.dv);
+}
+
 void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
   validate(a);
   if (a.n_q <= 0) return;
   Params p{};
-  p.q = a.q, p.ldq = a.ldq, p.n_q = a.n_q, p.q_pos0 = a.q_pos0;
-  p.n_heads = a.n_heads, p.dq = a.head_dim_qk, p.dv = a.head_dim_v, p.group = a.n_heads / a.n_kv_heads;
-  shape(a, p.heads_per_block, p.q_per_block, p.head_blocks);
-  p.n_seg = a.n_segments;
+  p.sh = make_shape(a, splits);
+  Job& jb = p.job;
+  jb.q = a.q, jb.ldq = a.ldq, jb.n_q = a.n_q, jb.q_pos0 = a.q_pos0;
+  jb.n_seg = a.n_segments;
+  jb.n_split = p.sh.splits;
   for (int s = 0; s < a.n_segments; ++s) {
     const KVSegment& sg = a.segments[s];
     p.seg[s] = {sg.k, sg.v, sg.ld_k, sg.ld_v, sg.pos0, sg.count, sg.dtype};
   }
-  p.window = a.window, p.n_always_visible = a.n_always_visible, p.scale = a.scale;
-  p.out = a.out, p.ldo = a.ldo;
-  p.splits = std::max(1, splits);
-  if (p.splits > 1) {
+  jb.window = a.window, jb.n_always_visible = a.n_always_visible, jb.scale = a.scale;
+  jb.out = a.out, jb.ldo = a.ldo;
+  if (p.sh.splits > 1) {
     check(scratch != nullptr, "attention: split-key launch without scratch");
-    const size_t rows = size_t(p.splits) * size_t(a.n_q) * size_t(a.n_heads);
-    p.part_m = static_cast<float*>(scratch);
-    p.part_l = p.part_m + rows;
-    p.part_acc = p.part_l + rows;
+    const size_t rows = size_t(p.sh.splits) * size_t(a.n_q) * size_t(a.n_heads);
+    jb.part_m = static_cast<float*>(scratch);
+    jb.part_l = jb.part_m + rows;
+    jb.part_acc = jb.part_l + rows;
   }
-  const int64_t q_tiles = (a.n_q + p.q_per_block - 1) / p.q_per_block;
-  const int64_t gy = int64_t(a.n_kv_heads) * p.head_blocks;
-  check(q_tiles <= 0x7fffffff && gy <= 65535 && p.splits <= 65535, "attention: launch grid too large");
-  const dim3 grid(unsigned(q_tiles), unsigned(gy), unsigned(p.splits));
-  const size_t smem = sizeof(float) * size_t(kRows * p.dq + kBK * (p.dq + 1) + kBK * p.dv);
+  const int64_t q_tiles = (a.n_q + p.sh.q_per_block - 1) / p.sh.q_per_block;
+  const int64_t gy = int64_t(a.n_kv_heads) * p.sh.head_blocks;
+  check(q_tiles <= 0x7fffffff && gy <= 65535 && p.sh.splits <= 65535, "attention: launch grid too large");
+  const dim3 grid(unsigned(q_tiles), unsigned(gy), unsigned(p.sh.splits));
+  const size_t smem = smem_bytes(p.sh);
 
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)
@@ -370,16 +453,133 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
     kernel<<<grid, kThreads, smem, stream>>>(p);
     HYMBA_CUDA_LAUNCHED("attention");
   };
-  if (p.dv <= 32) launch(attention_kernel<1>);
-  else if (p.dv <= 64) launch(attention_kernel<2>);
-  else if (p.dv <= 128) launch(attention_kernel<4>);
+  if (p.sh.dv <= 32) launch(attention_kernel<1>);
+  else if (p.sh.dv <= 64) launch(attention_kernel<2>);
+  else if (p.sh.dv <= 128) launch(attention_kernel<4>);
   else launch(attention_kernel<8>);
 
-  if (p.splits > 1) {
+  if (p.sh.splits > 1) {
     const int64_t n = a.n_q * a.n_heads;
     check(n <= 0x7fffffff, "attention: too many query rows");
     attention_merge_kernel<<<unsigned(n), 64, 0, stream>>>(p);
     HYMBA_CUDA_LAUNCHED("attention_merge");
+  }
+}
+
+// ---------------------------------------------------------------- batched decode
+
+namespace {
+
+// Whether entry a can join a batched decode launch at all (one query, heads
+// and dims the kernel takes (head_dim_v <= 128), segments that fit a BatchEntry).
+bool batchable(const AttentionArgs& a) {
+  return a.n_q == 1 && a.n_heads > 0 && a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0 &&
+         a.head_dim_qk >= 1 && a.head_dim_qk <= kMaxHeadDim && a.head_dim_v >= 1 && a.head_dim_v <= 32 * kBatchDVL &&
+         a.n_segments >= 0 && a.n_segments <= kBatchSegments && (a.n_segments == 0 || a.segments != nullptr);
+}
+
+bool same_heads(const AttentionArgs& a, const AttentionArgs& b) {
+  return a.n_heads == b.n_heads && a.n_kv_heads == b.n_kv_heads && a.head_dim_qk == b.head_dim_qk &&
+         a.head_dim_v == b.head_dim_v;
+}
+
+}  // namespace
+
+void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
+  // Entries with one query and the first such entry's heads go in the launch.
+  std::vector<int> take;
+  for (int i = 0; i < count; ++i) {
+    if (batchable(a[i]) && (take.empty() || same_heads(a[take[0]], a[i]))) take.push_back(i);
+    else rest.push_back(i);  // (n_q <= 0 included: the single op validates and returns)
+  }
+  if (take.empty()) return;
+  const AttentionArgs& ref = a[take[0]];
+  const int64_t n_entries = int64_t(take.size());
+  Shape sh = make_shape(ref, 1);
+  sh.q_rows = sh.heads_per_block;  // one query per entry
+  sh.q_per_block = 1;
+  const int64_t gy = int64_t(ref.n_kv_heads) * sh.head_blocks;
+  if (gy > 65535) {  // (the single op reports it)
+    rest.insert(rest.end(), take.begin(), take.end());
+    return;
+  }
+
+  // Key splits per entry, from its own key count only (so an entry's result
+  // does not depend on the rest of the batch): ~kBatchMinTilesPerSplit
+  // tiles per split, at most kBatchMaxSplits. The grid has the most splits
+  // any entry has; blocks past an entry's splits return at once. With one
+  // split everywhere the blocks write the output directly, else the merge
+  // combines each entry's splits (bit-identical to the direct write for an
+  // entry with one split: its state is scaled by exp(0) = 1).
+  std::vector<int> n_split(static_cast<size_t>(n_entries));
+  std::vector<SegDesc> sd(kBatchSegments);
+  int most = 1;
+  for (int64_t k = 0; k < n_entries; ++k) {
+    const AttentionArgs& e = a[take[size_t(k)]];
+    for (int s = 0; s < e.n_segments; ++s) {
+      const KVSegment& sg = e.segments[s];
+      sd[size_t(s)] = {sg.k, sg.v, sg.ld_k, sg.ld_v, sg.pos0, sg.count, sg.dtype};
+    }
+    const int64_t tiles = count_tiles(sd.data(), e.n_segments, e.window, e.n_always_visible, e.q_pos0, e.q_pos0);
+    const int64_t want = (tiles + kBatchMinTilesPerSplit - 1) / kBatchMinTilesPerSplit;
+    n_split[size_t(k)] = int(std::max<int64_t>(1, std::min<int64_t>(want, kBatchMaxSplits)));
+    most = std::max(most, n_split[size_t(k)]);
+  }
+  sh.splits = most;
+
+  // Partial states of entry k: rows [row0_k, row0_k + n_split_k * n_heads)
+  // of m and l, times dv for acc.
+  float* part = nullptr;
+  int64_t part_rows = 0;
+  for (int v : n_split) part_rows += int64_t(v) * sh.n_heads;
+  if (sh.splits > 1)
+    part = static_cast<float*>(host.scratch(sizeof(float) * size_t(part_rows) * size_t(sh.dv + 2)));
+
+  std::vector<BatchEntry> desc(static_cast<size_t>(n_entries));
+  int64_t row0 = 0;
+  for (int64_t k = 0; k < n_entries; ++k) {
+    const AttentionArgs& e = a[take[size_t(k)]];
+    BatchEntry& d = desc[size_t(k)];
+    d = BatchEntry{};
+    Job& jb = d.job;
+    jb.q = e.q, jb.ldq = e.ldq, jb.n_q = 1, jb.q_pos0 = e.q_pos0;
+    jb.window = e.window, jb.n_always_visible = e.n_always_visible, jb.scale = e.scale;
+    jb.n_seg = e.n_segments;
+    jb.n_split = n_split[size_t(k)];
+    jb.out = e.out, jb.ldo = e.ldo;
+    if (part) {
+      jb.part_m = part + row0;
+      jb.part_l = part + part_rows + row0;
+      jb.part_acc = part + 2 * part_rows + row0 * sh.dv;
+    }
+    row0 += int64_t(jb.n_split) * sh.n_heads;
+    for (int s = 0; s < e.n_segments; ++s) {
+      const KVSegment& sg = e.segments[s];
+      d.seg[s] = {sg.k, sg.v, sg.ld_k, sg.ld_v, sg.pos0, sg.count, sg.dtype};
+    }
+  }
+  BatchParams p{};
+  p.sh = sh;
+  p.entries = static_cast<const BatchEntry*>(host.stage(desc.data(), desc.size() * sizeof(BatchEntry)));
+
+  check(n_entries <= 0x7fffffff, "attention_batch: too many entries");
+  const dim3 grid(unsigned(n_entries), unsigned(gy), unsigned(sh.splits));
+  const size_t smem = smem_bytes(sh);
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024)
+      HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<grid, kThreads, smem, host.stream>>>(p);
+    HYMBA_CUDA_LAUNCHED("attention_batch");
+  };
+  // One instantiation only (compile time): dv <= 128 (batchable), smaller
+  // dv masked as any partial last column group is.
+  launch(attention_batch_kernel<kBatchDVL>);
+
+  if (sh.splits > 1) {
+    const int64_t n = n_entries * sh.n_heads;
+    check(n <= 0x7fffffff, "attention_batch: too many query rows");
+    attention_batch_merge_kernel<<<unsigned(n), 64, 0, host.stream>>>(p);
+    HYMBA_CUDA_LAUNCHED("attention_batch_merge");
   }
 }
 

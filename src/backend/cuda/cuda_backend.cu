@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -60,6 +61,8 @@ class CudaBackend final : public Backend {
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    for (cudaGraphExec_t g : graphs_) cudaGraphExecDestroy(g);
+    for (void* p : retired_scratch_) cudaFree(p);
     for (auto& [k, p] : plans_) {
       if (!p.op) continue;
       cublasLtMatmulDescDestroy(p.op);
@@ -69,6 +72,10 @@ class CudaBackend final : public Backend {
     }
     for (void* p : resident_allocs_) cudaFree(p);
     for (auto& s : scratch_) cudaFree(s.ptr);
+    for (auto& s : staging_) {
+      if (s.host) cudaFreeHost(s.host);
+      if (s.done) cudaEventDestroy(s.done);
+    }
     cudaFree(workspace_);
     cublasLtDestroy(lt_);
     cudaStreamDestroy(stream_);
@@ -122,6 +129,34 @@ class CudaBackend final : public Backend {
   }
   void synchronize() override { HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
+  // Recordings are CUDA graphs captured from this backend's stream.
+  bool can_record() const override { return true; }
+  void begin_recording() override {
+    HYMBA_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  }
+  int end_recording() override {
+    cudaGraph_t graph = nullptr;
+    HYMBA_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t st = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    HYMBA_CUDA_CHECK(st);
+    graphs_.push_back(exec);
+    return int(graphs_.size()) - 1;
+  }
+  void replay(int recording) override {
+    check(recording >= 0 && size_t(recording) < graphs_.size(), "no recording ", recording);
+    HYMBA_CUDA_CHECK(cudaGraphLaunch(graphs_[size_t(recording)], stream_));
+  }
+  void drop_recordings() override {
+    if (graphs_.empty() && retired_scratch_.empty()) return;
+    HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (cudaGraphExec_t g : graphs_) cudaGraphExecDestroy(g);
+    graphs_.clear();
+    for (void* p : retired_scratch_) cudaFree(p);
+    retired_scratch_.clear();
+  }
+
   // ---- ops
   void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
               bool accumulate) override;
@@ -146,6 +181,29 @@ class CudaBackend final : public Backend {
     cuda::causal_conv_silu(x, n, ldx, channels, weight, bias, k_width, state, y, ldy, stream_);
   }
   void selective_scan(const ScanArgs& a) override { cuda::selective_scan(a, stream_); }
+
+  // Batched: one launch for the entries the kernels take (cuda::*_batch),
+  // the others (unusual shapes) one by one as the default does.
+  void attention_batch(const AttentionArgs* a, int count) override {
+    if (count <= 0) return;
+    std::vector<int> rest;
+    cuda::attention_batch(a, count, batch_host(), rest);
+    for (int i : rest) attention(a[i]);
+  }
+  void causal_conv_silu_batch(const ConvArgs* a, int count) override {
+    if (count <= 0) return;
+    std::vector<int> rest;
+    cuda::causal_conv_silu_batch(a, count, batch_host(), rest);
+    for (int i : rest)
+      causal_conv_silu(a[i].x, a[i].n, a[i].ldx, a[i].channels, a[i].weight, a[i].bias, a[i].k_width, a[i].state,
+                       a[i].y, a[i].ldy);
+  }
+  void selective_scan_batch(const ScanArgs* a, int count) override {
+    if (count <= 0) return;
+    std::vector<int> rest;
+    cuda::selective_scan_batch(a, count, batch_host(), rest);
+    for (int i : rest) selective_scan(a[i]);
+  }
   void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64_t n, int64_t d, float* out,
                 int64_t ldo) override {
     cuda::silu_mul(gate, ldg, up, ldu, n, d, out, ldo, stream_);
@@ -173,7 +231,17 @@ class CudaBackend final : public Backend {
   }
 
  private:
-  enum ScratchSlot { kScratchX = 0, kScratchW, kScratchY, kScratchIds, kScratchAttention, kScratchWide, kScratchSlots };
+  enum ScratchSlot {
+    kScratchX = 0,
+    kScratchW,
+    kScratchY,
+    kScratchIds,
+    kScratchAttention,
+    kScratchWide,
+    kScratchBatchDesc,       // the batched ops' descriptors (stage())
+    kScratchBatchPartial,    // the batched ops' partial results (attention's split states)
+    kScratchSlots
+  };
   struct Scratch {
     void* ptr = nullptr;
     size_t bytes = 0;
@@ -186,13 +254,56 @@ class CudaBackend final : public Backend {
     Scratch& s = scratch_[slot];
     if (s.bytes < bytes) {
       HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      if (s.ptr) HYMBA_CUDA_CHECK(cudaFree(s.ptr));
+      // A recording may still use the old buffer: keep it until the
+      // recordings are dropped.
+      if (s.ptr && !graphs_.empty()) retired_scratch_.push_back(s.ptr);
+      else if (s.ptr) HYMBA_CUDA_CHECK(cudaFree(s.ptr));
       s.ptr = nullptr, s.bytes = 0;
       const size_t want = std::max(bytes, s.bytes * 3 / 2);
       HYMBA_CUDA_CHECK(cudaMalloc(&s.ptr, want));
       s.bytes = want;
     }
     return s.ptr;
+  }
+
+  // Host memory of `bytes` copied to the device (scratch slot
+  // kScratchBatchDesc) on the stream, through a pinned staging buffer so
+  // the copy is truly asynchronous. The staging buffers form a ring; each
+  // records an event after its copy, and is refilled only once that event
+  // has completed, so a pending copy never reads a buffer being rewritten.
+  // The device copy is stream-ordered: work queued before the next stage()
+  // sees it intact (the next copy into the slot is queued after that work).
+  const void* stage(const void* host, size_t bytes) {
+    Staging& s = staging_[staging_next_];
+    staging_next_ = (staging_next_ + 1) % kStagingRing;
+    if (!s.done) HYMBA_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+    if (s.pending) {
+      HYMBA_CUDA_CHECK(cudaEventSynchronize(s.done));
+      s.pending = false;
+    }
+    if (s.bytes < bytes) {
+      if (s.host) HYMBA_CUDA_CHECK(cudaFreeHost(s.host));
+      s.host = nullptr;
+      const size_t want = std::max({bytes, s.bytes * 2, size_t(16) << 10});
+      s.bytes = 0;
+      HYMBA_CUDA_CHECK(cudaHostAlloc(&s.host, want, cudaHostAllocDefault));
+      s.bytes = want;
+    }
+    std::memcpy(s.host, host, bytes);
+    void* dev = scratch_at(kScratchBatchDesc, bytes);
+    HYMBA_CUDA_CHECK(cudaMemcpyAsync(dev, s.host, bytes, cudaMemcpyHostToDevice, stream_));
+    HYMBA_CUDA_CHECK(cudaEventRecord(s.done, stream_));
+    s.pending = true;
+    return dev;
+  }
+
+  cuda::BatchHost batch_host() {
+    cuda::BatchHost h;
+    h.stream = stream_;
+    h.sm_count = sm_count_;
+    h.stage = [this](const void* host, size_t bytes) { return stage(host, bytes); };
+    h.scratch = [this](size_t bytes) { return scratch_at(kScratchBatchPartial, bytes); };
+    return h;
   }
 
   // The cached plan for a shape and operand alignments; nullptr when
@@ -207,9 +318,20 @@ class CudaBackend final : public Backend {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   Scratch scratch_[kScratchSlots];
+  struct Staging {
+    void* host = nullptr;  // pinned
+    size_t bytes = 0;
+    cudaEvent_t done = nullptr;  // recorded after the copy out of `host`
+    bool pending = false;
+  };
+  static constexpr int kStagingRing = 16;
+  Staging staging_[kStagingRing];
+  int staging_next_ = 0;
   std::map<GemmKey, GemmPlan> plans_;
   std::mutex resident_mutex_;
   std::unordered_map<const void*, std::pair<void*, size_t>> resident_;
+  std::vector<cudaGraphExec_t> graphs_;  // recordings (see begin_recording)
+  std::vector<void*> retired_scratch_;    // outgrown scratch a recording may use
   std::vector<void*> resident_allocs_;  // every resident copy, freed with the backend
 };
 

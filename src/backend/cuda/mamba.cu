@@ -1,4 +1,6 @@
 // The Mamba-head ops: depthwise causal conv + SiLU, and the selective scan.
+#include <algorithm>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
 
@@ -39,6 +41,35 @@ __global__ void conv_state_kernel(const float* x, int64_t n, int64_t ldx, int64_
     }
 }
 
+// Batched: one thread per (entry, channel) runs its channel's tokens in
+// order, then shifts its own column of the state (no other thread reads it,
+// so one kernel suffices). Same arithmetic as conv_silu_kernel.
+constexpr int kConvBatchThreads = 256;
+constexpr int64_t kConvBatchMaxTokens = 64;  // longer entries: the parallel single-sequence kernel
+
+__global__ void conv_silu_batch_kernel(const ConvArgs* entries, int64_t channel_blocks) {
+  const ConvArgs a = entries[blockIdx.x / channel_blocks];
+  const int64_t c = (blockIdx.x % channel_blocks) * kConvBatchThreads + threadIdx.x;
+  if (c >= a.channels) return;
+  const int64_t channels = a.channels;
+  const int hist = a.k_width - 1;
+  for (int64_t t = 0; t < a.n; ++t) {
+    float acc = a.bias[c];
+    for (int k = 0; k < a.k_width; ++k) {
+      const int64_t tau = t - hist + k;  // negative: an input from before this chunk (the state)
+      const float in = tau >= 0 ? a.x[tau * a.ldx + c] : a.state[(tau + hist) * channels + c];
+      acc = __fadd_rn(acc, __fmul_rn(a.weight[int64_t(k) * channels + c], in));
+    }
+    a.y[t * a.ldy + c] = silu_f(acc);
+  }
+  // The new state (as conv_state_kernel): row j reads row j + n >= j + 1 of
+  // the old state, not yet overwritten.
+  for (int j = 0; j < hist; ++j) {
+    const int64_t tau = a.n - hist + j;
+    a.state[int64_t(j) * channels + c] = tau >= 0 ? a.x[tau * a.ldx + c] : a.state[(tau + hist) * channels + c];
+  }
+}
+
 // ---------------------------------------------------------------- scan
 // Channel-parallel, sequential over time (the recurrence). A block holds
 // kChannels channels x kLanes threads; a thread owns states s = lane,
@@ -54,8 +85,9 @@ constexpr int kChunk = 16;
 
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
-__global__ void __launch_bounds__(kScanThreads) selective_scan_kernel(ScanArgs a) {
-  extern __shared__ float smem[];
+// Channel block `cblock` of one sequence's scan (every thread of the block
+// calls this); smem holds at least 2 * kChunk * d_state + 3 * kChunk * kChannels floats.
+__device__ __forceinline__ void scan_block(const ScanArgs& a, int64_t cblock, float* smem) {
   const int64_t N = a.d_state;
   float* sB = smem;                       // [kChunk][N]
   float* sC = sB + kChunk * N;            // [kChunk][N]
@@ -64,7 +96,7 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_kernel(ScanArgs a
   float* sZ = sDelta + kChunk * kChannels;
 
   const int lane = threadIdx.x % kLanes, cl = threadIdx.x / kLanes;
-  const int64_t c0 = int64_t(blockIdx.x) * kChannels;
+  const int64_t c0 = cblock * kChannels;
   const int64_t c = c0 + cl;
   const bool live = c < a.channels;
   const int nk = int((N + kLanes - 1) / kLanes);
@@ -126,6 +158,22 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_kernel(ScanArgs a
   }
 }
 
+__global__ void __launch_bounds__(kScanThreads) selective_scan_kernel(ScanArgs a) {
+  extern __shared__ float smem[];
+  scan_block(a, blockIdx.x, smem);
+}
+
+// Batched: grid x = entry * channel_blocks + channel block; each entry has
+// its own pointers, n, channels and d_state (smem sized for the largest).
+__global__ void __launch_bounds__(kScanThreads) selective_scan_batch_kernel(const ScanArgs* entries,
+                                                                            int64_t channel_blocks) {
+  extern __shared__ float smem[];
+  const ScanArgs a = entries[blockIdx.x / channel_blocks];
+  const int64_t cb = blockIdx.x % channel_blocks;
+  if (cb * kChannels >= a.channels) return;  // the whole block: this entry has fewer channels
+  scan_block(a, cb, smem);
+}
+
 }  // namespace
 
 void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
@@ -150,6 +198,51 @@ void selective_scan(const ScanArgs& a, cudaStream_t stream) {
   check(blocks <= 0x7fffffff, "selective_scan: too many channels (", a.channels, ")");
   selective_scan_kernel<<<unsigned(blocks), kScanThreads, smem, stream>>>(a);
   HYMBA_CUDA_LAUNCHED("selective_scan");
+}
+
+void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
+  std::vector<ConvArgs> take;
+  int64_t max_channels = 0;
+  for (int i = 0; i < count; ++i) {
+    const ConvArgs& e = a[i];
+    if (e.k_width < 1) rest.push_back(i);  // the single op reports it
+    else if (e.n <= 0 || e.channels <= 0) continue;  // nothing to do (as the single op)
+    else if (e.n > kConvBatchMaxTokens) rest.push_back(i);
+    else {
+      take.push_back(e);
+      max_channels = std::max(max_channels, e.channels);
+    }
+  }
+  if (take.empty()) return;
+  const int64_t channel_blocks = (max_channels + kConvBatchThreads - 1) / kConvBatchThreads;
+  const int64_t blocks = int64_t(take.size()) * channel_blocks;
+  check(blocks <= 0x7fffffff, "causal_conv_silu_batch: too many blocks");
+  const auto* d = static_cast<const ConvArgs*>(host.stage(take.data(), take.size() * sizeof(ConvArgs)));
+  conv_silu_batch_kernel<<<unsigned(blocks), kConvBatchThreads, 0, host.stream>>>(d, channel_blocks);
+  HYMBA_CUDA_LAUNCHED("conv_silu_batch");
+}
+
+void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
+  std::vector<ScanArgs> take;
+  int64_t max_channels = 0, max_state = 0;
+  for (int i = 0; i < count; ++i) {
+    const ScanArgs& e = a[i];
+    if (e.d_state < 1 || e.d_state > kLanes * kMaxK) rest.push_back(i);  // the single op reports it
+    else if (e.n <= 0 || e.channels <= 0) continue;  // nothing to do (as the single op)
+    else {
+      take.push_back(e);
+      max_channels = std::max(max_channels, e.channels);
+      max_state = std::max(max_state, e.d_state);
+    }
+  }
+  if (take.empty()) return;
+  const int64_t channel_blocks = (max_channels + kChannels - 1) / kChannels;
+  const int64_t blocks = int64_t(take.size()) * channel_blocks;
+  check(blocks <= 0x7fffffff, "selective_scan_batch: too many blocks");
+  const size_t smem = sizeof(float) * size_t(2 * kChunk * max_state + 3 * kChunk * kChannels);
+  const auto* d = static_cast<const ScanArgs*>(host.stage(take.data(), take.size() * sizeof(ScanArgs)));
+  selective_scan_batch_kernel<<<unsigned(blocks), kScanThreads, smem, host.stream>>>(d, channel_blocks);
+  HYMBA_CUDA_LAUNCHED("selective_scan_batch");
 }
 
 }  // namespace hymba::cuda
