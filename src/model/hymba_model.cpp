@@ -133,13 +133,17 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
     const int64_t first = all_positions ? 0 : (done == n ? nc - 1 : nc);
     const int64_t rows = nc - first;
     if (rows <= 0) continue;
-    if (ws.logits.size() < size_t(rows * V)) ws.logits = DeviceArray<float>(*be_, size_t(rows * V));
-    be_->rmsnorm(ws.h.data() + first * D, rows, D, D, w_.final_norm.data(), float(cfg_.rms_norm_eps),
-                 ws.a.data(), D);
-    be_->matmul(w_.lm_head, ws.a.data(), rows, D, ws.logits.data(), V, false);
-    float* out = all_positions ? logits + (done - nc) * V : logits;
-    be_->download(out, ws.logits.data(), size_t(rows * V) * sizeof(float));
+    lm_head(first, rows, all_positions ? logits + (done - nc) * V : logits);
   }
+}
+
+void HymbaModel::lm_head(int64_t first, int64_t rows, float* out) {
+  Workspace& ws = *ws_;
+  const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
+  if (ws.logits.size() < size_t(rows * V)) ws.logits = DeviceArray<float>(*be_, size_t(rows * V));
+  be_->rmsnorm(ws.h.data() + first * D, rows, D, D, w_.final_norm.data(), float(cfg_.rms_norm_eps), ws.a.data(), D);
+  be_->matmul(w_.lm_head, ws.a.data(), rows, D, ws.logits.data(), V, false);
+  be_->download(out, ws.logits.data(), size_t(rows * V) * sizeof(float));
 }
 
 void HymbaModel::forward_batch(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, float* logits) {
@@ -159,10 +163,7 @@ void HymbaModel::forward_batch(SequenceCache* const* seqs, const int32_t* ids, i
     std::vector<RowSpan> spans;
     for (int64_t b = 0; b < nb; ++b) spans.push_back({seqs[done + b], b, 1});
     run_layers(spans.data(), int(nb), nb, true);
-    if (ws.logits.size() < size_t(nb * V)) ws.logits = DeviceArray<float>(*be_, size_t(nb * V));
-    be_->rmsnorm(ws.h.data(), nb, D, D, w_.final_norm.data(), float(cfg_.rms_norm_eps), ws.a.data(), D);
-    be_->matmul(w_.lm_head, ws.a.data(), nb, D, ws.logits.data(), V, false);
-    be_->download(logits + done * V, ws.logits.data(), size_t(nb * V) * sizeof(float));
+    lm_head(0, nb, logits + done * V);
     done += nb;
   }
 }

@@ -90,6 +90,8 @@ class HymbaModel {
   HymbaModel() = default;
   struct Workspace;
   void ensure_workspace(int64_t n);
+  // Final norm + LM head of workspace rows first..first+rows-1, downloaded to out.
+  void lm_head(int64_t first, int64_t rows, float* out);
   // Rows row0 .. row0+n-1 of the workspace belong to `seq` (a chunk of one
   // sequence is one span; a batched decode step has one span per sequence).
   struct RowSpan {

@@ -56,7 +56,7 @@ struct Backends {
   std::unique_ptr<Backend> cpu, gpu;
 };
 
-Backends* backends() {
+[[maybe_unused]] Backends* backends() {
   static Backends* b = [] {
     auto* r = new Backends;
 #ifdef HYMBA_HAVE_CUDA

@@ -11,55 +11,24 @@
 #include "model/hymba_model.h"
 #include "runtime/batch_generator.h"
 #include "runtime/generator.h"
+#include "model_test_util.h"
 #include "test_util.h"
 
 namespace hymba {
 namespace {
 
 namespace fs = std::filesystem;
+using test::all_logits;
+using test::flatten;
+using test::golden_cases;
+using test::greedy;
+using test::ids_of;
+using test::incremental_logits;
+using test::longest_prompt;
 using test::read_json;
 using test::rel_l2;
+using test::expect_batched_decode_equals_alone;
 
-std::vector<int32_t> ids_of(const nlohmann::json& j) { return j.get<std::vector<int32_t>>(); }
-
-std::vector<float> all_logits(HymbaModel& m, const std::vector<int32_t>& ids) {
-  auto seq = m.new_sequence(int64_t(ids.size()));
-  std::vector<float> out(ids.size() * size_t(m.vocab_size()));
-  m.forward(*seq, ids.data(), int64_t(ids.size()), out.data(), true);
-  return out;
-}
-
-// Feeds the tokens one at a time, collecting each step's logits.
-std::vector<float> incremental_logits(HymbaModel& m, const std::vector<int32_t>& ids) {
-  auto seq = m.new_sequence(int64_t(ids.size()));
-  const size_t V = size_t(m.vocab_size());
-  std::vector<float> out(ids.size() * V);
-  for (size_t t = 0; t < ids.size(); ++t) m.forward(*seq, &ids[t], 1, out.data() + t * V, false, true);
-  return out;
-}
-
-std::vector<int32_t> greedy(HymbaModel& m, const std::vector<int32_t>& prompt, int n) {
-  Generator gen(m, nullptr);
-  GenerationRequest req;
-  req.prompt = prompt;
-  req.max_new_tokens = n;
-  req.ignore_eos = true;
-  return gen.generate(req).tokens;
-}
-
-std::vector<double> flatten(const nlohmann::json& rows) {
-  std::vector<double> v;
-  for (const auto& r : rows)
-    for (const auto& x : r) v.push_back(double(float(x.get<double>())));
-  return v;
-}
-
-std::vector<std::string> golden_cases() {
-  const auto index = read_json(test::work_dir() + "/goldens/index.json");
-  std::vector<std::string> names;
-  for (const auto& c : index["cases"]) names.push_back(c["name"].get<std::string>());
-  return names;
-}
 
 TEST(ReferenceGoldens, AllCasesPresent) {
   // Guards against a silently shrunken golden set.
@@ -95,9 +64,7 @@ TEST(CacheInvariants, IncrementalDecodeEqualsFullSequence) {
     opts.kv_dtype = DType::F32;
     auto model = HymbaModel::load(dir, opts);
     // The longest prompt runs far past window + meta tokens: the ring wraps.
-    std::vector<int32_t> ids;
-    for (const auto& p : g["prompts"])
-      if (p["input_ids"].size() > ids.size()) ids = ids_of(p["input_ids"]);
+    const std::vector<int32_t> ids = longest_prompt(g);
     const auto full = all_logits(*model, ids);
     const auto inc = incremental_logits(*model, ids);
     std::vector<double> full_d(full.begin(), full.end());
@@ -117,9 +84,7 @@ TEST(CacheInvariants, BatchedDecodeEqualsDecodingAlone) {
     SCOPED_TRACE("case " + name);
     const std::string dir = test::work_dir() + "/goldens/" + name;
     const auto g = read_json(dir + "/golden.json");
-    std::vector<int32_t> ids;
-    for (const auto& p : g["prompts"])
-      if (p["input_ids"].size() > ids.size()) ids = ids_of(p["input_ids"]);
+    const std::vector<int32_t> ids = longest_prompt(g);
     // max_chunk 3 (one case): the batch of 4 is split into chunks.
     for (int64_t max_chunk : {int64_t(256), int64_t(3)}) {
       if (max_chunk == 3 && name != golden_cases().front()) continue;
@@ -127,36 +92,7 @@ TEST(CacheInvariants, BatchedDecodeEqualsDecodingAlone) {
       opts.kv_dtype = DType::F32;
       opts.max_chunk = max_chunk;
       auto model = HymbaModel::load(dir, opts);
-      const int64_t V = model->vocab_size();
-      const std::vector<size_t> lens = {1, 5, ids.size() / 2, ids.size()};
-      const int steps = 6;
-      std::vector<std::unique_ptr<SequenceCache>> alone, batched;
-      std::vector<std::vector<float>> last(lens.size(), std::vector<float>(size_t(V)));
-      for (size_t b = 0; b < lens.size(); ++b) {
-        alone.push_back(model->new_sequence(int64_t(lens[b]) + steps));
-        batched.push_back(model->new_sequence(int64_t(lens[b]) + steps));
-        model->forward(*alone[b], ids.data(), int64_t(lens[b]), last[b].data(), false);
-        model->forward(*batched[b], ids.data(), int64_t(lens[b]), nullptr, false);
-      }
-      auto argmax = [](const float* x, int64_t n) { return int32_t(std::max_element(x, x + n) - x); };
-      std::vector<int32_t> next(lens.size());
-      for (size_t b = 0; b < lens.size(); ++b) next[b] = argmax(last[b].data(), V);
-      std::vector<SequenceCache*> ptrs;
-      for (auto& s : batched) ptrs.push_back(s.get());
-      const double tol = g["weights_dtype"] == "BF16" ? 1e-2 : 1e-5;
-      for (int step = 0; step < steps; ++step) {
-        std::vector<float> out(lens.size() * size_t(V));
-        model->forward_batch(ptrs.data(), next.data(), int64_t(lens.size()), out.data());
-        for (size_t b = 0; b < lens.size(); ++b) {
-          model->forward(*alone[b], &next[b], 1, last[b].data(), false, true);
-          const float* mine = out.data() + b * size_t(V);
-          std::vector<double> ref(last[b].begin(), last[b].end());
-          EXPECT_LT(rel_l2(std::vector<float>(mine, mine + V), ref), tol) << "sequence " << b << " step " << step;
-          EXPECT_EQ(argmax(mine, V), argmax(last[b].data(), V)) << "sequence " << b << " step " << step;
-          EXPECT_EQ(batched[b]->length(), alone[b]->length());
-          next[b] = argmax(last[b].data(), V);
-        }
-      }
+      expect_batched_decode_equals_alone(*model, ids, g["weights_dtype"] == "BF16" ? 1e-2 : 1e-5);
     }
   }
 }
@@ -218,9 +154,7 @@ TEST(CacheInvariants, BatchRejectsBadInput) {
 TEST(CacheInvariants, ChunkSizesAgree) {
   const std::string dir = test::work_dir() + "/goldens/gqa_groups3";
   const auto g = read_json(dir + "/golden.json");
-  std::vector<int32_t> ids;
-  for (const auto& p : g["prompts"])
-    if (p["input_ids"].size() > ids.size()) ids = ids_of(p["input_ids"]);
+  const std::vector<int32_t> ids = longest_prompt(g);
   ASSERT_GT(ids.size(), 40u);
   ModelOptions opts;
   opts.kv_dtype = DType::F32;
