@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Here-side half of the CUDA device run (bench/cuda_device.sh is the other).
+# Here-side half of the CUDA device run (bench/gpu_bench.sh is the other).
 # The device machine has CUDA but none of our Debian packages (GoogleTest,
 # nlohmann-json, CLI11, sentencepiece), so nothing is built there: this
 # builds ./build-cuda with nvcc here (Release, HYMBA_NATIVE=OFF since the
@@ -10,7 +10,8 @@
 # libraries (cudart is linked statically; libcublasLt comes from the
 # device's CUDA) are not carried. Carry build-cuda/dist with the run.
 #
-# Usage: bench/cuda_prepare.sh            (then: run bench/cuda_device.sh there)
+# Usage: bench/cuda_prepare.sh   (then, on the device, carrying build-cuda/dist:
+#        bash bench/gpu_bench.sh; PARTS=tests,memcheck,racecheck for checks only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${JOBS:-2}

@@ -10,7 +10,8 @@
 #      128 sequences of 8K prompts decoding together;
 #   4. bench/torch_bench.py (the PyTorch baseline, same config) with
 #      TORCH_BUDGET seconds;
-#   5. compute-sanitizer memcheck on a model-level GPU test.
+#   5. compute-sanitizer memcheck on the model-level GPU tests and the
+#      matmul test; (PARTS=racecheck) racecheck on the attention and scan tests.
 #   6. (PARTS=profile) `hymba bench --profile`: per-op GPU time of decode.
 # PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
 # Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.
@@ -98,6 +99,13 @@ timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" --gtes
   --gtest_filter='CudaModel.FixtureTinyA:CudaModel.BatchedDecodeEqualsDecodingAlone:CudaVsCpu.Matmul' \
   >"$out/memcheck_model.log" 2>&1
 echo "rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_model.log" | tail -1)"
+fi
+
+if want racecheck; then
+echo "== 5b. racecheck (attention, scan)"
+timeout 120 compute-sanitizer --tool racecheck --error-exitcode 9 "$tests" --gtest_color=no \
+  --gtest_filter='*Attention*:*SelectiveScan*' >"$out/racecheck.log" 2>&1
+echo "rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck.log" | tail -1)"
 fi
 
 if want profile; then

@@ -65,6 +65,18 @@ inline std::vector<int32_t> greedy(HymbaModel& m, const std::vector<int32_t>& pr
   return gen.generate(req).tokens;
 }
 
+// One case of ../shared/fixtures/tiny-a (NVIDIA's reference outputs): the
+// logits of every position within the fixture README's fp32 tolerance.
+inline void expect_fixture_logits(HymbaModel& model, const nlohmann::json& c) {
+  const auto got = all_logits(model, ids_of(c["input_ids"]));
+  const auto want = flatten(c["logits"]);
+  ASSERT_EQ(got.size(), want.size());
+  double max_abs = 0;
+  for (size_t i = 0; i < got.size(); ++i) max_abs = std::max(max_abs, std::fabs(double(got[i]) - want[i]));
+  EXPECT_LE(max_abs, 1e-3);
+  EXPECT_LT(rel_l2(got, want), 1e-4);
+}
+
 inline int32_t argmax(const float* x, int64_t n) { return int32_t(std::max_element(x, x + n) - x); }
 
 // Four sequences of different lengths (prefixes of ids: 1, 5, half, all)
