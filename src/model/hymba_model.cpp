@@ -125,7 +125,12 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
     const RowSpan span{&seq, 0, nc};
     recording_on_ = decode && nc == 1 && opts_.record_decode && !opts_.profile && !recording_broken_ &&
                     be_->can_record();
-    run_layers(&span, 1, nc, decode);
+    try {
+      run_layers(&span, 1, nc, decode);
+    } catch (...) {
+      recording_on_ = false;
+      throw;
+    }
     recording_on_ = false;
     done += nc;
     if (!logits) continue;
@@ -162,6 +167,7 @@ void HymbaModel::forward_batch(SequenceCache* const* seqs, const int32_t* ids, i
     be_->embed_rows(w_.embed, ids + done, nb, ws.h.data(), D);
     std::vector<RowSpan> spans;
     for (int64_t b = 0; b < nb; ++b) spans.push_back({seqs[done + b], b, 1});
+    recording_on_ = false;  // recordings hold one sequence's state
     run_layers(spans.data(), int(nb), nb, true);
     lm_head(0, nb, logits + done * V);
     done += nb;
