@@ -18,7 +18,6 @@
 #include <nlohmann/json.hpp>
 
 #include "apps/cli_util.h"
-#include "apps/perplexity_cmd.h"
 #include "backend/backend.h"
 #include "backend/cpu/matmul.h"
 #include "backend/profiling.h"
@@ -30,6 +29,7 @@
 #include "runtime/chat_session.h"
 #include "runtime/chat_template.h"
 #include "runtime/generator.h"
+#include "runtime/perplexity.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
@@ -445,6 +445,52 @@ int run_tokenize(const std::string& dir, const std::string& text, const std::str
   return 0;
 }
 
+// ------------------------------------------------------------------ perplexity
+struct PerplexityArgs {
+  std::string file, ids;
+  int64_t ctx = 512;
+  int64_t stride = 0;  // 0: ctx / 2
+  bool no_bos = false, json = false, progress = false;
+};
+
+int run_perplexity(const ModelArgs& m, const PerplexityArgs& a) {
+  check(a.file.empty() != a.ids.empty(), "give exactly one of -f/--file or --ids");
+  const int64_t stride = a.stride > 0 ? a.stride : std::max<int64_t>(1, a.ctx / 2);
+  check(a.ctx >= 2, "--ctx must be at least 2 (got ", a.ctx, ")");
+  check(stride < a.ctx, "--stride must be smaller than --ctx (got stride ", stride, ", ctx ", a.ctx, ")");
+  std::vector<int32_t> ids;
+  if (!a.ids.empty()) {
+    ids = parse_ids(a.ids);
+  } else {
+    check(has_tokenizer(m.dir), "'", m.dir, "' has no tokenizer.model: give the tokens as --ids");
+    const std::string text = read_file(a.file);  // before the model loads: fail fast
+    ids = Tokenizer::load(m.dir).encode(text, !a.no_bos);
+  }
+  check(ids.size() >= 2, "perplexity needs at least 2 tokens; the input has ", ids.size());
+  auto model = m.load();
+  std::function<void(int64_t, int64_t)> progress;
+  if (a.progress)
+    progress = [](int64_t done, int64_t total) { std::fprintf(stderr, "\rwindow %" PRId64 "/%" PRId64, done, total); };
+  const PerplexityResult r = compute_perplexity(*model, ids, a.ctx, stride, progress);
+  if (a.progress) std::fprintf(stderr, "\n");
+  if (a.json) {
+    nlohmann::json j = {{"perplexity", r.perplexity}, {"loss", r.loss},         {"tokens", r.tokens},
+                        {"scored", r.scored},         {"windows", r.windows},   {"ctx", a.ctx},
+                        {"stride", stride},           {"bos", !a.no_bos && a.ids.empty()},
+                        {"tokens_forwarded", r.tokens_forwarded}, {"seconds", r.seconds}};
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("perplexity %.6f  (loss %.6f nats/token over %" PRId64 " tokens; %" PRId64
+                " windows of ctx %" PRId64 ", stride %" PRId64 ")\n",
+                r.perplexity, r.loss, r.scored, r.windows, a.ctx, stride);
+    std::fprintf(stderr, "[%" PRId64 " tokens forwarded in %.2f s, %.0f tok/s]\n", r.tokens_forwarded, r.seconds,
+                 r.seconds > 0 ? double(r.tokens_forwarded) / r.seconds : 0.0);
+  }
+  std::fflush(stdout);
+  return 0;
+}
+
+
 // ------------------------------------------------------------------ bench
 struct BenchArgs {
   int64_t prompt_len = 512;
@@ -720,7 +766,23 @@ int main(int argc, char** argv) {
   bn->add_option("--seed", bn_args.seed, "seed of the random prompts");
   bn->add_flag("--json", bn_args.as_json, "print JSON");
 
-  add_perplexity_command(app);
+  auto* pp = app.add_subcommand(
+      "perplexity",
+      "perplexity of a text file by sliding-window evaluation: BOS + the file's tokens; windows of --ctx "
+      "tokens every --stride tokens, each a fresh sequence, each scoring the tokens no earlier window "
+      "scored; prints exp(mean negative log-likelihood)");
+  ModelArgs pp_model;
+  PerplexityArgs pp_args;
+  pp_model.add_to(pp);
+  pp->add_option("-f,--file", pp_args.file, "text file to evaluate");
+  pp->add_option("--ids", pp_args.ids, "evaluate these token ids (comma-separated) instead of a file");
+  pp->add_option("--ctx", pp_args.ctx, "window length in tokens (default 512)")
+      ->check(CLI::Range(int64_t(2), int64_t(1) << 24));
+  pp->add_option("--stride", pp_args.stride, "distance between window starts (default ctx/2; must be < ctx)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+  pp->add_flag("--no-bos", pp_args.no_bos, "do not put BOS in front of the file's tokens");
+  pp->add_flag("--json", pp_args.json, "print the result as JSON");
+  pp->add_flag("--progress", pp_args.progress, "print window progress to stderr");
 
   try {
     app.parse(argc, argv);
@@ -742,6 +804,7 @@ int main(int argc, char** argv) {
     if (inf->parsed()) return run_info(if_dir, if_ctx, if_json, if_cache);
     if (tk->parsed()) return run_tokenize(tk_dir, tk_text, tk_file, tk_no_bos);
     if (bn->parsed()) return run_bench(bn_model, bn_args);
+    if (pp->parsed()) return run_perplexity(pp_model, pp_args);
     std::cout << app.help();
     return 0;
   } catch (const hymba::Error& e) {
