@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "reference"))
-from hymba_ref import (HymbaDims, apply_rope, rms_norm, rope_inv_freq,  # noqa: E402
+from hymba_ref import (HymbaDims, apply_rope, param_shapes, rms_norm, rope_inv_freq,  # noqa: E402
                        softplus_thresholded)
 
 
@@ -85,42 +85,6 @@ def scan_chunked(a, b, C, chunk=16):
 # ---------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------
-
-def param_shapes(cfg):
-    """{HF tensor name: shape} in the order of spec section 3."""
-    d = HymbaDims(cfg)
-    inter = cfg["intermediate_size"]
-    shapes = {"model.embed_tokens.weight": (d.vocab, d.hidden)}
-    if d.n_mem:
-        shapes["model.memory_tokens"] = (d.n_mem, d.hidden)
-    for i in range(d.n_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d.hidden,),
-            p + "mamba.in_proj.weight": (d.in_proj_rows(i), d.hidden),
-            p + "mamba.conv1d.weight": (d.d_inner, 1, d.d_conv),
-            p + "mamba.conv1d.bias": (d.d_inner,),
-            p + "mamba.x_proj.0.weight": (d.dt_rank + 2 * d.d_state, d.d_inner),
-            p + "mamba.dt_proj.0.weight": (d.d_inner, d.dt_rank),
-            p + "mamba.dt_proj.0.bias": (d.d_inner,),
-            p + "mamba.A_log.0": (d.d_inner, d.d_state),
-            p + "mamba.D.0": (d.d_inner,),
-            p + "mamba.dt_layernorm.weight": (d.dt_rank,),
-            p + "mamba.B_layernorm.weight": (d.d_state,),
-            p + "mamba.C_layernorm.weight": (d.d_state,),
-            p + "mamba.pre_avg_layernorm1.weight": (d.d_inner,),
-            p + "mamba.pre_avg_layernorm2.weight": (d.d_inner,),
-            p + "mamba.out_proj.weight": (d.hidden, d.d_inner),
-            p + "pre_moe_layernorm.weight": (d.hidden,),
-            p + "moe.experts.0.gate_proj.weight": (inter, d.hidden),
-            p + "moe.experts.0.up_proj.weight": (inter, d.hidden),
-            p + "moe.experts.0.down_proj.weight": (d.hidden, inter),
-        })
-    shapes["model.final_layernorm.weight"] = (d.hidden,)
-    if not cfg.get("tie_word_embeddings", True):
-        shapes["lm_head.weight"] = (d.vocab, d.hidden)
-    return shapes
-
 
 def init_state_dict(cfg, seed):
     """Training initialisation (GPT/Mamba-style), float32."""

@@ -92,6 +92,42 @@ def rope_inv_freq(cfg, dim, dtype=torch.float64):
     return (1.0 / base ** exponents).to(dtype)
 
 
+def param_shapes(cfg):
+    """{HF tensor name: shape} in the order of spec section 3."""
+    d = HymbaDims(cfg)
+    inter = cfg["intermediate_size"]
+    shapes = {"model.embed_tokens.weight": (d.vocab, d.hidden)}
+    if d.n_mem:
+        shapes["model.memory_tokens"] = (d.n_mem, d.hidden)
+    for i in range(d.n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d.hidden,),
+            p + "mamba.in_proj.weight": (d.in_proj_rows(i), d.hidden),
+            p + "mamba.conv1d.weight": (d.d_inner, 1, d.d_conv),
+            p + "mamba.conv1d.bias": (d.d_inner,),
+            p + "mamba.x_proj.0.weight": (d.dt_rank + 2 * d.d_state, d.d_inner),
+            p + "mamba.dt_proj.0.weight": (d.d_inner, d.dt_rank),
+            p + "mamba.dt_proj.0.bias": (d.d_inner,),
+            p + "mamba.A_log.0": (d.d_inner, d.d_state),
+            p + "mamba.D.0": (d.d_inner,),
+            p + "mamba.dt_layernorm.weight": (d.dt_rank,),
+            p + "mamba.B_layernorm.weight": (d.d_state,),
+            p + "mamba.C_layernorm.weight": (d.d_state,),
+            p + "mamba.pre_avg_layernorm1.weight": (d.d_inner,),
+            p + "mamba.pre_avg_layernorm2.weight": (d.d_inner,),
+            p + "mamba.out_proj.weight": (d.hidden, d.d_inner),
+            p + "pre_moe_layernorm.weight": (d.hidden,),
+            p + "moe.experts.0.gate_proj.weight": (inter, d.hidden),
+            p + "moe.experts.0.up_proj.weight": (inter, d.hidden),
+            p + "moe.experts.0.down_proj.weight": (d.hidden, inter),
+        })
+    shapes["model.final_layernorm.weight"] = (d.hidden,)
+    if not cfg.get("tie_word_embeddings", True):
+        shapes["lm_head.weight"] = (d.vocab, d.hidden)
+    return shapes
+
+
 # ---------------------------------------------------------------------------
 # Small math helpers
 # ---------------------------------------------------------------------------
@@ -140,39 +176,7 @@ class HymbaReference:
 
     # -- sanity: the state dict must have the spec section 3 layout --------------
     def _check_shapes(self):
-        d = self.d
-        expect = {
-            "model.embed_tokens.weight": (d.vocab, d.hidden),
-            "model.final_layernorm.weight": (d.hidden,),
-        }
-        if d.n_mem:
-            expect["model.memory_tokens"] = (d.n_mem, d.hidden)
-        if not self.cfg.get("tie_word_embeddings", True):
-            expect["lm_head.weight"] = (d.vocab, d.hidden)
-        for i in range(d.n_layers):
-            p = f"model.layers.{i}."
-            expect.update({
-                p + "input_layernorm.weight": (d.hidden,),
-                p + "mamba.in_proj.weight": (d.in_proj_rows(i), d.hidden),
-                p + "mamba.conv1d.weight": (d.d_inner, 1, d.d_conv),
-                p + "mamba.conv1d.bias": (d.d_inner,),
-                p + "mamba.x_proj.0.weight": (d.dt_rank + 2 * d.d_state, d.d_inner),
-                p + "mamba.dt_proj.0.weight": (d.d_inner, d.dt_rank),
-                p + "mamba.dt_proj.0.bias": (d.d_inner,),
-                p + "mamba.A_log.0": (d.d_inner, d.d_state),
-                p + "mamba.D.0": (d.d_inner,),
-                p + "mamba.dt_layernorm.weight": (d.dt_rank,),
-                p + "mamba.B_layernorm.weight": (d.d_state,),
-                p + "mamba.C_layernorm.weight": (d.d_state,),
-                p + "mamba.pre_avg_layernorm1.weight": (d.d_inner,),
-                p + "mamba.pre_avg_layernorm2.weight": (d.d_inner,),
-                p + "mamba.out_proj.weight": (d.hidden, d.d_inner),
-                p + "pre_moe_layernorm.weight": (d.hidden,),
-                p + "moe.experts.0.gate_proj.weight": (self.cfg["intermediate_size"], d.hidden),
-                p + "moe.experts.0.up_proj.weight": (self.cfg["intermediate_size"], d.hidden),
-                p + "moe.experts.0.down_proj.weight": (d.hidden, self.cfg["intermediate_size"]),
-            })
-        for name, shape in expect.items():
+        for name, shape in param_shapes(self.cfg).items():
             if name not in self.w:
                 raise KeyError(f"missing tensor {name}")
             if tuple(self.w[name].shape) != shape:
