@@ -77,6 +77,70 @@ class Backend {
   virtual void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
                           int64_t ldd) = 0;
 
+  // ---- fused ops: stretches of the primitives above that a device backend
+  // may run as one kernel (single-token decode is a chain of small ops whose
+  // launches cost more than their work). The defaults compose the primitives,
+  // so they define the semantics; `scratch` buffers are where the defaults
+  // put intermediate values (a fusing backend may leave them untouched).
+
+  // y (+)= W rmsnorm(x; norm_w). scratch: n x W.cols, dense.
+  virtual void norm_matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, const float* norm_w,
+                           float eps, float* scratch, float* y, int64_t ldy, bool accumulate) {
+    rmsnorm(x, n, W.cols, ldx, norm_w, eps, scratch, W.cols);
+    matmul(W, scratch, n, W.cols, y, ldy, accumulate);
+  }
+  // Hymba's branch fusion and output projection:
+  //   y (+)= W ((rmsnorm(a; wa) + rmsnorm(b; wb)) / 2)
+  // a and b (n x W.cols) are overwritten with intermediate values.
+  virtual void fuse_branches_matmul(const MatrixView& W, float* a, int64_t lda, float* b, int64_t ldb, int64_t n,
+                                    const float* wa, const float* wb, float eps, float* y, int64_t ldy,
+                                    bool accumulate) {
+    rmsnorm(a, n, W.cols, lda, wa, eps, a, lda);
+    rmsnorm(b, n, W.cols, ldb, wb, eps, b, ldb);
+    average_into(a, lda, b, ldb, n, W.cols);
+    matmul(W, a, n, lda, y, ldy, accumulate);
+  }
+  // The SwiGLU MLP's first half: out = silu(Wg xn) * (Wu xn), xn = rmsnorm(x; norm_w)
+  // (n x Wg.rows, leading dimension ldo). scratch_norm: n x Wg.cols, dense;
+  // scratch_up: n x Wu.rows, dense.
+  virtual void norm_swiglu(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
+                           const float* norm_w, float eps, float* scratch_norm, float* scratch_up, float* out,
+                           int64_t ldo) {
+    rmsnorm(x, n, Wg.cols, ldx, norm_w, eps, scratch_norm, Wg.cols);
+    matmul(Wg, scratch_norm, n, Wg.cols, out, ldo, false);
+    matmul(Wu, scratch_norm, n, Wu.cols, scratch_up, Wu.rows, false);
+    silu_mul(out, ldo, scratch_up, Wu.rows, n, Wg.rows, out, ldo);
+  }
+  // The attention inputs of a chunk, from the fused input projection (rows
+  // of leading dimension ld): RoPE on q (n_heads heads) in place; when k is
+  // not null, the chunk's K and V packed into dense rows of k_out (k_width
+  // wide) and v_out (v_width wide), RoPE on the packed K (n_kv_heads heads),
+  // and both rounded to `round_dt` (the cache's precision). cos/sin null: no
+  // RoPE.
+  virtual void prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads,
+                           int n_kv_heads, int head_dim, const float* cos_t, const float* sin_t, DType round_dt,
+                           float* k_out, int64_t k_width, float* v_out, int64_t v_width) {
+    if (cos_t) rope(q, n, ld, n_heads, head_dim, cos_t, sin_t);
+    if (!k) return;
+    store_rows(k, ld, n, k_width, DType::F32, k_out, k_width);
+    store_rows(v, ld, n, v_width, DType::F32, v_out, v_width);
+    if (cos_t) rope(k_out, n, k_width, n_kv_heads, head_dim, cos_t, sin_t);
+    round_to(round_dt, k_out, n, k_width, k_width);
+    round_to(round_dt, v_out, n, v_width, v_width);
+  }
+  // The Mamba branch from x_proj's output to y: the dt/B/C norms and dt_proj
+  // (ScanInputNorms) then selective_scan(a). a.delta ([n, channels]), a.B,
+  // a.C and in.dt_scratch are scratch: writable, unspecified afterwards
+  // (the default leaves delta, the normalised B and C and dtn there).
+  virtual void normed_selective_scan(const ScanArgs& a, const ScanInputNorms& in) {
+    const int64_t rank = in.dt_proj.cols;
+    rmsnorm(in.dt_raw, a.n, rank, in.ld_dt, in.dt_norm_w, in.eps, in.dt_scratch, rank);
+    rmsnorm(a.B, a.n, a.d_state, a.ldb, in.B_norm_w, in.eps, const_cast<float*>(a.B), a.ldb);
+    rmsnorm(a.C, a.n, a.d_state, a.ldc, in.C_norm_w, in.eps, const_cast<float*>(a.C), a.ldc);
+    matmul(in.dt_proj, in.dt_scratch, a.n, rank, const_cast<float*>(a.delta), a.ld_delta, false);
+    selective_scan(a);
+  }
+
   // ---- the per-sequence ops over many sequences at once (batched decode:
   // each entry has its own cache segments / state). The defaults run the
   // entries one by one; a device backend overrides them with one launch.

@@ -73,6 +73,20 @@ struct ScanArgs {
   int64_t n = 0, channels = 0, d_state = 0;
 };
 
+// The Mamba inputs that precede the scan, for Backend::normed_selective_scan:
+//   dtn   = rmsnorm(dt_raw[t, 0:rank]; dt_norm_w)      rank = dt_proj.cols
+//   delta = dt_proj dtn                                  (written to ScanArgs::delta)
+//   B, C  = rmsnorm(B; B_norm_w), rmsnorm(C; C_norm_w)  (ScanArgs::B / C, in place)
+struct ScanInputNorms {
+  const float* dt_raw = nullptr;  int64_t ld_dt = 0;
+  MatrixView dt_proj;             // [channels, rank]
+  const float* dt_norm_w = nullptr;  // [rank]
+  const float* B_norm_w = nullptr;   // [d_state]
+  const float* C_norm_w = nullptr;   // [d_state]
+  float eps = 0.0f;
+  float* dt_scratch = nullptr;    // [n, rank], dense: where the default puts dtn
+};
+
 // Depthwise causal conv + SiLU of n tokens of one sequence (see
 // Backend::causal_conv_silu for the exact semantics of each field).
 struct ConvArgs {

@@ -146,8 +146,8 @@ void HymbaModel::lm_head(int64_t first, int64_t rows, float* out) {
   Workspace& ws = *ws_;
   const int64_t D = cfg_.hidden_size, V = cfg_.vocab_size;
   if (ws.logits.size() < size_t(rows * V)) ws.logits = DeviceArray<float>(*be_, size_t(rows * V));
-  be_->rmsnorm(ws.h.data() + first * D, rows, D, D, w_.final_norm.data(), float(cfg_.rms_norm_eps), ws.a.data(), D);
-  be_->matmul(w_.lm_head, ws.a.data(), rows, D, ws.logits.data(), V, false);
+  be_->norm_matmul(w_.lm_head, ws.h.data() + first * D, rows, D, w_.final_norm.data(), float(cfg_.rms_norm_eps),
+                   ws.a.data(), ws.logits.data(), V, false);
   be_->download(out, ws.logits.data(), size_t(rows * V) * sizeof(float));
 }
 
@@ -262,23 +262,16 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
   // Everything up to attention depends only on the workspace and weights:
   // in single-token decode it is recorded once and replayed (see recorded()).
   recorded({lp.index, 0, nullptr, nullptr, n}, [&] {
-    be.rmsnorm(ws.h.data(), n, D, D, w.input_norm.data(), eps, ws.a.data(), D);
-    be.matmul(w.in_proj, ws.a.data(), n, D, ws.u.data(), ld_u, false);
-    // ---- attention branch
-    if (c.rope) be.rope(q, n, ld_u, c.num_attention_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
-    if (lp.owns_kv) {
-      // This chunk's K/V, packed (the fused projection's rows are wider).
-      const float* k = ws.u.data() + c.attn_dim;
-      const float* v = k + layout_.kv_k;
-      be.store_rows(k, ld_u, n, layout_.kv_k, DType::F32, kc, layout_.kv_k);
-      be.store_rows(v, ld_u, n, layout_.kv_v, DType::F32, vc, layout_.kv_v);
-      if (c.rope)
-        be.rope(kc, n, layout_.kv_k, c.num_key_value_heads, int(c.head_dim_qk), ws.cos.data(), ws.sin.data());
-      // Round to the cache precision now, so results do not depend on whether a
-      // key is read from this chunk or, later, from the cache.
-      be.round_to(layout_.kv_dtype, kc, n, layout_.kv_k, layout_.kv_k);
-      be.round_to(layout_.kv_dtype, vc, n, layout_.kv_v, layout_.kv_v);
-    }
+    be.norm_matmul(w.in_proj, ws.h.data(), n, D, w.input_norm.data(), eps, ws.a.data(), ws.u.data(), ld_u, false);
+    // ---- attention branch: RoPE on q; a KV owner also packs this chunk's
+    // K/V, applies RoPE to K and rounds both to the cache precision now, so
+    // results do not depend on whether a key is read from this chunk or,
+    // later, from the cache.
+    const float* k = lp.owns_kv ? ws.u.data() + c.attn_dim : nullptr;
+    const float* v = lp.owns_kv ? k + layout_.kv_k : nullptr;
+    be.prepare_qkv(q, k, v, ld_u, n, c.num_attention_heads, c.num_key_value_heads, int(c.head_dim_qk),
+                   c.rope ? ws.cos.data() : nullptr, c.rope ? ws.sin.data() : nullptr, layout_.kv_dtype, kc,
+                   layout_.kv_k, vc, layout_.kv_v);
   });
   // Attention, per sequence: its cached K/V plus its rows of this chunk
   // (segments live in ws.segs: 4 per span, referenced by the args).
@@ -328,10 +321,6 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
       be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
     }
     be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
-    be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
-    be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
-    be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
-    be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
     ws.scan_args.resize(size_t(n_spans));
     for (int i = 0; i < n_spans; ++i) {
       const RowSpan& sp = spans[i];
@@ -356,21 +345,28 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
       sa.channels = Di;
       sa.d_state = N;
     }
-    if (n_spans == 1) be.selective_scan(ws.scan_args[0]);
-    else be.selective_scan_batch(ws.scan_args.data(), n_spans);
+    // dt/B/C norms and dt_proj, then the scan: one fused op for one
+    // sequence; for a batch, the norms and dt_proj run over all rows at once.
+    const ScanInputNorms norms{ws.xdbc.data(), XD,          w.dt_proj,        w.dt_norm.data(), w.B_norm.data(),
+                               w.C_norm.data(), eps,        ws.dtn.data()};
+    if (n_spans == 1) {
+      be.normed_selective_scan(ws.scan_args[0], norms);
+    } else {
+      be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
+      be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
+      be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
+      be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
+      be.selective_scan_batch(ws.scan_args.data(), n_spans);
+    }
 
     // ---- fuse the branches: normalise each, average, project, residual
-    be.rmsnorm(ws.attn.data(), n, Di, Di, w.attn_out_norm.data(), eps, ws.attn.data(), Di);
-    be.rmsnorm(ws.y.data(), n, Di, Di, w.ssm_out_norm.data(), eps, ws.y.data(), Di);
-    be.average_into(ws.attn.data(), Di, ws.y.data(), Di, n, Di);
-    be.matmul(w.out_proj, ws.attn.data(), n, Di, ws.h.data(), D, true);
+    be.fuse_branches_matmul(w.out_proj, ws.attn.data(), Di, ws.y.data(), Di, n, w.attn_out_norm.data(),
+                            w.ssm_out_norm.data(), eps, ws.h.data(), D, true);
 
     // ---- SwiGLU MLP, residual
     const int64_t I = c.intermediate_size;
-    be.rmsnorm(ws.h.data(), n, D, D, w.mlp_norm.data(), eps, ws.a.data(), D);
-    be.matmul(w.gate_proj, ws.a.data(), n, D, ws.gate.data(), I, false);
-    be.matmul(w.up_proj, ws.a.data(), n, D, ws.up.data(), I, false);
-    be.silu_mul(ws.gate.data(), I, ws.up.data(), I, n, I, ws.gate.data(), I);
+    be.norm_swiglu(w.gate_proj, w.up_proj, ws.h.data(), n, D, w.mlp_norm.data(), eps, ws.a.data(), ws.up.data(),
+                   ws.gate.data(), I);
     be.matmul(w.down_proj, ws.gate.data(), n, I, ws.h.data(), D, true);
   });
 }

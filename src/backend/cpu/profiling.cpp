@@ -78,6 +78,37 @@ class ProfilingBackend final : public Backend {
     timed("store_rows", 0, [&] { inner_->store_rows(src, lds, n, d, dt, dst, ldd); });
   }
 
+  // Fused ops are timed as one op each (what the inner backend runs).
+  void norm_matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, const float* norm_w, float eps,
+                   float* scratch, float* y, int64_t ldy, bool accumulate) override {
+    timed(n <= 8 ? "norm_matmul (n<=8)" : "norm_matmul (n>8)", 2.0 * double(W.rows) * double(W.cols) * double(n),
+          [&] { inner_->norm_matmul(W, x, n, ldx, norm_w, eps, scratch, y, ldy, accumulate); });
+  }
+  void fuse_branches_matmul(const MatrixView& W, float* a, int64_t lda, float* b, int64_t ldb, int64_t n,
+                            const float* wa, const float* wb, float eps, float* y, int64_t ldy,
+                            bool accumulate) override {
+    timed(n <= 8 ? "fuse_matmul (n<=8)" : "fuse_matmul (n>8)", 2.0 * double(W.rows) * double(W.cols) * double(n),
+          [&] { inner_->fuse_branches_matmul(W, a, lda, b, ldb, n, wa, wb, eps, y, ldy, accumulate); });
+  }
+  void norm_swiglu(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
+                   const float* norm_w, float eps, float* scratch_norm, float* scratch_up, float* out,
+                   int64_t ldo) override {
+    timed(n <= 8 ? "norm_swiglu (n<=8)" : "norm_swiglu (n>8)", 4.0 * double(Wg.rows) * double(Wg.cols) * double(n),
+          [&] { inner_->norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, out, ldo); });
+  }
+  void prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
+                   int head_dim, const float* cos_t, const float* sin_t, DType round_dt, float* k_out,
+                   int64_t k_width, float* v_out, int64_t v_width) override {
+    timed("prepare_qkv", 0, [&] {
+      inner_->prepare_qkv(q, k, v, ld, n, n_heads, n_kv_heads, head_dim, cos_t, sin_t, round_dt, k_out, k_width,
+                          v_out, v_width);
+    });
+  }
+  void normed_selective_scan(const ScanArgs& a, const ScanInputNorms& in) override {
+    timed("normed_scan", 2.0 * double(a.n) * double(in.dt_proj.rows) * double(in.dt_proj.cols),
+          [&] { inner_->normed_selective_scan(a, in); });
+  }
+
   void reset() { stats_.clear(); }
 
   std::string report() const {

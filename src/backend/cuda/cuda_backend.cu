@@ -182,6 +182,32 @@ class CudaBackend final : public Backend {
   }
   void selective_scan(const ScanArgs& a) override { cuda::selective_scan(a, stream_); }
 
+  // ---- fused ops (backend.h): one kernel each where the kernels take the
+  // shape (small n: decode), else the primitives as the defaults compose them.
+  void norm_matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, const float* norm_w, float eps,
+                   float* scratch, float* y, int64_t ldy, bool accumulate) override {
+    Backend::norm_matmul(W, x, n, ldx, norm_w, eps, scratch, y, ldy, accumulate);
+  }
+  void fuse_branches_matmul(const MatrixView& W, float* a, int64_t lda, float* b, int64_t ldb, int64_t n,
+                            const float* wa, const float* wb, float eps, float* y, int64_t ldy,
+                            bool accumulate) override {
+    Backend::fuse_branches_matmul(W, a, lda, b, ldb, n, wa, wb, eps, y, ldy, accumulate);
+  }
+  void norm_swiglu(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
+                   const float* norm_w, float eps, float* scratch_norm, float* scratch_up, float* out,
+                   int64_t ldo) override {
+    Backend::norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, out, ldo);
+  }
+  void prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
+                   int head_dim, const float* cos_t, const float* sin_t, DType round_dt, float* k_out,
+                   int64_t k_width, float* v_out, int64_t v_width) override {
+    Backend::prepare_qkv(q, k, v, ld, n, n_heads, n_kv_heads, head_dim, cos_t, sin_t, round_dt, k_out, k_width,
+                         v_out, v_width);
+  }
+  void normed_selective_scan(const ScanArgs& a, const ScanInputNorms& in) override {
+    Backend::normed_selective_scan(a, in);
+  }
+
   // Batched: one launch for the entries the kernels take (cuda::*_batch),
   // the others (unusual shapes) one by one as the default does.
   void attention_batch(const AttentionArgs* a, int count) override {

@@ -1,0 +1,191 @@
+// The harness shared by the CUDA op tests (test_cuda_*.cpp): the CudaVsCpu
+// fixture runs an op on the CPU and the CUDA backend from the same fresh
+// random inputs (seeded from std::random_device; the seed is printed) and
+// compares them by relative L2 error, with NaN poison to catch unwritten or
+// stray elements. Without a CUDA build or a GPU every test skips.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "backend/backend.h"
+#include "util/dtype.h"
+#include "util/error.h"
+#ifdef HYMBA_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+namespace hymba {
+namespace cuda_test {
+
+// ---------------------------------------------------------------- harness
+
+inline std::map<std::string, double>& worst() {
+  static std::map<std::string, double> m;
+  return m;
+}
+
+class SummaryPrinter : public ::testing::Environment {
+ public:
+  void TearDown() override {
+    if (worst().empty()) return;
+    std::printf("[cuda-vs-cpu] summary: largest relative L2 error per op (GPU vs CPU backend)\n");
+    for (const auto& [op, e] : worst()) std::printf("[cuda-vs-cpu] %-28s %.3e\n", op.c_str(), e);
+  }
+};
+inline const auto* const kSummary = ::testing::AddGlobalTestEnvironment(new SummaryPrinter);
+
+struct Backends {
+  std::unique_ptr<Backend> cpu, gpu;
+};
+
+inline Backends* backends() {
+  static Backends* b = [] {
+    auto* r = new Backends;
+#ifdef HYMBA_HAVE_CUDA
+    if (cuda_device_present()) {
+      r->cpu = make_cpu_backend();
+      r->gpu = make_cuda_backend();
+    }
+#endif
+    return r;
+  }();
+  return b;
+}
+
+inline const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+class CudaVsCpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+#ifndef HYMBA_HAVE_CUDA
+    GTEST_SKIP() << "this build has no CUDA backend (nvcc was not found at configure time)";
+#else
+    if (!cuda_device_present()) GTEST_SKIP() << "no CUDA GPU/driver visible to this process";
+    cpu_ = backends()->cpu.get();
+    gpu_ = backends()->gpu.get();
+    seed_ = std::random_device{}();
+    rng_.seed(seed_);
+    std::printf("[ seed     ] %u\n", seed_);
+#endif
+  }
+  void TearDown() override {
+    if (gpu_) {
+      gpu_->synchronize();
+      for (void* p : owned_) gpu_->release(p);
+    }
+    owned_.clear();
+  }
+
+  std::vector<float> randn(size_t n, float mean = 0.0f, float stddev = 1.0f) {
+    std::normal_distribution<float> d(mean, stddev);
+    std::vector<float> v(n);
+    for (float& x : v) x = d(rng_);
+    return v;
+  }
+  std::vector<float> uniform(size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> d(lo, hi);
+    std::vector<float> v(n);
+    for (float& x : v) x = d(rng_);
+    return v;
+  }
+
+  // Uniform values with the given mean and standard deviation, from a fast
+  // generator seeded by rng_ (the batched tests need tens of millions).
+  std::vector<float> noise(size_t n, float mean = 0.0f, float stddev = 1.0f) {
+    uint64_t s = (uint64_t(rng_()) << 32) | rng_() | 1u;
+    const float k = stddev * 1.7320508f / 8388608.0f;  // [-2^23, 2^23) -> [-sqrt(3), sqrt(3)) stddev
+    std::vector<float> v(n);
+    for (float& x : v) {
+      s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+      x = mean + (float(int64_t(s >> 40) - 8388608)) * k;
+    }
+    return v;
+  }
+  int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng_); }
+
+  // Device copy of a host array (freed at TearDown).
+  template <typename T>
+  T* up(const std::vector<T>& h) {
+    void* p = gpu_->allocate(std::max<size_t>(1, h.size()) * sizeof(T));
+    owned_.push_back(p);
+    gpu_->upload(p, h.data(), h.size() * sizeof(T));
+    return static_cast<T*>(p);
+  }
+  template <typename T>
+  std::vector<T> down(const T* d, size_t n) {
+    std::vector<T> h(n);
+    gpu_->download(h.data(), d, n * sizeof(T));
+    return h;
+  }
+
+  // Compares a GPU result with the CPU's: NaN (poison) exactly where the CPU
+  // left NaN, finite numbers within `tol` relative L2 elsewhere.
+  void expect_close(const std::string& op, const std::string& what, const std::vector<float>& gpu,
+                    const std::vector<float>& cpu, double tol) {
+    ASSERT_EQ(gpu.size(), cpu.size());
+    double num = 0, den = 0, max_abs = 0;
+    size_t unwritten = 0, stray = 0, nonfinite = 0, first_bad = SIZE_MAX;
+    for (size_t i = 0; i < cpu.size(); ++i) {
+      const bool cn = std::isnan(cpu[i]), gn = std::isnan(gpu[i]);
+      if (cn != gn) {
+        (cn ? stray : unwritten)++;
+        if (first_bad == SIZE_MAX) first_bad = i;
+        continue;
+      }
+      if (cn) continue;
+      if (!std::isfinite(cpu[i]) || !std::isfinite(gpu[i])) {  // infinities (f16 overflow) must match exactly
+        if (cpu[i] != gpu[i]) {
+          ++nonfinite;
+          if (first_bad == SIZE_MAX) first_bad = i;
+        }
+        continue;
+      }
+      const double d = double(gpu[i]) - double(cpu[i]);
+      num += d * d;
+      den += double(cpu[i]) * double(cpu[i]);
+      max_abs = std::max(max_abs, std::fabs(d));
+    }
+    const double rel = std::sqrt(num / std::max(den, 1e-300));
+    std::printf("[cuda-vs-cpu] %-14s %-52s rel_l2 %.3e  max_abs %.3e\n", op.c_str(), what.c_str(), rel, max_abs);
+    double& w = worst()[op];
+    w = std::max(w, rel);
+    EXPECT_EQ(unwritten, 0u) << op << " " << what << ": GPU left " << unwritten
+                             << " elements unwritten (NaN poison), first at " << first_bad;
+    EXPECT_EQ(stray, 0u) << op << " " << what << ": GPU wrote " << stray
+                         << " elements outside the op's region, first at " << first_bad;
+    EXPECT_EQ(nonfinite, 0u) << op << " " << what << ": " << nonfinite
+                             << " infinities differ, first at " << first_bad;
+    EXPECT_LE(rel, tol) << op << " " << what << " (seed " << seed_ << ")";
+  }
+
+  Backend* cpu_ = nullptr;
+  Backend* gpu_ = nullptr;
+  uint32_t seed_ = 0;
+  std::mt19937 rng_;
+  std::vector<void*> owned_;
+};
+
+// Values stored as dt (what a checkpoint or a cache holds).
+inline std::vector<uint8_t> store_as(const std::vector<float>& v, DType dt) {
+  std::vector<uint8_t> b(v.size() * dtype_size(dt));
+  from_f32(v.data(), v.size(), dt, b.data());
+  return b;
+}
+
+
+}  // namespace cuda_test
+}  // namespace hymba
