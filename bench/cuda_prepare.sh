@@ -10,12 +10,13 @@
 # libraries (cudart is linked statically; libcublasLt comes from the
 # device's CUDA) are not carried. Carry build-cuda/dist with the run.
 #
-# Usage: bench/cuda_prepare.sh   (then, on the device, carrying build-cuda/dist:
+# Usage: bench/cuda_prepare.sh   (then, on the device, carrying build-cuda/dist.tar.gz:
 #        bash bench/gpu_bench.sh; PARTS=tests,memcheck,racecheck for checks only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${JOBS:-2}
 cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHYMBA_NATIVE=OFF -DHYMBA_BUILD_TESTS=ON -DHYMBA_CUDA=ON \
+  -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
   >build-cuda.configure.log 2>&1 || { cat build-cuda.configure.log; exit 1; }
 rm -f build-cuda.configure.log
 grep -q "HYMBA_HAVE_CUDA" build-cuda/compile_commands.json || { echo "build-cuda has no CUDA backend (nvcc not found?)"; exit 1; }
@@ -38,6 +39,9 @@ done
 mkdir -p "$dist/test-work" "$dist/shared/fixtures"
 /usr/bin/python3 tests/reference/make_goldens.py --out "$dist/test-work/goldens" >/dev/null
 cp -r ../shared/fixtures/tiny-a "$dist/shared/fixtures/"
-echo "build-cuda/dist ready:"
+# One compressed file to carry (the two binaries share most of their code;
+# the working tree plus what is carried must stay under 64 MiB).
+tar -C build-cuda -czf build-cuda/dist.tar.gz dist
+echo "build-cuda/dist ready (carry build-cuda/dist.tar.gz: $(du -h build-cuda/dist.tar.gz | cut -f1)):"
 du -sh "$dist" "$dist"/*
 ls "$dist/lib" "$dist/lib-extra"

@@ -12,13 +12,19 @@
 #      TORCH_BUDGET seconds;
 #   5. compute-sanitizer memcheck on the model-level GPU tests and the
 #      matmul test; (PARTS=racecheck) racecheck on the attention and scan tests.
-#   6. (PARTS=profile) `hymba bench --profile`: per-op GPU time of decode.
+#   6. (PARTS=profile) `hymba bench --profile`: per-op GPU time of decode,
+#      8K prefill and the 32-sequence batched decode (each op synchronised).
+#   7. (PARTS=micro) the kernel timing tests (DISABLED_*Timing* in
+#      tests/cuda): GEMV bandwidth, attention, scan, sampling.
+# TORCH_MODES picks the PyTorch decode modes (default eager,graph,compile).
 # PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
-# Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.
+# Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.tar.gz.
 # Every step has a time limit; logs and JSON go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dist=${DIST:-build-cuda/dist}
+# What bench/cuda_prepare.sh leaves to carry: the dist folder, compressed.
+[ -d "$dist" ] || [ ! -f build-cuda/dist.tar.gz ] || tar -C build-cuda -xzf build-cuda/dist.tar.gz
 out=${OUT:-/tmp/hymba-gpu-out}
 mkdir -p "$out"
 hymba=$dist/bin/hymba
@@ -88,7 +94,7 @@ fi
 if want torch; then
 echo "== 4. PyTorch baseline"
 timeout $(( ${TORCH_BUDGET:-140} + 60 )) python3 bench/torch_bench.py --preset 1.5b --device cuda \
-  --modes eager,graph --time-budget "${TORCH_BUDGET:-140}" --json-out "$out/torch_bench.json" \
+  --modes "${TORCH_MODES:-eager,graph,compile}" --time-budget "${TORCH_BUDGET:-140}" --json-out "$out/torch_bench.json" \
   >"$out/torch_bench.stdout" 2>"$out/torch_bench.log"
 echo "rc=$?"; tail -25 "$out/torch_bench.log"
 fi
@@ -111,6 +117,18 @@ fi
 if want profile; then
 echo "== 6. decode profile"
 make_model
-timeout 120 "$hymba" bench -m "$model" --device cuda --prompt-len 1024 --gen-len 32 --profile >"$out/profile.log" 2>&1
-echo "rc=$?"; cat "$out/profile.log"
+for args in "--prompt-len 1024 --gen-len 32" "--prompt-len 8192 --gen-len 2" \
+            "--prompt-len 2048 --gen-len 8 --batch 32 --batch-fill replicate"; do
+  echo "-- profile: $args"
+  timeout 120 "$hymba" bench -m "$model" --device cuda $args --profile >>"$out/profile.log" 2>&1
+  echo "rc=$?"
+done
+cat "$out/profile.log" | grep -v "^loading" | head -150
+fi
+
+if want micro; then
+echo "== 7. kernel timings"
+timeout 240 "$tests" --gtest_color=no --gtest_also_run_disabled_tests --gtest_filter='*DISABLED_*Timing*' \
+  >"$out/micro.log" 2>&1
+echo "rc=$?"; grep -v "^\[ \|^$" "$out/micro.log" | head -120
 fi

@@ -36,6 +36,10 @@ class Backend {
   virtual const void* resident(const void* host, size_t bytes) = 0;
   // Waits until all queued work is done (no-op where ops are synchronous).
   virtual void synchronize() {}
+  // Tokens per forward chunk that keep this device efficient (the model's
+  // default max_chunk): matrix products want wide chunks on a GPU, while on
+  // a CPU a small chunk keeps the working set in cache.
+  virtual int64_t preferred_chunk() const { return 256; }
 
   // ---- recording (optional): ops issued between begin_recording() and
   // end_recording() are recorded, not run, and replay() runs them again with
@@ -140,6 +144,15 @@ class Backend {
     matmul(in.dt_proj, in.dt_scratch, a.n, rank, const_cast<float*>(a.delta), a.ld_delta, false);
     selective_scan(a);
   }
+
+  // ---- sampling: out_ids[r] (host memory) = the token SampleArgs args[r]
+  // picks from row r of logits ([rows, vocab], leading dimension ld, in the
+  // backend's memory). Throws hymba::Error on NaN/+inf logits, a row without
+  // a finite logit, or history ids outside [0, vocab). Waits for the result.
+  // The default downloads the rows and picks on the host
+  // (backend/cpu/sampling.cpp).
+  virtual void sample_tokens(const float* logits, int64_t rows, int64_t vocab, int64_t ld, const SampleArgs* args,
+                             int32_t* out_ids);
 
   // ---- the per-sequence ops over many sequences at once (batched decode:
   // each entry has its own cache segments / state). The defaults run the

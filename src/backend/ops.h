@@ -87,6 +87,24 @@ struct ScanInputNorms {
   float* dt_scratch = nullptr;    // [n, rank], dense: where the default puts dtn
 };
 
+// How to pick one token from a row of logits (Backend::sample_tokens). The
+// rules are runtime/sampler.h's, in its order: the repetition penalty over
+// the distinct ids of `history` (l > 0: l / penalty, else l * penalty), then
+// greedy when temperature == 0 (the largest logit, ties to the lowest id), or
+// temperature -> top-k -> top-p -> min-p, and the token is the first
+// surviving candidate, in descending logit order (ties: lower id first), at
+// which the running sum of normalised probabilities exceeds u.
+struct SampleArgs {
+  float temperature = 0.0f;     // 0 = greedy
+  int top_k = 0;                // 0 = off
+  float top_p = 1.0f;           // 1 = off
+  float min_p = 0.0f;           // 0 = off
+  float repeat_penalty = 1.0f;  // 1 = off
+  const int32_t* history = nullptr;  // host memory: ids the penalty applies to (repeats allowed)
+  int64_t n_history = 0;
+  double u = 0.0;               // uniform in [0, 1), drawn by the caller
+};
+
 // Depthwise causal conv + SiLU of n tokens of one sequence (see
 // Backend::causal_conv_silu for the exact semantics of each field).
 struct ConvArgs {

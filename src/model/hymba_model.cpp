@@ -33,7 +33,7 @@ std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const Model
   m->cfg_ = HymbaConfig::load((fs::path(dir) / "config.json").string());
   m->plan_ = ModelPlan::build(m->cfg_);
   m->opts_ = opts;
-  check(opts.max_chunk > 0, "max_chunk must be positive");
+  check(opts.max_chunk >= 0, "max_chunk must be positive (or 0 for the device's default)");
   m->ckpt_ = SafetensorsCheckpoint::open_dir(dir, opts.huge_pages);
   m->w_ = ModelWeights::bind(m->ckpt_, m->cfg_, m->plan_);
   const DType kv = opts.kv_dtype ? *opts.kv_dtype : (m->w_.matrix_dtype == DType::F32 ? DType::F32 : DType::BF16);
@@ -41,6 +41,7 @@ std::unique_ptr<HymbaModel> HymbaModel::load(const std::string& dir, const Model
   m->be_ = make_backend(opts.device);
   if (opts.wrap_backend) m->be_ = opts.wrap_backend(std::move(m->be_));
   if (opts.profile) m->be_ = make_profiling_backend(std::move(m->be_));
+  if (m->opts_.max_chunk == 0) m->opts_.max_chunk = m->be_->preferred_chunk();
   std::function<void(double)> upload_progress;
   if (opts.progress) upload_progress = [&](double f) { opts.progress("weights", f); };
   m->w_.make_resident(*m->be_, upload_progress);
@@ -110,6 +111,20 @@ void HymbaModel::ensure_workspace(int64_t n) {
 
 void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, float* logits, bool all_positions,
                          bool decode) {
+  run_forward(seq, ids, n, decode, !logits ? Logits::kNone : all_positions ? Logits::kAll : Logits::kLast, logits);
+}
+
+int32_t HymbaModel::forward_sample(SequenceCache& seq, const int32_t* ids, int64_t n, const SampleArgs& args,
+                                   bool decode) {
+  check(n > 0, "forward_sample: no input tokens");
+  run_forward(seq, ids, n, decode, Logits::kLastOnDevice, nullptr);
+  int32_t id = -1;
+  be_->sample_tokens(ws_->logits.data(), 1, cfg_.vocab_size, cfg_.vocab_size, &args, &id);
+  return id;
+}
+
+void HymbaModel::run_forward(SequenceCache& seq, const int32_t* ids, int64_t n, bool decode, Logits want,
+                             float* logits) {
   // Validate everything before touching the sequence, so bad input leaves it intact.
   for (int64_t t = 0; t < n; ++t)
     check(ids[t] >= 0 && ids[t] < cfg_.vocab_size, "token id ", ids[t], " at index ", t,
@@ -133,12 +148,12 @@ void HymbaModel::forward(SequenceCache& seq, const int32_t* ids, int64_t n, floa
     }
     recording_on_ = false;
     done += nc;
-    if (!logits) continue;
+    if (want == Logits::kNone) continue;
     // LM head on the rows that are asked for: every row, or the very last one.
-    const int64_t first = all_positions ? 0 : (done == n ? nc - 1 : nc);
+    const int64_t first = want == Logits::kAll ? 0 : (done == n ? nc - 1 : nc);
     const int64_t rows = nc - first;
     if (rows <= 0) continue;
-    lm_head(first, rows, all_positions ? logits + (done - nc) * V : logits);
+    lm_head(first, rows, want == Logits::kAll ? logits + (done - nc) * V : logits);
   }
 }
 
@@ -148,10 +163,20 @@ void HymbaModel::lm_head(int64_t first, int64_t rows, float* out) {
   if (ws.logits.size() < size_t(rows * V)) ws.logits = DeviceArray<float>(*be_, size_t(rows * V));
   be_->norm_matmul(w_.lm_head, ws.h.data() + first * D, rows, D, w_.final_norm.data(), float(cfg_.rms_norm_eps),
                    ws.a.data(), ws.logits.data(), V, false);
-  be_->download(out, ws.logits.data(), size_t(rows * V) * sizeof(float));
+  if (out) be_->download(out, ws.logits.data(), size_t(rows * V) * sizeof(float));
 }
 
 void HymbaModel::forward_batch(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, float* logits) {
+  run_batch(seqs, ids, batch, logits, nullptr, nullptr);
+}
+
+void HymbaModel::forward_batch_sample(SequenceCache* const* seqs, const int32_t* ids, int64_t batch,
+                                      const SampleArgs* args, int32_t* out) {
+  run_batch(seqs, ids, batch, nullptr, args, out);
+}
+
+void HymbaModel::run_batch(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, float* logits,
+                           const SampleArgs* args, int32_t* out) {
   check(batch > 0, "forward_batch: empty batch");
   for (int64_t b = 0; b < batch; ++b) {
     check(ids[b] >= 0 && ids[b] < cfg_.vocab_size, "token id ", ids[b], " of sequence ", b,
@@ -169,7 +194,8 @@ void HymbaModel::forward_batch(SequenceCache* const* seqs, const int32_t* ids, i
     for (int64_t b = 0; b < nb; ++b) spans.push_back({seqs[done + b], b, 1});
     recording_on_ = false;  // recordings hold one sequence's state
     run_layers(spans.data(), int(nb), nb, true);
-    lm_head(0, nb, logits + done * V);
+    lm_head(0, nb, logits ? logits + done * V : nullptr);
+    if (args) be_->sample_tokens(ws.logits.data(), nb, V, V, args + done, out + done);
     done += nb;
   }
 }

@@ -28,8 +28,9 @@ struct ModelOptions {
   // Reproduce the reference's decode-time window (q - k <= window - 1 during
   // single-token decode, spec 8.1) instead of the training rule q - k <= window.
   bool hf_decode_window = false;
-  // Largest number of tokens per forward chunk (bounds working memory).
-  int64_t max_chunk = 256;
+  // Largest number of tokens per forward chunk (bounds working memory);
+  // 0: the backend's preferred_chunk().
+  int64_t max_chunk = 0;
   // Time every op (see backend/profiling.h); report with profile_report().
   bool profile = false;
   // Copy the weights into transparent-huge-page memory instead of mapping
@@ -81,6 +82,16 @@ class HymbaModel {
   // forward() of that token alone, up to the matrix products' rounding.
   void forward_batch(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, float* logits);
 
+  // forward() of the prompt or decode token(s) ids[0..n), then the next token
+  // picked from the last position's logits by `args` on the backend (the
+  // logits never leave the device; see Backend::sample_tokens).
+  int32_t forward_sample(SequenceCache& seq, const int32_t* ids, int64_t n, const SampleArgs& args,
+                         bool decode = false);
+  // forward_batch(), then out[b] = the token args[b] picks from sequence b's
+  // logits, on the backend.
+  void forward_batch_sample(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, const SampleArgs* args,
+                            int32_t* out);
+
   // The meta-prefix snapshot (for tests); null when the model has no meta tokens.
   const SequenceCache* meta_snapshot() const { return meta_.get(); }
   // Recomputes the meta prefix into a fresh cache (for tests of the snapshot).
@@ -90,8 +101,15 @@ class HymbaModel {
   HymbaModel() = default;
   struct Workspace;
   void ensure_workspace(int64_t n);
-  // Final norm + LM head of workspace rows first..first+rows-1, downloaded to out.
+  // Final norm + LM head of workspace rows first..first+rows-1 into
+  // ws.logits, then downloaded to out unless out is null.
   void lm_head(int64_t first, int64_t rows, float* out);
+  // Which logits a chunked forward pass produces.
+  enum class Logits { kNone, kLast, kAll, kLastOnDevice };
+  void run_forward(SequenceCache& seq, const int32_t* ids, int64_t n, bool decode, Logits want, float* logits);
+  // forward_batch's body: logits to the host (logits) or sampled (args, out).
+  void run_batch(SequenceCache* const* seqs, const int32_t* ids, int64_t batch, float* logits,
+                 const SampleArgs* args, int32_t* out);
   // Rows row0 .. row0+n-1 of the workspace belong to `seq` (a chunk of one
   // sequence is one span; a batched decode step has one span per sequence).
   struct RowSpan {

@@ -21,7 +21,6 @@ BatchResult generate_batch(HymbaModel& model, const BatchRequest& req) {
   check(req.max_new_tokens >= 1, "batch: max_new_tokens must be at least 1");
   validate_sampling(req.sampling);
   const size_t B = req.prompts.size();
-  const int64_t V = model.vocab_size();
   for (size_t i = 0; i < B; ++i) check(!req.prompts[i].empty(), "batch: prompt ", i, " is empty");
 
   BatchResult res;
@@ -29,7 +28,7 @@ BatchResult generate_batch(HymbaModel& model, const BatchRequest& req) {
   std::vector<std::unique_ptr<SequenceCache>> seqs;
   std::vector<Sampler> samplers;
   std::vector<std::vector<int32_t>> history(B);
-  std::vector<float> logits(B * size_t(V));
+  std::vector<int32_t> next(B);  // each sequence's next token, picked on the device
 
   // Prefill each prompt (its first token comes from the prompt's logits).
   const auto t0 = std::chrono::steady_clock::now();
@@ -42,8 +41,8 @@ BatchResult generate_batch(HymbaModel& model, const BatchRequest& req) {
     SamplingParams sp = req.sampling;
     sp.seed = req.sampling.seed + i;
     samplers.emplace_back(sp);
-    model.forward(*seqs[i], p.data(), int64_t(p.size()), logits.data() + i * size_t(V), false);
     history[i] = p;
+    next[i] = model.forward_sample(*seqs[i], p.data(), int64_t(p.size()), samplers[i].next_args(history[i]));
   }
   res.prefill_seconds = seconds_since(t0);
 
@@ -53,13 +52,14 @@ BatchResult generate_batch(HymbaModel& model, const BatchRequest& req) {
   for (size_t i = 0; i < B; ++i) active[i] = i;
   std::vector<SequenceCache*> step_seqs;
   std::vector<int32_t> step_ids;
-  std::vector<float> step_logits;
+  std::vector<SampleArgs> step_args;
+  std::vector<int32_t> step_out;
   for (;;) {
     step_seqs.clear();
     step_ids.clear();
     std::vector<size_t> still;
     for (size_t i : active) {
-      const int32_t tok = samplers[i].sample(logits.data() + i * size_t(V), int(V), history[i]);
+      const int32_t tok = next[i];
       res.tokens[i].push_back(tok);
       history[i].push_back(tok);
       const bool done = int(res.tokens[i].size()) >= req.max_new_tokens ||
@@ -71,11 +71,12 @@ BatchResult generate_batch(HymbaModel& model, const BatchRequest& req) {
     }
     active = std::move(still);
     if (active.empty()) break;
-    step_logits.resize(active.size() * size_t(V));
-    model.forward_batch(step_seqs.data(), step_ids.data(), int64_t(active.size()), step_logits.data());
-    for (size_t j = 0; j < active.size(); ++j)
-      std::copy(step_logits.begin() + int64_t(j) * V, step_logits.begin() + int64_t(j + 1) * V,
-                logits.begin() + int64_t(active[j]) * V);
+    step_args.clear();
+    for (size_t i : active) step_args.push_back(samplers[i].next_args(history[i]));
+    step_out.resize(active.size());
+    model.forward_batch_sample(step_seqs.data(), step_ids.data(), int64_t(active.size()), step_args.data(),
+                               step_out.data());
+    for (size_t j = 0; j < active.size(); ++j) next[active[j]] = step_out[j];
     ++res.decode_steps;
     res.decoded_tokens += int64_t(active.size());
   }

@@ -33,7 +33,6 @@ GenerationResult Generator::continue_sequence(SequenceCache& seq, const Generati
   check(req.stop_strings.empty() || tok_ != nullptr, "stop strings need a tokenizer");
   check(int64_t(req.prompt.size()) <= seq.remaining(), "the prompt has ", req.prompt.size(),
         " new tokens but the context has room for ", seq.remaining(), " more");
-  const int64_t V = model_.vocab_size();
   Sampler sampler(req.sampling);
   StopMatcher stops(req.stop_strings);
   std::unique_ptr<StreamDecoder> detok;
@@ -41,11 +40,16 @@ GenerationResult Generator::continue_sequence(SequenceCache& seq, const Generati
 
   GenerationResult res;
   res.prompt_tokens = int64_t(req.prompt.size());
-  std::vector<float> logits(static_cast<size_t>(V));
   std::vector<int32_t> history = req.history;
   history.insert(history.end(), req.prompt.begin(), req.prompt.end());
   const auto t0 = std::chrono::steady_clock::now();
-  model_.forward(seq, req.prompt.data(), int64_t(req.prompt.size()), logits.data(), false);
+  // Each forward also picks the next token on the device (the logits stay
+  // there); with nothing to generate, the prompt is only prefilled.
+  int32_t next = -1;
+  if (req.max_new_tokens > 0)
+    next = model_.forward_sample(seq, req.prompt.data(), int64_t(req.prompt.size()), sampler.next_args(history));
+  else
+    model_.forward(seq, req.prompt.data(), int64_t(req.prompt.size()), nullptr, false);
   res.prefill_seconds = seconds_since(t0);
   if (after_prefill) after_prefill();
   const int eos = model_.config().eos_token_id;
@@ -53,7 +57,7 @@ GenerationResult Generator::continue_sequence(SequenceCache& seq, const Generati
   std::chrono::steady_clock::time_point t_first;
   res.stop_reason = "length";
   for (int i = 0; i < req.max_new_tokens; ++i) {
-    const int32_t id = sampler.sample(logits.data(), int(V), history);
+    const int32_t id = next;
     if (i == 0) {
       t_first = std::chrono::steady_clock::now();
       res.ttft_seconds = seconds_since(t0);
@@ -84,7 +88,7 @@ GenerationResult Generator::continue_sequence(SequenceCache& seq, const Generati
       res.stop_reason = "context";
       break;
     }
-    model_.forward(seq, &id, 1, logits.data(), false, /*decode=*/true);
+    next = model_.forward_sample(seq, &id, 1, sampler.next_args(history), /*decode=*/true);
     ++res.tokens_in_cache;
   }
   if (!res.tokens.empty()) res.decode_seconds = seconds_since(t_first);

@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "backend/cpu/sampling.h"
+
 namespace hymba {
 
 struct SamplingParams {
@@ -31,7 +33,16 @@ class Sampler {
   // repetition penalty, then greedy (temperature 0, ties -> lowest id) or
   // temperature -> top-k -> top-p -> min-p -> draw from the renormalised rest.
   // Throws on NaN/+inf logits, no finite logit, or history ids outside vocab.
+  // The rules are backend/cpu/sampling.h's kernel (Backend::sample_tokens
+  // runs the same); the Sampler adds the draw and the history window.
   int32_t sample(const float* logits, int vocab, const std::vector<int32_t>& history);
+
+  // The arguments of Backend::sample_tokens (HymbaModel::forward_sample)
+  // for the next token, with its random draw when sampling: the device then
+  // picks what sample() would pick from the same logits, and the random
+  // stream advances as sample() advances it. history.data() must stay valid
+  // until the pick is done.
+  SampleArgs next_args(const std::vector<int32_t>& history);
 
   const SamplingParams& params() const { return params_; }
   // Restarts the random stream (same seed -> same samples again).
@@ -45,15 +56,13 @@ class Sampler {
                                                        const std::vector<int32_t>& history);
 
  private:
-  void prepare(const float* logits, int vocab, const std::vector<int32_t>& history);
-  void filter();       // fills cand_ (sorted, normalised) from work_
+  // The kernel's arguments: the options and the penalty window of `history`.
+  SampleArgs args_for(const std::vector<int32_t>& history) const;
   double uniform01();  // [0, 1) with 53 random bits, platform independent
 
   SamplingParams params_;
   std::mt19937_64 rng_;  // the engine's output sequence is fixed by the standard
-  std::vector<float> work_;
-  std::vector<std::pair<int32_t, double>> cand_;
-  std::vector<int32_t> seen_;
+  cpu::SampleScratch scratch_;
 };
 
 // Watches generated text for stop strings. Text that could be the start of a

@@ -34,6 +34,12 @@
 
 #include "cuda_test_util.h"
 
+#ifdef HYMBA_HAVE_CUDA
+namespace hymba::cuda {  // backend/cuda/kernels.cuh (which needs the CUDA headers)
+void set_attention_tc_mode(int mode);
+}  // namespace hymba::cuda
+#endif
+
 namespace hymba {
 namespace {
 
@@ -164,6 +170,20 @@ TEST_F(CudaVsCpu, Rope) {
 
 // ---------------------------------------------------------------- attention
 
+// Selects the attention kernels' tensor-core mode (backend/cuda/kernels.cuh:
+// 0 automatic, 1 never) for a scope.
+struct TcModeGuard {
+  explicit TcModeGuard(int mode) { set(mode); }
+  ~TcModeGuard() { set(0); }
+  static void set(int mode) {
+#ifdef HYMBA_HAVE_CUDA
+    cuda::set_attention_tc_mode(mode);
+#else
+    (void)mode;
+#endif
+  }
+};
+
 struct SegSpec {
   int64_t pos0, count;
   DType dtype;
@@ -179,6 +199,9 @@ struct AttnCase {
 };
 
 TEST_F(CudaVsCpu, Attention) {
+  // The fp32 SIMT kernels at fp32 tolerance: bf16 prefill shapes would take
+  // the tensor-core kernel (bf16 Q and P), tested in test_cuda_attention.cpp.
+  TcModeGuard never_tc(1);
   const std::vector<AttnCase> cases = {
       {"1.5B prefill, global, f32", 25, 5, 64, 64, 100, 0, -1, 0, {{0, 100, DType::F32, 0}}},
       {"1.5B chunk, window 64 + meta 16, bf16+f32", 25, 5, 64, 64, 150, 200, 64, 16,
@@ -400,6 +423,40 @@ TEST_F(CudaVsCpu, RoundToAndStoreRows) {
     const std::vector<uint8_t> sg = down(ds, sc.size());
     EXPECT_EQ(sg, sc) << "store_rows " << dtype_name(dt) << " must be bit-exact (padding untouched)";
     worst()["store_rows"] = std::max(worst()["store_rows"], sg == sc ? 0.0 : 1.0);
+  }
+}
+
+// The fused attention-input op (RoPE on q; K/V packed, K rotated, both
+// rounded) must give the same bits as the CPU backend's composition of
+// store_rows + rope + round_to, with and without RoPE and K/V.
+TEST_F(CudaVsCpu, PrepareQkvIsBitExact) {
+  const int head_dim = 64, half = 32, H = 25, KVH = 5;
+  const int64_t kw = KVH * head_dim, vw = KVH * head_dim + 64;  // v wider than k (dv != dk)
+  const int64_t ld = H * head_dim + kw + vw + 24;
+  for (int64_t n : {1, 3, 77}) {
+    for (DType dt : {DType::BF16, DType::F16, DType::F32}) {
+      for (int variant = 0; variant < 3; ++variant) {  // 0: rope + kv, 1: rope, q only, 2: kv, no rope
+        const bool rope = variant != 2, kv = variant != 1;
+        const std::vector<float> u = randn(size_t(n * ld), 0.0f, 3.0f);
+        const std::vector<float> c = uniform(size_t(n * half), -1.0f, 1.0f), sn = uniform(size_t(n * half), -1.0f, 1.0f);
+        std::vector<float> uc = u, kc(size_t(n * kw), kNaN), vc(size_t(n * vw), kNaN);
+        const float* kp = kv ? uc.data() + H * head_dim : nullptr;
+        cpu_->prepare_qkv(uc.data(), kp, kv ? kp + kw : nullptr, ld, n, H, KVH, head_dim, rope ? c.data() : nullptr,
+                          rope ? sn.data() : nullptr, dt, kc.data(), kw, vc.data(), vw);
+        float* du = up(u);
+        float* dk = up(std::vector<float>(kc.size(), kNaN));
+        float* dv = up(std::vector<float>(vc.size(), kNaN));
+        const float* dkp = kv ? du + H * head_dim : nullptr;
+        gpu_->prepare_qkv(du, dkp, kv ? dkp + kw : nullptr, ld, n, H, KVH, head_dim, rope ? up(c) : nullptr,
+                          rope ? up(sn) : nullptr, dt, dk, kw, dv, vw);
+        const std::string what = "n=" + std::to_string(n) + " " + dtype_name(dt) + " variant " + std::to_string(variant);
+        const std::vector<float> ug = down(du, u.size()), kg = down(dk, kc.size()), vg = down(dv, vc.size());
+        EXPECT_EQ(std::memcmp(ug.data(), uc.data(), uc.size() * 4), 0) << "q/u differ: " << what;
+        EXPECT_EQ(std::memcmp(kg.data(), kc.data(), kc.size() * 4), 0) << "packed K differs: " << what;
+        EXPECT_EQ(std::memcmp(vg.data(), vc.data(), vc.size() * 4), 0) << "packed V differs: " << what;
+        expect_close("prepare_qkv", what, kg, kc, 0.0);
+      }
+    }
   }
 }
 

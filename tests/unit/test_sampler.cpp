@@ -11,9 +11,11 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "runtime/sampler.h"
 #include "util/error.h"
 
@@ -364,4 +366,194 @@ TEST(StopMatcher, EmptyStopStringRejected) {
   EXPECT_THROW(StopMatcher({"ok", ""}), hymba::Error);
   StopMatcher none({});
   EXPECT_EQ(none.feed("anything </s>").text, "anything </s>");
+}
+
+// ---- the host sampling kernel through Backend::sample_tokens (the CPU
+// backend's default) against Sampler, which runs the same kernel one row at
+// a time: same options, same window, same uniform draws.
+
+namespace {
+
+struct RandomCase {
+  SamplingParams p;
+  int vocab = 0;
+  std::vector<std::vector<float>> steps;  // one row per step
+  std::vector<int32_t> history;           // before the first step
+};
+
+RandomCase random_case(std::mt19937_64& g) {
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g); };
+  auto unif = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); };
+  RandomCase c;
+  c.vocab = pick(0, 3) == 0 ? pick(1, 5) : pick(6, 300);
+  SamplingParams& p = c.p;
+  p.seed = g();
+  p.temperature = pick(0, 4) == 0 ? 0.0f : static_cast<float>(unif(0.05, 3.0));
+  const int k = pick(0, 4);
+  p.top_k = k == 0 ? 0 : k == 1 ? 1 : k == 2 ? c.vocab + pick(0, 5) : pick(1, c.vocab);
+  const int tp = pick(0, 3);
+  p.top_p = tp == 0 ? 1.0f : tp == 1 ? 1e-6f : static_cast<float>(unif(0.05, 1.0));
+  const int mp = pick(0, 4);
+  p.min_p = mp == 0 ? 0.0f : mp == 1 ? 1.0f : static_cast<float>(unif(0.0, 0.5));
+  p.repeat_penalty = pick(0, 2) == 0 ? 1.0f : static_cast<float>(unif(0.5, 2.0));
+  p.repeat_last_n = pick(-1, 8);
+  for (int i = pick(0, 12); i > 0; --i) c.history.push_back(pick(0, std::min(c.vocab - 1, 6)));  // repeats
+  // Logits: coarse grids give many exact ties; -inf here and there; some
+  // rows peaked, some flat.
+  for (int s = 0; s < 6; ++s) {
+    std::vector<float> l(static_cast<size_t>(c.vocab));
+    const int style = pick(0, 3);
+    for (float& v : l) {
+      if (style == 0) v = static_cast<float>(pick(-3, 3)) * 0.5f;               // ties everywhere
+      else if (style == 1) v = static_cast<float>(unif(-8.0, 8.0));             // generic
+      else if (style == 2) v = static_cast<float>(pick(-2, 2)) * 1e-3f;           // nearly flat
+      else v = pick(0, 20) == 0 ? 30.0f : static_cast<float>(unif(-20.0, -5.0));  // peaked
+      if (pick(0, 9) == 0) v = -std::numeric_limits<float>::infinity();
+      if (pick(0, 30) == 0) v = -0.0f;
+    }
+    l[static_cast<size_t>(pick(0, c.vocab - 1))] = static_cast<float>(pick(-2, 2));  // a finite one
+    c.steps.push_back(std::move(l));
+  }
+  return c;
+}
+
+hymba::SampleArgs args_of(const SamplingParams& p, const std::vector<int32_t>& history, double u) {
+  hymba::SampleArgs a;
+  a.temperature = p.temperature;
+  a.top_k = p.top_k;
+  a.top_p = p.top_p;
+  a.min_p = p.min_p;
+  a.repeat_penalty = p.repeat_penalty;
+  if (p.repeat_penalty != 1.0f && p.repeat_last_n != 0 && !history.empty()) {
+    const size_t n = p.repeat_last_n < 0 ? history.size() : std::min<size_t>(history.size(), p.repeat_last_n);
+    a.history = history.data() + history.size() - n;
+    a.n_history = static_cast<int64_t>(n);
+  }
+  a.u = u;
+  return a;
+}
+
+std::string describe(const SamplingParams& p, int vocab) {
+  std::ostringstream os;
+  os << "vocab " << vocab << " temperature " << p.temperature << " top_k " << p.top_k << " top_p " << p.top_p
+     << " min_p " << p.min_p << " penalty " << p.repeat_penalty << " last_n " << p.repeat_last_n << " seed "
+     << p.seed;
+  return os.str();
+}
+
+}  // namespace
+
+TEST(SampleTokens, CpuBackendEqualsSamplerOnRandomCases) {
+  auto be = hymba::make_cpu_backend();
+  std::mt19937_64 g(2024);
+  int compared = 0;
+  for (int t = 0; t < 3000; ++t) {
+    const RandomCase c = random_case(g);
+    Sampler s(c.p);
+    std::mt19937_64 draws(c.p.seed);  // Sampler's stream, reproduced
+    std::vector<int32_t> history = c.history;
+    // The steps one at a time, as generation calls it (the history grows).
+    for (const auto& row : c.steps) {
+      const int32_t want = s.sample(row.data(), c.vocab, history);
+      const double u = c.p.temperature > 0.0f ? static_cast<double>(draws() >> 11) * 0x1.0p-53 : 0.0;
+      const hymba::SampleArgs a = args_of(c.p, history, u);
+      hymba::DeviceArray<float> d(*be, row.size());
+      be->upload(d.data(), row.data(), row.size() * sizeof(float));
+      int32_t got = -1;
+      be->sample_tokens(d.data(), 1, c.vocab, c.vocab, &a, &got);
+      ASSERT_EQ(got, want) << "case " << t << ": " << describe(c.p, c.vocab) << " u " << u;
+      history.push_back(want);
+      ++compared;
+    }
+    // All steps as one batch (rows of leading dimension vocab + 3), each with
+    // its own window and draw.
+    const int64_t ld = c.vocab + 3;
+    const int64_t rows = static_cast<int64_t>(c.steps.size());
+    std::vector<float> batch(static_cast<size_t>(rows * ld), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy(c.steps[r].begin(), c.steps[r].end(), batch.begin() + r * ld);
+    Sampler s2(c.p);
+    std::mt19937_64 draws2(c.p.seed);
+    std::vector<std::vector<int32_t>> hist(static_cast<size_t>(rows), c.history);
+    std::vector<hymba::SampleArgs> args;
+    std::vector<int32_t> want;
+    for (int64_t r = 0; r < rows; ++r) {
+      hist[r].push_back(static_cast<int32_t>(r % c.vocab));
+      want.push_back(s2.sample(c.steps[r].data(), c.vocab, hist[r]));
+      const double u = c.p.temperature > 0.0f ? static_cast<double>(draws2() >> 11) * 0x1.0p-53 : 0.0;
+      args.push_back(args_of(c.p, hist[r], u));
+    }
+    hymba::DeviceArray<float> d(*be, batch.size());
+    be->upload(d.data(), batch.data(), batch.size() * sizeof(float));
+    std::vector<int32_t> got(static_cast<size_t>(rows), -1);
+    be->sample_tokens(d.data(), rows, c.vocab, ld, args.data(), got.data());
+    ASSERT_EQ(got, want) << "batch of case " << t << ": " << describe(c.p, c.vocab);
+  }
+  EXPECT_GT(compared, 10000);
+}
+
+TEST(SampleTokens, SamplerErrorsConsumeNoRandomness) {
+  // The draw follows the checks: a rejected row leaves the stream where it was.
+  const std::vector<float> good = {0.1f, 0.5f, 0.3f, 0.2f};
+  const std::vector<float> bad = {0.1f, NAN, 0.3f, 0.2f};
+  Sampler a(sampling(1.0f, 0, 1.0f, 0.0f, 77)), b(sampling(1.0f, 0, 1.0f, 0.0f, 77));
+  std::vector<int32_t> ra, rb;
+  for (int i = 0; i < 50; ++i) {
+    EXPECT_THROW(a.sample(bad.data(), 4, {}), hymba::Error);
+    ra.push_back(a.sample(good.data(), 4, {}));
+    rb.push_back(b.sample(good.data(), 4, {}));
+  }
+  EXPECT_EQ(ra, rb);
+}
+
+TEST(SampleTokens, BadInputThrowsWithClearMessages) {
+  auto be = hymba::make_cpu_backend();
+  const float inf = std::numeric_limits<float>::infinity();
+  auto run = [&](std::vector<float> l, hymba::SampleArgs a, int64_t rows = 1) {
+    const int64_t vocab = static_cast<int64_t>(l.size()) / rows;
+    std::vector<hymba::SampleArgs> args(static_cast<size_t>(rows), a);
+    std::vector<int32_t> out(static_cast<size_t>(rows));
+    return error_of([&] { be->sample_tokens(l.data(), rows, vocab, vocab, args.data(), out.data()); });
+  };
+  for (float temp : {0.0f, 0.8f}) {
+    hymba::SampleArgs a;
+    a.temperature = temp;
+    a.u = 0.5;
+    std::string m = run({0.5f, 1.0f, NAN, inf}, a);
+    EXPECT_NE(m.find("logit of token 2 is NaN"), std::string::npos) << m;
+    m = run({0.5f, inf, NAN}, a);
+    EXPECT_NE(m.find("logit of token 1 is +inf"), std::string::npos) << m;
+    m = run({-inf, -inf, -inf}, a);
+    EXPECT_NE(m.find("no token has a finite logit"), std::string::npos) << m;
+    // The second row is the bad one.
+    m = run({0.5f, 1.0f, 0.5f, -inf, -inf, -inf}, a, 2);
+    EXPECT_NE(m.find("no token has a finite logit"), std::string::npos) << m;
+
+    const std::vector<int32_t> hist = {1, 7, -3, 2};
+    a.history = hist.data();
+    a.n_history = 4;
+    a.repeat_penalty = 1.3f;
+    m = run({0.5f, 1.0f, 0.25f}, a);
+    EXPECT_NE(m.find("history token id -3 is out of range for vocabulary of size 3"), std::string::npos) << m;
+    a.repeat_penalty = 1.0f;  // checked even when the penalty is off
+    m = run({0.5f, 1.0f, 0.25f}, a);
+    EXPECT_NE(m.find("history token id -3"), std::string::npos) << m;
+    a.n_history = 2;  // {1, 7}
+    m = run({0.5f, 1.0f, 0.25f}, a);
+    EXPECT_NE(m.find("history token id 7"), std::string::npos) << m;
+    // NaN is reported before the history.
+    m = run({0.5f, NAN, 0.25f}, a);
+    EXPECT_NE(m.find("NaN"), std::string::npos) << m;
+    // A penalty below 1 pushing a huge logit to +inf.
+    a.n_history = 1;  // {1}
+    a.repeat_penalty = 0.5f;
+    m = run({0.5f, 3e38f, 0.25f}, a);
+    EXPECT_NE(m.find("logit of token 1 is +inf after the repetition penalty"), std::string::npos) << m;
+  }
+  hymba::SampleArgs a;
+  a.temperature = -1.0f;
+  EXPECT_NE(run({0.5f, 1.0f}, a).find("temperature"), std::string::npos);
+  a.temperature = 1.0f;
+  a.u = 1.0;
+  EXPECT_NE(run({0.5f, 1.0f}, a).find("u must be in [0, 1)"), std::string::npos);
 }

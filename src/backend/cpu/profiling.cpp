@@ -24,6 +24,7 @@ class ProfilingBackend final : public Backend {
   void fill_zero(void* dst, size_t bytes) override { inner_->fill_zero(dst, bytes); }
   const void* resident(const void* host, size_t bytes) override { return inner_->resident(host, bytes); }
   void synchronize() override { inner_->synchronize(); }
+  int64_t preferred_chunk() const override { return inner_->preferred_chunk(); }
 
   void matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy,
               bool accumulate) override {
@@ -107,6 +108,10 @@ class ProfilingBackend final : public Backend {
   void normed_selective_scan(const ScanArgs& a, const ScanInputNorms& in) override {
     timed("normed_scan", 2.0 * double(a.n) * double(in.dt_proj.rows) * double(in.dt_proj.cols),
           [&] { inner_->normed_selective_scan(a, in); });
+  }
+  void sample_tokens(const float* logits, int64_t rows, int64_t vocab, int64_t ld, const SampleArgs* args,
+                     int32_t* out_ids) override {
+    timed("sample", 0, [&] { inner_->sample_tokens(logits, rows, vocab, ld, args, out_ids); });
   }
 
   void reset() { stats_.clear(); }

@@ -14,7 +14,11 @@
 // an unnormalised partial state (m, l, acc); a second kernel merges them
 // exactly as the CPU kernel does. Prefill uses splits = 1 and writes out
 // directly.
+//
+// Prefill with bf16 K/V has a tensor-core kernel (attention_tc_kernel below);
+// fp32 caches (the fp32 mode, accurate to ~1e-6) and decode stay here.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -376,11 +380,481 @@ std::vector<SegDesc> descs(const AttentionArgs& a) {
   return v;
 }
 
+// ---------------------------------------------------------------- tensor-core prefill
+//
+// Prefill with bf16 K/V (the engine's bf16 mode) on tensor cores, in the
+// FlashAttention-2 arrangement: a block owns kBM (query, head) rows of one kv
+// head (row r = query r / group, head r % group of the group, so the heads
+// sharing a kv head share each K/V tile); each warp owns 16 rows. Per key
+// tile (kBN keys of one segment, bf16 in shared memory, double-buffered with
+// cp.async) a warp computes S = Q K^T with mma.sync m16n8k16 (bf16 in, fp32
+// accumulate; Q is rounded to bf16 once, in registers), masks it when the
+// tile straddles a mask edge, updates the online softmax in fp32 (exp2
+// domain) and accumulates O += P V with P rounded to bf16 (taken straight
+// from the S accumulators, which have the A-operand layout). The key tiles
+// are those of for_each_range's ranges (the same key ranges as the SIMT
+// kernel: the always-visible prefix and the union of the windows), so
+// windowed prefill touches only ~window + meta keys per row tile.
+//
+// fp32 segments (the current chunk) are rounded to bf16 on load: exact when
+// the cache is bf16, since the model rounds the chunk's K/V to the cache
+// precision before attention.
+namespace tc {
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBM = 16 * kWarps;  // (query, head) rows per block: one m16 tile per warp
+constexpr int kBN = 64;           // keys per tile
+constexpr int kPad = 8;           // bf16 of padding per smem row: rows 16 bytes apart mod 128 B, so ldmatrix is conflict-free
+constexpr int kMinQ = 16;         // fewer queries: the SIMT kernel (decode, split keys)
+constexpr float kLog2e = 1.4426950408889634f;
+}  // namespace tc
+
+std::atomic<int> g_tc_mode{0};               // 0 auto, 1 never, 2 wherever applicable
+std::atomic<long long> g_tc_launches{0};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+
+// Two floats as bf16x2 (lo in the low half), bit-identical to the host's
+// f32_to_bf16: for Q and fp32 K/V, once per element.
+__device__ __forceinline__ uint32_t pack_bf16_exact(float lo, float hi) {
+  return uint32_t(f32_to_bf16_bits(lo)) | (uint32_t(f32_to_bf16_bits(hi)) << 16);
+}
+// The same with the hardware conversion (round to nearest even; NaN aside,
+// identical): for P, in the inner loop. cvt puts its first operand high.
+__device__ __forceinline__ uint32_t pack_bf16_fast(float lo, float hi) {
+  uint32_t d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; -inf -> +0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
+  // src_bytes 0: nothing is read, the 16 bytes are zero-filled.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// c += a * b: a 16x16 (row), b 16x8 (col) bf16, c 16x8 fp32.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Part `part` of segment sg's keys visible to some query at p_first..p_last,
+// as rows [first, first + len) of the segment: part 0 is the always-visible
+// prefix (everything up to p_last when global), part 1 the window. The same
+// ranges as for_each_range.
+__device__ __forceinline__ void seg_part(const SegDesc& sg, int part, int64_t window, int64_t nav, int64_t p_first,
+                                         int64_t p_last, int64_t& first, int64_t& len) {
+  const int64_t pos0 = sg.pos0;
+  const int64_t end = min(pos0 + sg.count, p_last + 1);
+  first = 0, len = 0;
+  if (window < 0) {
+    if (part == 0 && end > pos0) len = end - pos0;
+    return;
+  }
+  const int64_t win_lo = max(pos0, p_first - window);
+  const int64_t pre_hi = min(end, min(nav, win_lo));
+  if (part == 0) {
+    if (pre_hi > pos0) len = pre_hi - pos0;
+    return;
+  }
+  const int64_t lo = max(win_lo, pre_hi);
+  if (end > lo) first = lo - pos0, len = end - lo;
+}
+
+// A key tile: rows r0 .. r0 + nk - 1 (nk <= kBN) of segment s, positions
+// consecutive from seg[s].pos0 + r0.
+struct TcTile {
+  int s;
+  int nk;
+  int64_t r0;
+};
+struct TcCursor {
+  int s = 0, part = 0;
+  int64_t off = 0;
+};
+
+// The next tile of the ranges (segment by segment, part 0 then 1); false at the end.
+__device__ __forceinline__ bool next_tile(const SegDesc* seg, int n_seg, int64_t window, int64_t nav, int64_t p_first,
+                                          int64_t p_last, TcCursor& c, TcTile& t) {
+  while (c.s < n_seg) {
+    int64_t first, len;
+    seg_part(seg[c.s], c.part, window, nav, p_first, p_last, first, len);
+    if (c.off < len) {
+      t.s = c.s;
+      t.r0 = first + c.off;
+      t.nk = int(min(int64_t(tc::kBN), len - c.off));
+      c.off += tc::kBN;
+      return true;
+    }
+    c.off = 0;
+    if (++c.part == 2) c.part = 0, ++c.s;
+  }
+  return false;
+}
+
+// Rows r0 .. r0 + nk - 1, columns col0 .. col0 + D - 1 of a bf16 or fp32
+// K/V segment as bf16 into dst[j * (D + kPad) + i]; rows j >= nk become
+// zeros (masked, but 0 * garbage could be NaN). bf16 with 16-byte-aligned
+// rows: cp.async (waited for by the caller); fp32 with aligned rows: two
+// float4 loads per 8 values; anything else: element by element.
+template <int D>
+__device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DType dt, int64_t ld, int64_t r0, int nk,
+                                             int64_t col0) {
+  // (Loops unrolled by 2 only: fully unrolled, their addresses would take
+  // ~50 registers on top of the accumulators, live across the loads.)
+  constexpr int kChunks = D / 8;  // 16-byte chunks of a bf16 row
+  constexpr int kLd = D + tc::kPad;
+  const bool aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  if (dt == DType::BF16 && aligned && ld % 8 == 0) {
+    const uint16_t* src = static_cast<const uint16_t*>(base);
+#pragma unroll 2
+    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += tc::kThreads) {
+      const int j = idx / kChunks, c = (idx % kChunks) * 8;
+      const bool in = j < nk;
+      cp_async16(dst + j * kLd + c, in ? src + (r0 + j) * ld + col0 + c : src, in ? 16 : 0);
+    }
+  } else if (dt == DType::F32 && aligned && ld % 4 == 0) {
+    const float* src = static_cast<const float*>(base);
+#pragma unroll 2
+    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += tc::kThreads) {
+      const int j = idx / kChunks, c = (idx % kChunks) * 8;
+      uint4 w = make_uint4(0u, 0u, 0u, 0u);
+      if (j < nk) {
+        const float4* g = reinterpret_cast<const float4*>(src + (r0 + j) * ld + col0 + c);
+        const float4 x = g[0], y = g[1];
+        w.x = pack_bf16_exact(x.x, x.y), w.y = pack_bf16_exact(x.z, x.w);
+        w.z = pack_bf16_exact(y.x, y.y), w.w = pack_bf16_exact(y.z, y.w);
+      }
+      *reinterpret_cast<uint4*>(dst + j * kLd + c) = w;
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < tc::kBN * D; idx += tc::kThreads) {
+      const int j = idx / D, i = idx % D;
+      dst[j * kLd + i] = j < nk ? f32_to_bf16_bits(load_as_f32(base, dt, (r0 + j) * ld + col0 + i)) : uint16_t(0);
+    }
+  }
+}
+
+// Registers: <= 168 for 64/64 (3 blocks per SM), <= 255 otherwise (2).
+// grid: x = row tile (reversed: under a causal mask the last tiles have the
+// most keys and start first), y = kv head. Head dims DQ, DV (multiples of 32
+// and 16). Rows past n_q * group load zero queries and are not stored.
+template <int DQ, int DV>
+__global__ void __launch_bounds__(tc::kThreads, DQ + DV <= 128 ? 3 : 2) attention_tc_kernel(const Params p) {
+  static_assert(DQ % 32 == 0 && DV % 16 == 0 && tc::kBN % 16 == 0, "tile shapes");
+  constexpr int kLdK = DQ + tc::kPad, kLdV = DV + tc::kPad;
+  constexpr int kStage = tc::kBN * (kLdK + kLdV);  // bf16 elements of one K + V stage
+  constexpr int kNT = tc::kBN / 8;                  // n8 tiles of S
+  extern __shared__ __align__(16) unsigned char tc_smem_raw[];
+  uint16_t* const smem = reinterpret_cast<uint16_t*>(tc_smem_raw);
+  __shared__ SegDesc sseg[kMaxSegments];  // indexed at run time: shared, not the parameter space
+
+  const Job& jb = p.job;
+  const int n_seg = jb.n_seg;
+  if (int(threadIdx.x) < n_seg) sseg[threadIdx.x] = p.seg[threadIdx.x];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gq = lane >> 2, tq = lane & 3;  // fragment row (and row + 8), column pair 2 * tq
+  const int group = p.sh.group;
+  const int kvh = blockIdx.y;
+  const int64_t window = jb.window, nav = jb.n_always_visible;
+  const int64_t n_rows = jb.n_q * group;
+  const int64_t row0 = int64_t(gridDim.x - 1 - blockIdx.x) * tc::kBM;
+  const int64_t p_first = jb.q_pos0 + row0 / group;
+  const int64_t p_last = jb.q_pos0 + (min(row0 + tc::kBM, n_rows) - 1) / group;
+  const int64_t wrow0 = row0 + 16 * warp;
+  const bool warp_active = wrow0 < n_rows;  // warp-uniform
+  const int64_t wp_first = jb.q_pos0 + min(wrow0, n_rows - 1) / group;
+  const int64_t wp_last = jb.q_pos0 + min(wrow0 + 15, n_rows - 1) / group;
+
+  // This thread's rows wrow0 + gq + 8 i: query rt, head rh (recomputed
+  // for the output: registers are scarce), position rpos.
+  int64_t rpos[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) rpos[i] = jb.q_pos0 + min(wrow0 + gq + 8 * i, n_rows - 1) / group;
+
+  // Q as bf16 A fragments: qa[kk] covers dims 16 kk .. 16 kk + 15.
+  uint32_t qa[DQ / 16][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = wrow0 + gq + 8 * i, rc = min(r, n_rows - 1);
+    const float* q = jb.q + (rc / group) * jb.ldq + int64_t(kvh * group + int(rc % group)) * DQ + 2 * tq;
+#pragma unroll
+    for (int kk = 0; kk < DQ / 16; ++kk)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi)
+        qa[kk][i + 2 * hi] = r < n_rows ? pack_bf16_exact(q[16 * kk + 8 * hi], q[16 * kk + 8 * hi + 1]) : 0u;
+  }
+
+  float o[DV / 8][4];
+#pragma unroll
+  for (int d = 0; d < DV / 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // raw-score max; this thread's part of the sum
+  const float sl2 = jb.scale * tc::kLog2e;
+
+  // Per-lane ldmatrix offsets (bytes). K (B of S, not transposed): lane
+  // addresses key lane & 7 of an n8 tile, dims 8 (lane >> 3) on: matrices
+  // 0..3 = dims +0, +8, +16, +24 = b0, b1 of two k16 steps. V (B of P V,
+  // transposed): key (lane & 7) + 8 ((lane >> 3) & 1), dims 8 (lane >> 4)
+  // on: matrices = (keys +0, dims +0), (keys +8, dims +0), (keys +0, dims
+  // +8), (keys +8, dims +8) = b0, b1 of two n8 tiles.
+  const uint32_t k_lane = uint32_t(((lane & 7) * kLdK + (lane >> 3) * 8) * 2);
+  const uint32_t v_lane = uint32_t((((lane & 7) + ((lane >> 3) & 1) * 8) * kLdV + (lane >> 4) * 8) * 2);
+
+  // The tile sequence: thread 0 advances a cursor kept in shared memory and
+  // publishes tiles in s_tile[stage] (nk == 0: no more), so the other
+  // threads hold no cursor state in registers.
+  __shared__ TcTile s_tile[2];
+  __shared__ TcCursor s_cur;
+  auto advance = [&](TcTile& dst) {  // thread 0 only
+    TcCursor c = s_cur;
+    TcTile t{};
+    if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, c, t)) t.nk = 0;
+    s_cur = c;
+    dst = t;
+  };
+  __syncthreads();  // sseg
+  if (threadIdx.x == 0) {
+    s_cur = TcCursor{};
+    advance(s_tile[0]);
+    advance(s_tile[1]);
+  }
+  __syncthreads();
+
+  auto load_stage = [&](int stage, const TcTile& t) {
+    const SegDesc& sg = sseg[t.s];
+    uint16_t* sK = smem + stage * kStage;
+    tc_load_rows<DQ>(sK, sg.k, sg.dtype, sg.ld_k, t.r0, t.nk, int64_t(kvh) * DQ);
+    tc_load_rows<DV>(sK + tc::kBN * kLdK, sg.v, sg.dtype, sg.ld_v, t.r0, t.nk, int64_t(kvh) * DV);
+  };
+
+  int stage = 0;
+  if (s_tile[0].nk > 0) load_stage(0, s_tile[0]);
+  cp_async_commit();
+  for (;;) {
+    const TcTile tile = s_tile[stage];
+    if (tile.nk == 0) break;  // block-uniform
+    const TcTile next = s_tile[stage ^ 1];
+    if (next.nk > 0) load_stage(stage ^ 1, next);  // its buffer was released by the barrier ending the last pass
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile's copies (all but the newest group) have landed
+    __syncthreads();     // ... for every thread; and everyone has read s_tile[stage]
+
+    const int64_t k0 = sseg[tile.s].pos0 + tile.r0, k1 = k0 + tile.nk - 1;  // key positions of the tile
+    // Warp-uniform: no key of the tile visible to any of the warp's rows
+    // (all in the future, or all out of the window and not always visible).
+    const bool none = !warp_active || k0 > wp_last || (window >= 0 && k0 >= nav && wp_first - k1 > window);
+    if (!none) {
+      const bool full = tile.nk == tc::kBN && k1 <= wp_first && (window < 0 || wp_last - k0 <= window || k1 < nav);
+      const uint32_t sK = smem_u32(smem + stage * kStage);
+      const uint32_t sV = sK + uint32_t(tc::kBN * kLdK * 2);
+
+      // S = Q K^T (raw scores).
+      float s[kNT][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int k2 = 0; k2 < DQ / 32; ++k2) {
+          uint32_t b[4];
+          ldmatrix_x4(b, sK + k_lane + uint32_t((nt * 8 * kLdK + k2 * 32) * 2));
+          mma_bf16(s[nt], qa[2 * k2], b[0], b[1]);
+          mma_bf16(s[nt], qa[2 * k2 + 1], b[2], b[3]);
+        }
+      }
+      // Element e of s[nt]: row gq + 8 (e >> 1), key j = 8 nt + 2 tq + (e & 1)
+      // at position k0 + j. The mask in tile-relative int32: visible iff
+      // j < nk, j <= hi (k <= p), and j >= lo (p - k <= window) or j < nv
+      // (k < n_always_visible).
+      if (!full) {
+        int hi[2], lo[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int64_t d = rpos[i] - k0;  // the row's position, relative
+          hi[i] = int(max(int64_t(-1), min(d, int64_t(tc::kBN))));
+          lo[i] = window < 0 ? 0 : int(max(int64_t(0), min(d - window, int64_t(tc::kBN))));
+        }
+        const int nv = int(max(int64_t(0), min(nav - k0, int64_t(tc::kBN))));
+        const int nk = tile.nk;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = 8 * nt + 2 * tq + (e & 1), i = e >> 1;
+            if (!(j < nk && j <= hi[i] && (j >= lo[i] || j < nv))) s[nt][e] = -INFINITY;
+          }
+      }
+      // Online softmax, per row (the 4 lanes of a quad share a row).
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[i], mx);
+        const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
+        const float corr = ex2(m[i] * sl2 - ms);                    // 0 while m was -inf (o, l are 0)
+        m[i] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 2 * i; e < 2 * i + 2; ++e) {
+            const float pe = ex2(fmaf(s[nt][e], sl2, -ms));  // masked: -inf -> 0
+            s[nt][e] = pe;
+            sum += pe;
+          }
+        l[i] = l[i] * corr + sum;
+#pragma unroll
+        for (int d = 0; d < DV / 8; ++d) o[d][2 * i] *= corr, o[d][2 * i + 1] *= corr;
+      }
+      // O += P V: the S accumulators of keys 16 kc .. 16 kc + 15 are the A
+      // fragment of P (n8 tiles 2 kc, 2 kc + 1), rounded to bf16.
+#pragma unroll
+      for (int kc = 0; kc < tc::kBN / 16; ++kc) {
+        const uint32_t pa[4] = {pack_bf16_fast(s[2 * kc][0], s[2 * kc][1]), pack_bf16_fast(s[2 * kc][2], s[2 * kc][3]),
+                                pack_bf16_fast(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                                pack_bf16_fast(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < DV / 16; ++dp) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, sV + v_lane + uint32_t((kc * 16 * kLdV + dp * 16) * 2));
+          mma_bf16(o[2 * dp], pa, b[0], b[1]);
+          mma_bf16(o[2 * dp + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+    if (threadIdx.x == 0) advance(s_tile[stage]);  // the tile after `next`
+    __syncthreads();  // everyone is done with this stage before it is refilled; s_tile published
+    stage ^= 1;
+  }
+
+  // Output: the quad's partial sums, then o / l.
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  if (!warp_active) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = wrow0 + gq + 8 * i;
+    if (r >= n_rows) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    float* out = jb.out + (r / group) * jb.ldo + int64_t(kvh * group + int(r % group)) * DV + 2 * tq;
+#pragma unroll
+    for (int d = 0; d < DV / 8; ++d) {
+      out[8 * d] = o[d][2 * i] * inv;
+      out[8 * d + 1] = o[d][2 * i + 1] * inv;
+    }
+  }
+}
+
+// Whether a's shape and segments suit the tensor-core kernel (mode aside):
+// enough queries, head dims 64/128, bf16 K/V (fp32 segments alongside are
+// taken as bf16-exact), a positive scale.
+bool tc_shape_ok(const AttentionArgs& a) {
+  auto dim_ok = [](int d) { return d == 64 || d == 128; };
+  if (a.n_q < tc::kMinQ || !dim_ok(a.head_dim_qk) || !dim_ok(a.head_dim_v)) return false;
+  if (a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0 || a.n_kv_heads > 65535) return false;
+  if (!(a.scale > 0.0f) || !std::isfinite(a.scale)) return false;
+  if (a.n_segments < 1 || a.n_segments > kMaxSegments || a.segments == nullptr) return false;
+  bool any_bf16 = false;
+  for (int s = 0; s < a.n_segments; ++s) {
+    const DType dt = a.segments[s].dtype;
+    if (dt != DType::BF16 && dt != DType::F32) return false;
+    any_bf16 |= dt == DType::BF16;
+  }
+  return any_bf16;  // all fp32: the engine's fp32 mode (or a first chunk; see attention_splits)
+}
+
+int64_t tc_blocks(const AttentionArgs& a) {
+  const int64_t rows = a.n_q * (a.n_heads / a.n_kv_heads);
+  return (rows + tc::kBM - 1) / tc::kBM * a.n_kv_heads;
+}
+
+// Automatic choice: the tensor-core kernel once it has blocks for at least
+// half the SMs (below that the SIMT kernel's key splits may win; tune with
+// the timing test).
+bool use_tc(const AttentionArgs& a, int sm_count) {
+  const int mode = g_tc_mode.load(std::memory_order_relaxed);
+  if (mode == 1 || !tc_shape_ok(a)) return false;
+  return mode == 2 || 2 * tc_blocks(a) >= sm_count;
+}
+
+size_t tc_smem_bytes(int dq, int dv) { return 2 * sizeof(uint16_t) * size_t(tc::kBN) * size_t(dq + dv + 2 * tc::kPad); }
+
+void attention_tc(const AttentionArgs& a, cudaStream_t stream) {
+  Params p{};
+  p.sh.n_heads = a.n_heads, p.sh.dq = a.head_dim_qk, p.sh.dv = a.head_dim_v;
+  p.sh.group = a.n_heads / a.n_kv_heads;
+  p.sh.splits = 1;
+  Job& jb = p.job;
+  jb.q = a.q, jb.ldq = a.ldq, jb.n_q = a.n_q, jb.q_pos0 = a.q_pos0;
+  jb.window = a.window, jb.n_always_visible = a.n_always_visible, jb.scale = a.scale;
+  jb.n_seg = a.n_segments, jb.n_split = 1;
+  jb.out = a.out, jb.ldo = a.ldo;
+  for (int s = 0; s < a.n_segments; ++s) {
+    const KVSegment& sg = a.segments[s];
+    p.seg[s] = {sg.k, sg.v, sg.ld_k, sg.ld_v, sg.pos0, sg.count, sg.dtype};
+  }
+  const int64_t row_tiles = tc_blocks(a) / a.n_kv_heads;
+  check(row_tiles <= 0x7fffffff, "attention: launch grid too large");
+  const dim3 grid(unsigned(row_tiles), unsigned(a.n_kv_heads));
+  const size_t smem = tc_smem_bytes(a.head_dim_qk, a.head_dim_v);
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024)
+      HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<grid, tc::kThreads, smem, stream>>>(p);
+    HYMBA_CUDA_LAUNCHED("attention_tc");
+  };
+  const int dq = a.head_dim_qk, dv = a.head_dim_v;
+  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64>);
+  else if (dq == 64) launch(attention_tc_kernel<64, 128>);
+  else if (dv == 64) launch(attention_tc_kernel<128, 64>);
+  else launch(attention_tc_kernel<128, 128>);
+  g_tc_launches.fetch_add(1, std::memory_order_relaxed);
+}
+
 }  // namespace
 
 int attention_splits(const AttentionArgs& a, int sm_count) {
   validate(a);
   if (a.n_q <= 0) return 1;
+  if (use_tc(a, sm_count)) return 1;  // attention() then takes the tensor-core kernel
   int hpb, qpb, hbs;
   shape(a, hpb, qpb, hbs);
   const int64_t q_tiles = (a.n_q + qpb - 1) / qpb;
@@ -422,6 +896,12 @@ size_t smem_bytes(const Shape& sh) {
 void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
   validate(a);
   if (a.n_q <= 0) return;
+  // One split (attention_splits' answer where use_tc holds) on a shape the
+  // tensor-core kernel takes: bf16 prefill.
+  if (splits <= 1 && g_tc_mode.load(std::memory_order_relaxed) != 1 && tc_shape_ok(a)) {
+    attention_tc(a, stream);
+    return;
+  }
   Params p{};
   p.sh = make_shape(a, splits);
   Job& jb = p.job;
@@ -465,6 +945,9 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
     HYMBA_CUDA_LAUNCHED("attention_merge");
   }
 }
+
+void set_attention_tc_mode(int mode) { g_tc_mode.store(mode, std::memory_order_relaxed); }
+long long attention_tc_launches() { return g_tc_launches.load(std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------- batched decode
 

@@ -82,6 +82,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+  int64_t preferred_chunk() const override { return 2048; }
 
   // ---- memory
   void* allocate(size_t bytes) override {
@@ -180,32 +181,54 @@ class CudaBackend final : public Backend {
                         const float* bias, int k_width, float* state, float* y, int64_t ldy) override {
     cuda::causal_conv_silu(x, n, ldx, channels, weight, bias, k_width, state, y, ldy, stream_);
   }
-  void selective_scan(const ScanArgs& a) override { cuda::selective_scan(a, stream_); }
+  void selective_scan(const ScanArgs& a) override {
+    // The chunked scan's carries (prefill only: short scans need none, so
+    // recorded decode steps never grow scratch).
+    void* scratch = scratch_at(kScratchBatchPartial, cuda::selective_scan_scratch_bytes(a, sm_count_));
+    cuda::selective_scan(a, sm_count_, scratch, stream_);
+  }
 
   // ---- fused ops (backend.h): one kernel each where the kernels take the
   // shape (small n: decode), else the primitives as the defaults compose them.
   void norm_matmul(const MatrixView& W, const float* x, int64_t n, int64_t ldx, const float* norm_w, float eps,
                    float* scratch, float* y, int64_t ldy, bool accumulate) override {
+    if (n <= cuda::kGemvMaxRows &&
+        cuda::norm_gemv_bf16(W, x, n, ldx, norm_w, eps, y, ldy, accumulate, stream_))
+      return;
     Backend::norm_matmul(W, x, n, ldx, norm_w, eps, scratch, y, ldy, accumulate);
   }
   void fuse_branches_matmul(const MatrixView& W, float* a, int64_t lda, float* b, int64_t ldb, int64_t n,
                             const float* wa, const float* wb, float eps, float* y, int64_t ldy,
                             bool accumulate) override {
+    // The fused kernel only reads a and b (the contract lets them hold anything afterwards).
+    if (n <= cuda::kGemvMaxRows &&
+        cuda::fuse_branches_gemv_bf16(W, a, lda, b, ldb, n, wa, wb, eps, y, ldy, accumulate, stream_))
+      return;
     Backend::fuse_branches_matmul(W, a, lda, b, ldb, n, wa, wb, eps, y, ldy, accumulate);
   }
   void norm_swiglu(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
                    const float* norm_w, float eps, float* scratch_norm, float* scratch_up, float* out,
                    int64_t ldo) override {
+    if (n <= cuda::kGemvMaxRows &&
+        cuda::norm_swiglu_gemv_bf16(Wg, Wu, x, n, ldx, norm_w, eps, out, ldo, stream_))
+      return;
     Backend::norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, out, ldo);
   }
   void prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
                    int head_dim, const float* cos_t, const float* sin_t, DType round_dt, float* k_out,
                    int64_t k_width, float* v_out, int64_t v_width) override {
-    Backend::prepare_qkv(q, k, v, ld, n, n_heads, n_kv_heads, head_dim, cos_t, sin_t, round_dt, k_out, k_width,
-                         v_out, v_width);
+    if (!cuda::prepare_qkv(q, k, v, ld, n, n_heads, n_kv_heads, head_dim, cos_t, sin_t, round_dt, k_out, k_width,
+                           v_out, v_width, stream_))
+      Backend::prepare_qkv(q, k, v, ld, n, n_heads, n_kv_heads, head_dim, cos_t, sin_t, round_dt, k_out, k_width,
+                           v_out, v_width);
   }
   void normed_selective_scan(const ScanArgs& a, const ScanInputNorms& in) override {
-    Backend::normed_selective_scan(a, in);
+    if (!cuda::normed_selective_scan_step(a, in, stream_)) Backend::normed_selective_scan(a, in);
+  }
+  void sample_tokens(const float* logits, int64_t rows, int64_t vocab, int64_t ld, const SampleArgs* args,
+                     int32_t* out_ids) override {
+    cuda::sample_tokens(logits, rows, vocab, ld, args, out_ids, stream_,
+                        [this](size_t bytes) { return scratch_at(kScratchSample, bytes); });
   }
 
   // Batched: one launch for the entries the kernels take (cuda::*_batch),
@@ -266,6 +289,7 @@ class CudaBackend final : public Backend {
     kScratchWide,
     kScratchBatchDesc,       // the batched ops' descriptors (stage())
     kScratchBatchPartial,    // the batched ops' partial results (attention's split states)
+    kScratchSample,          // sample_tokens' per-row keys and probabilities
     kScratchSlots
   };
   struct Scratch {
@@ -419,6 +443,11 @@ void CudaBackend::matmul(const MatrixView& W, const float* x, int64_t n, int64_t
     if (!accumulate) cuda::zero_rows(y, n, rows, ldy, stream_);
     return;
   }
+  // Decode-sized bf16 products: the fused GEMV (x rounded in the kernel, W
+  // streamed once), unless it declines the shape.
+  if (W.dtype == DType::BF16 && n <= cuda::kGemvMaxRows &&
+      cuda::gemv_bf16(W, x, n, ldx, y, ldy, accumulate, stream_))
+    return;
   if (W.dtype == DType::F16) {
     // The CPU's F16 semantics: W widened to fp32, x kept in fp32. W is
     // widened into scratch on every call, then the product is a true fp32

@@ -114,6 +114,68 @@ __global__ void store_rows_kernel(const float* src, int64_t lds, int64_t n, int6
   });
 }
 
+// The attention inputs of a chunk (Backend::prepare_qkv) in one pass. Per
+// token, the work items are: q's rotation pairs (none without RoPE), then
+// K's pairs (or its elements without RoPE), then V's elements. Each item does
+// what the default's store_rows + rope + round_to do to its elements, in the
+// same order, so the results are bit-identical.
+struct QkvParams {
+  float* q;
+  const float *k, *v;
+  int64_t ld, n;
+  int n_heads, n_kv_heads, head_dim;
+  const float *c, *s;
+  DType dt;
+  float* k_out;
+  int64_t k_width;
+  float* v_out;
+  int64_t v_width;
+};
+
+__device__ __forceinline__ void rotate_pair(float& a, float& b, float cs, float sn) {
+  const float x = a, y = b;
+  a = __fmul_rn(x, cs) - __fmul_rn(y, sn);
+  b = __fmul_rn(y, cs) + __fmul_rn(x, sn);
+}
+
+__global__ void prepare_qkv_kernel(const QkvParams p) {
+  const int half = p.head_dim / 2;
+  const bool rope = p.c != nullptr;
+  const int64_t nq = rope ? int64_t(p.n_heads) * half : 0;
+  const int64_t nk = p.k ? (rope ? int64_t(p.n_kv_heads) * half : p.k_width) : 0;
+  const int64_t nv = p.k ? p.v_width : 0;
+  const int64_t per_token = nq + nk + nv;
+  for_each_element(p.n, per_token, [&](int64_t t, int64_t i) {
+    const float* ct = rope ? p.c + t * half : nullptr;
+    const float* st = rope ? p.s + t * half : nullptr;
+    if (i < nq) {
+      const int h = int(i / half), j = int(i % half);
+      float* x = p.q + t * p.ld + int64_t(h) * p.head_dim;
+      float a = x[j], b = x[j + half];
+      rotate_pair(a, b, ct[j], st[j]);
+      x[j] = a, x[j + half] = b;
+      return;
+    }
+    i -= nq;
+    if (i < nk) {
+      const float* src = p.k + t * p.ld;
+      float* dst = p.k_out + t * p.k_width;
+      if (!rope) {
+        dst[i] = round_f32(src[i], p.dt);
+        return;
+      }
+      const int g = int(i / half), j = int(i % half);
+      const int64_t o = int64_t(g) * p.head_dim + j;
+      float a = src[o], b = src[o + half];
+      rotate_pair(a, b, ct[j], st[j]);
+      dst[o] = round_f32(a, p.dt), dst[o + half] = round_f32(b, p.dt);
+      return;
+    }
+    i -= nk;
+    p.v_out[t * p.v_width + i] = round_f32(p.v[t * p.ld + i], p.dt);
+  });
+}
+
 __global__ void widen_kernel(const void* src, DType dt, int64_t count, float* dst) {
   for_each_element(1, count, [&](int64_t, int64_t i) { dst[i] = load_as_f32(src, dt, i); });
 }
@@ -179,6 +241,24 @@ void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, v
   if (n <= 0 || d <= 0) return;
   store_rows_kernel<<<blocks_for(n * d, kThreads), kThreads, 0, stream>>>(src, lds, n, d, dt, dst, ldd);
   HYMBA_CUDA_LAUNCHED("store_rows");
+}
+
+bool prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
+                 int head_dim, const float* cos_t, const float* sin_t, DType round_dt, float* k_out, int64_t k_width,
+                 float* v_out, int64_t v_width, cudaStream_t stream) {
+  // RoPE over K needs K's width to be whole heads (what the model passes),
+  // and rotation needs an even head size; other shapes take the default.
+  if (cos_t && (head_dim < 2 || head_dim % 2 != 0 || (k && k_width != int64_t(n_kv_heads) * head_dim))) return false;
+  if (n <= 0) return true;
+  const QkvParams p{q, k, v, ld, n, n_heads, n_kv_heads, head_dim, cos_t, sin_t, round_dt, k_out, k_width,
+                    v_out, v_width};
+  const int64_t half = head_dim / 2;
+  const int64_t per_token = (cos_t ? int64_t(n_heads) * half : 0) +
+                            (k ? (cos_t ? int64_t(n_kv_heads) * half : k_width) + v_width : 0);
+  if (per_token <= 0) return true;
+  prepare_qkv_kernel<<<blocks_for(n * per_token, kThreads), kThreads, 0, stream>>>(p);
+  HYMBA_CUDA_LAUNCHED("prepare_qkv");
+  return true;
 }
 
 void widen_to_f32(const void* src, DType dt, int64_t count, float* dst, cudaStream_t stream) {

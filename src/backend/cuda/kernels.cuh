@@ -45,6 +45,11 @@ void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* o
 void round_to(DType dt, float* x, int64_t n, int64_t d, int64_t ldx, cudaStream_t stream);
 void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst, int64_t ldd,
                 cudaStream_t stream);
+// Backend::prepare_qkv in one launch; false (nothing queued) for shapes it
+// does not take (the caller then runs the default).
+bool prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
+                 int head_dim, const float* cos_t, const float* sin_t, DType round_dt, float* k_out, int64_t k_width,
+                 float* v_out, int64_t v_width, cudaStream_t stream);
 // dst[i] = src[i] as fp32 for count elements of type dt.
 void widen_to_f32(const void* src, DType dt, int64_t count, float* dst, cudaStream_t stream);
 // y[t, 0:d] = 0 for n rows (a matmul with no input features).
@@ -53,7 +58,20 @@ void zero_rows(float* y, int64_t n, int64_t d, int64_t ldy, cudaStream_t stream)
 // ---- mamba.cu
 void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
                       const float* bias, int k_width, float* state, float* y, int64_t ldy, cudaStream_t stream);
-void selective_scan(const ScanArgs& a, cudaStream_t stream);
+// The single-sequence scan. d_state <= 16: chunked-parallel over time (three
+// launches when n is long enough to split, one otherwise), needing device
+// scratch of selective_scan_scratch_bytes(a, sm_count) (0: none, scratch may
+// be null); larger d_state: sequential over time per channel. The
+// environment variable HYMBA_SCAN_CHUNK overrides the chunk length (tuning:
+// 0/unset automatic, < 0 the sequential kernel, > 0 that many steps).
+size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count);
+void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream);
+// Backend::normed_selective_scan in one launch for n <= 4 tokens (decode):
+// every block normalises dt/B/C itself and computes delta for its own
+// channels; a.delta, a.B, a.C and in.dt_scratch are not written. Returns
+// false (nothing queued) for shapes it does not take (n > 4, rank > 128,
+// d_state > 256, dt_proj rows != channels): the caller runs the default.
+bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cudaStream_t stream);
 // Batched: one launch over (entry, channel block). Every entry has its own
 // pointers, sizes and state; conv takes entries of up to 64 tokens.
 void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
@@ -64,10 +82,49 @@ void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, s
 // (0 when the launch needs none); `splits` is chosen by attention_splits.
 int attention_splits(const AttentionArgs& a, int sm_count);
 size_t attention_scratch_bytes(const AttentionArgs& a, int splits);
+// Prefill (n_q >= 16) with bf16 K/V segments (fp32 segments alongside, i.e.
+// the chunk, taken as bf16-exact) and head dims 64/128 runs on tensor cores:
+// Q and P rounded to bf16, fp32 accumulation and softmax (attention.cu).
 void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream);
+// For tests and benchmarks: 0 (default) picks the tensor-core kernel where it
+// applies and fills the GPU, 1 never, 2 wherever it applies; and the count
+// of its launches so far.
+void set_attention_tc_mode(int mode);
+long long attention_tc_launches();
 // Batched decode: the entries with n_q == 1, head_dim_v <= 128, at most 8
 // segments and the heads/dims of the first such entry, in one launch over
 // (entry, kv head, key split) plus a merge of the splits.
 void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
+
+// ---- gemv.cu
+// Decode-sized products with bf16 weights (n <= kGemvMaxRows tokens) as fused
+// GEMV kernels: x rounded to bf16, fp32 products and sums, the same result
+// for a token whatever n is (batch invariant). Each returns false, queueing
+// nothing, when it does not take the problem (not bf16, n out of range, x
+// rows too long for shared memory, W not 2-byte aligned): the caller then
+// runs the general path. Semantics: Backend::matmul and the fused ops'
+// defaults in backend/backend.h.
+constexpr int64_t kGemvMaxRows = 8;
+// y (+)= x_bf16 W^T
+bool gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool accumulate,
+               cudaStream_t stream);
+// y (+)= W rmsnorm(x; norm_w) (Backend::norm_matmul)
+bool norm_gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, const float* norm_w, float eps,
+                    float* y, int64_t ldy, bool accumulate, cudaStream_t stream);
+// y (+)= W ((rmsnorm(a; wa) + rmsnorm(b; wb)) / 2) (Backend::fuse_branches_matmul; a and b are only read)
+bool fuse_branches_gemv_bf16(const MatrixView& W, const float* a, int64_t lda, const float* b, int64_t ldb,
+                             int64_t n, const float* wa, const float* wb, float eps, float* y, int64_t ldy,
+                             bool accumulate, cudaStream_t stream);
+// out = silu(Wg xn) * (Wu xn), xn = rmsnorm(x; norm_w) (Backend::norm_swiglu)
+bool norm_swiglu_gemv_bf16(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
+                           const float* norm_w, float eps, float* out, int64_t ldo, cudaStream_t stream);
+
+// ---- sampling.cu
+// Backend::sample_tokens (backend.h) on `stream`: the host path's checks and
+// messages, one block per row, waits for the tokens. scratch(bytes): device
+// scratch of at least `bytes` (the per-row work arrays), valid until the next
+// call.
+void sample_tokens(const float* logits, int64_t rows, int64_t vocab, int64_t ld, const SampleArgs* args,
+                   int32_t* out_ids, cudaStream_t stream, const std::function<void*(size_t)>& scratch);
 
 }  // namespace hymba::cuda

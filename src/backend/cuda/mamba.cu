@@ -1,5 +1,9 @@
-// The Mamba-head ops: depthwise causal conv + SiLU, and the selective scan.
+// The Mamba-head ops: depthwise causal conv + SiLU; the selective scan
+// (chunked-parallel over time for d_state <= 16, else sequential over time
+// per channel); the batched scan of decode; and the fused decode step of the
+// Mamba branch (dt/B/C norms, dt_proj and the scan in one kernel).
 #include <algorithm>
+#include <cstdlib>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
@@ -10,14 +14,17 @@ namespace {
 
 // ---------------------------------------------------------------- conv
 // One thread per (token, channel): every output is independent once the
-// history (state) is known, so prefill is fully parallel. Products are
-// summed tap by tap without FMA contraction, in the CPU kernel's order.
+// history (state) is known, so prefill is fully parallel. Channels on grid x,
+// tokens on grid y (no 64-bit division per element). Products are summed tap
+// by tap without FMA contraction, in the CPU kernel's order.
+constexpr int kConvThreads = 256;
+
 __global__ void conv_silu_kernel(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
                                  const float* bias, int k_width, const float* state, float* y, int64_t ldy) {
+  const int64_t c = blockIdx.x * int64_t(kConvThreads) + threadIdx.x;
+  if (c >= channels) return;
   const int hist = k_width - 1;
-  const int64_t total = n * channels;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / channels, c = i % channels;
+  for (int64_t t = blockIdx.y; t < n; t += gridDim.y) {
     float acc = bias[c];
     for (int k = 0; k < k_width; ++k) {
       const int64_t tau = t - hist + k;  // negative: an input from before this chunk (the state)
@@ -70,13 +77,15 @@ __global__ void conv_silu_batch_kernel(const ConvArgs* entries, int64_t channel_
   }
 }
 
-// ---------------------------------------------------------------- scan
-// Channel-parallel, sequential over time (the recurrence). A block holds
-// kChannels channels x kLanes threads; a thread owns states s = lane,
-// lane + 16, ... of its channel in registers (d_state <= 16 * kMaxK), and the
-// kLanes threads of a channel sum C.h with shuffles. Inputs are staged in
-// shared memory kChunk time steps at a time, so the loop over time reads no
-// global memory: the loads of a chunk are issued together and overlap.
+// ---------------------------------------------------------------- sequential scan
+// Channel-parallel, sequential over time (the recurrence): the batched
+// decode scan, the single-sequence scan for d_state > 16, and (through the
+// same per-step helpers) the fused decode step. A block holds kChannels
+// channels x kLanes threads; a thread owns states s = lane, lane + 16, ... of
+// its channel in registers (d_state <= 16 * kMaxK), and the kLanes threads of
+// a channel sum C.h with shuffles. Inputs are staged in shared memory kChunk
+// time steps at a time, so the loop over time reads no global memory: the
+// loads of a chunk are issued together and overlap.
 constexpr int kLanes = 16;
 constexpr int kChannels = 16;
 constexpr int kScanThreads = kLanes * kChannels;
@@ -84,6 +93,56 @@ constexpr int kMaxK = 16;
 constexpr int kChunk = 16;
 
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
+
+// The sum of v over the kLanes lanes of a channel (aligned groups of 16
+// lanes; the whole warp must call it). Butterfly: every lane gets the same
+// bits (each stage adds the same two values in either order).
+__device__ __forceinline__ float lane_sum(float v) {
+  for (int o = kLanes / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o, kLanes);
+  return v;
+}
+
+// A channel's states and A owned by this lane (zero where it owns none).
+__device__ __forceinline__ void load_lane_states(const ScanArgs& a, int64_t c, bool live, int lane, float (&h)[kMaxK],
+                                                 float (&A)[kMaxK]) {
+  const int64_t N = a.d_state;
+  const int nk = int((N + kLanes - 1) / kLanes);
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k) {
+    const int64_t s = lane + int64_t(k) * kLanes;
+    const bool ok = live && k < nk && s < N;
+    h[k] = ok ? a.state[c * N + s] : 0.0f;
+    A[k] = ok ? a.A[c * N + s] : 0.0f;
+  }
+}
+
+__device__ __forceinline__ void store_lane_states(const ScanArgs& a, int64_t c, bool live, int lane,
+                                                  const float (&h)[kMaxK]) {
+  const int64_t N = a.d_state;
+  const int nk = int((N + kLanes - 1) / kLanes);
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k) {
+    const int64_t s = lane + int64_t(k) * kLanes;
+    if (live && k < nk && s < N) a.state[c * N + s] = h[k];
+  }
+}
+
+// One time step of this lane's states: h = exp(dt A) h + du B; returns the
+// lane's part of C.h (lane_sum gives the channel's).
+__device__ __forceinline__ float lane_step(float (&h)[kMaxK], const float (&A)[kMaxK], int64_t N, int lane,
+                                           float dt, float du, const float* Brow, const float* Crow) {
+  const int nk = int((N + kLanes - 1) / kLanes);
+  float part = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k) {
+    const int64_t s = lane + int64_t(k) * kLanes;
+    if (k < nk && s < N) {
+      h[k] = expf(dt * A[k]) * h[k] + du * Brow[s];
+      part += Crow[s] * h[k];
+    }
+  }
+  return part;
+}
 
 // Channel block `cblock` of one sequence's scan (every thread of the block
 // calls this); smem holds at least 2 * kChunk * d_state + 3 * kChunk * kChannels floats.
@@ -99,16 +158,9 @@ __device__ __forceinline__ void scan_block(const ScanArgs& a, int64_t cblock, fl
   const int64_t c0 = cblock * kChannels;
   const int64_t c = c0 + cl;
   const bool live = c < a.channels;
-  const int nk = int((N + kLanes - 1) / kLanes);
 
   float h[kMaxK], A[kMaxK];
-#pragma unroll
-  for (int k = 0; k < kMaxK; ++k) {
-    const int64_t s = lane + int64_t(k) * kLanes;
-    const bool ok = live && k < nk && s < N;
-    h[k] = ok ? a.state[c * N + s] : 0.0f;
-    A[k] = ok ? a.A[c * N + s] : 0.0f;
-  }
+  load_lane_states(a, c, live, lane, h, A);
   const float bias = live ? a.dt_bias[c] : 0.0f, D = live ? a.D[c] : 0.0f;
 
   for (int64_t t0 = 0; t0 < a.n; t0 += kChunk) {
@@ -136,26 +188,11 @@ __device__ __forceinline__ void scan_block(const ScanArgs& a, int64_t cblock, fl
     for (int tt = 0; tt < steps; ++tt) {
       const float u = sU[tt * kChannels + cl];
       const float dt = softplus_f(sDelta[tt * kChannels + cl] + bias);
-      const float du = dt * u;
-      float part = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kMaxK; ++k) {
-        const int64_t s = lane + int64_t(k) * kLanes;
-        if (k < nk && s < N) {
-          h[k] = expf(dt * A[k]) * h[k] + du * sB[tt * N + s];
-          part += sC[tt * N + s] * h[k];
-        }
-      }
-      // Sum over the channel's kLanes threads (aligned groups of 16 lanes).
-      for (int o = kLanes / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o, kLanes);
+      const float part = lane_sum(lane_step(h, A, N, lane, dt, dt * u, sB + tt * N, sC + tt * N));
       if (lane == 0 && live) a.y[(t0 + tt) * a.ldy + c] = (part + D * u) * silu_f(sZ[tt * kChannels + cl]);
     }
   }
-#pragma unroll
-  for (int k = 0; k < kMaxK; ++k) {
-    const int64_t s = lane + int64_t(k) * kLanes;
-    if (live && k < nk && s < N) a.state[c * N + s] = h[k];
-  }
+  store_lane_states(a, c, live, lane, h);
 }
 
 __global__ void __launch_bounds__(kScanThreads) selective_scan_kernel(ScanArgs a) {
@@ -174,14 +211,380 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_batch_kernel(cons
   scan_block(a, cb, smem);
 }
 
+// ---------------------------------------------------------------- fused decode step
+// Backend::normed_selective_scan for n <= kFusedMaxTokens tokens in one
+// launch, with scan_block's thread layout (kChannels channels x kLanes lanes
+// per block). Every block normalises the tokens' dt, B and C rows itself
+// (a few hundred values) into shared memory, then computes delta for its own
+// channels only (its rows of dt_proj; lane l takes columns l, l + 16, ...),
+// then runs the tokens through the scan in order. Nothing is written to
+// a.delta, a.B, a.C or dt_scratch (the contract leaves them unspecified).
+constexpr int kFusedMaxTokens = 4;
+constexpr int kFusedWPerLane = 8;  // dt_proj columns per lane: rank <= kLanes * 8
+
+// Sum of squares in double and the row scale as cuda::rmsnorm computes it
+// (elementwise.cu), so the normalised values match the primitive's bits.
+__device__ __forceinline__ float warp_rms_scale(const float* x, int64_t d, float eps) {
+  double ss = 0.0;
+  for (int64_t i = threadIdx.x % 32; i < d; i += 32) ss += double(x[i]) * double(x[i]);
+  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  return float(1.0 / sqrt(ss / double(d) + double(eps)));
+}
+
+template <DType WT>
+__global__ void __launch_bounds__(kScanThreads) normed_scan_step_kernel(ScanArgs a, ScanInputNorms in) {
+  extern __shared__ float smem[];
+  const int64_t N = a.d_state, R = in.dt_proj.cols;
+  const int n = int(a.n);
+  float* sDtn = smem;        // [n][R]: dtn as the matmul sees it (bf16 weights: rounded to bf16)
+  float* sB = sDtn + n * R;  // [n][N]: rmsnorm(B)
+  float* sC = sB + n * N;    // [n][N]: rmsnorm(C)
+
+  const int lane = threadIdx.x % kLanes, cl = threadIdx.x / kLanes;
+  const int64_t c = blockIdx.x * int64_t(kChannels) + cl;
+  const bool live = c < a.channels;
+
+  // Everything that does not depend on the norms first: its latency overlaps theirs.
+  float w[kFusedWPerLane];
+#pragma unroll
+  for (int j = 0; j < kFusedWPerLane; ++j) {
+    const int64_t k = lane + int64_t(j) * kLanes;
+    w[j] = live && k < R ? load_as_f32(in.dt_proj.data, WT, c * R + k) : 0.0f;
+  }
+  float h[kMaxK], A[kMaxK];
+  load_lane_states(a, c, live, lane, h, A);
+  const float bias = live ? a.dt_bias[c] : 0.0f, D = live ? a.D[c] : 0.0f;
+  float u[kFusedMaxTokens], z[kFusedMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kFusedMaxTokens; ++t) {
+    u[t] = live && t < n ? a.u[t * a.ldu + c] : 0.0f;
+    z[t] = live && t < n ? a.z[t * a.ldz + c] : 0.0f;
+  }
+
+  // The norms: one warp per row (dt, B and C of each token).
+  for (int r = threadIdx.x / 32; r < 3 * n; r += kScanThreads / 32) {
+    const int t = r / 3, kind = r % 3;
+    const float* x = kind == 0 ? in.dt_raw + t * in.ld_dt : kind == 1 ? a.B + t * a.ldb : a.C + t * a.ldc;
+    const float* wn = kind == 0 ? in.dt_norm_w : kind == 1 ? in.B_norm_w : in.C_norm_w;
+    float* out = kind == 0 ? sDtn + t * R : kind == 1 ? sB + t * N : sC + t * N;
+    const int64_t d = kind == 0 ? R : N;
+    const float inv = warp_rms_scale(x, d, in.eps);
+    for (int64_t i = threadIdx.x % 32; i < d; i += 32) {
+      const float v = __fmul_rn(x[i], inv) * wn[i];
+      // The matmul's input rounding (CudaBackend::matmul / the CPU's packing).
+      out[i] = kind == 0 && WT == DType::BF16 ? round_f32(v, DType::BF16) : v;
+    }
+  }
+  __syncthreads();
+
+  // delta[t, c] = dt_proj[c, :] . dtn[t, :]: fp32 products and sums.
+  float acc[kFusedMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kFusedMaxTokens; ++t) acc[t] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kFusedWPerLane; ++j) {
+    const int64_t k = lane + int64_t(j) * kLanes;
+    if (k < R) {
+#pragma unroll
+      for (int t = 0; t < kFusedMaxTokens; ++t)
+        if (t < n) acc[t] = fmaf(w[j], sDtn[t * R + k], acc[t]);
+    }
+  }
+
+  // The tokens in order (scan_block's step).
+#pragma unroll
+  for (int t = 0; t < kFusedMaxTokens; ++t) {
+    if (t < n) {  // uniform over the block: the shuffles below see the whole warp
+      const float delta = lane_sum(acc[t]);
+      const float dt = softplus_f(delta + bias);
+      const float part = lane_sum(lane_step(h, A, N, lane, dt, dt * u[t], sB + t * N, sC + t * N));
+      if (lane == 0 && live) a.y[t * a.ldy + c] = (part + D * u[t]) * silu_f(z[t]);
+    }
+  }
+  store_lane_states(a, c, live, lane, h);
+}
+
+// ---------------------------------------------------------------- chunked scan
+// The recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A), b_t = dt_t B_t
+// u_t) over a long chunk of tokens, parallel over time: the tokens are cut
+// into K pieces ("chunks" below) of L steps, and
+//   1. chunk_local: per (channel, chunk k < K-1), the chunk's end state from
+//      a zero start (chunk 0 from the real initial state) and sum(dt) over
+//      the chunk (its decay is exp(A sum(dt)) per state);
+//   2. chunk_carry: per (channel, state), the true start state of every
+//      chunk, sequentially over the K chunks: H_k = exp(A sum_dt_k) H_{k-1} + local_k;
+//   3. chunk_out: per (channel, chunk), the chunk's steps again from its
+//      true start state, writing y; the last chunk writes the final state.
+// Pass 3 recomputes the recurrence exactly as a sequential scan would from
+// the carried state, so the only extra rounding is in the carry (pass 2).
+// A thread owns one channel with all its (<= 16) states in registers: the
+// per-token work (softplus, silu, the C.h sum) is done once per channel
+// step, with no shuffles, and the u/delta/z/y accesses of a warp are 32
+// consecutive channels. B and C rows (shared by all channels) are staged in
+// shared memory per chunk and read as broadcasts. States beyond d_state are
+// padded with A = B = C = 0, which keeps them at exactly 0.
+constexpr int kCkThreads = 128;  // channels per block
+constexpr int kCkN = 16;         // max d_state of this path
+constexpr int kCkGroup = 8;      // steps whose global loads are issued together
+constexpr int64_t kCkMinLen = 16, kCkMaxLen = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x in one MUFU op (flushing results below 2^-126 to 0; the decay factors
+// are all in (0, 1]). The decay is most of the work (one per state and
+// step), and A is pre-scaled by log2(e), so exp(dt A) costs a multiply and
+// this instead of expf's ~8 instructions; relative error ~2 ulp.
+__device__ __forceinline__ float ex2_fast(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// Rows t0 .. t0+steps-1 of src (d_state wide, leading dimension ld) into
+// dst [steps][kCkN], zero-padded beyond d_state.
+__device__ __forceinline__ void stage_rows(const float* src, int64_t ld, int64_t t0, int steps, int64_t N,
+                                           float* dst) {
+  for (int i = threadIdx.x; i < steps * kCkN; i += kCkThreads) {
+    const int tt = i / kCkN, s = i % kCkN;
+    dst[i] = s < N ? src[(t0 + tt) * ld + s] : 0.0f;
+  }
+}
+
+// A (times log2 e) of channel c, padded with 0.
+__device__ __forceinline__ void load_chunk_A(const ScanArgs& a, int64_t c, float (&A2)[kCkN]) {
+#pragma unroll
+  for (int s = 0; s < kCkN; ++s) A2[s] = s < a.d_state ? a.A[c * a.d_state + s] * kLog2e : 0.0f;
+}
+
+// One step of all the thread's states; B is a staged row (16-byte aligned).
+__device__ __forceinline__ void chunk_step(float (&h)[kCkN], const float (&A2)[kCkN], float dt, float du,
+                                           const float* Brow) {
+  const float4* b4 = reinterpret_cast<const float4*>(Brow);
+#pragma unroll
+  for (int q = 0; q < kCkN / 4; ++q) {
+    const float4 b = b4[q];
+    h[4 * q + 0] = ex2_fast(dt * A2[4 * q + 0]) * h[4 * q + 0] + du * b.x;
+    h[4 * q + 1] = ex2_fast(dt * A2[4 * q + 1]) * h[4 * q + 1] + du * b.y;
+    h[4 * q + 2] = ex2_fast(dt * A2[4 * q + 2]) * h[4 * q + 2] + du * b.z;
+    h[4 * q + 3] = ex2_fast(dt * A2[4 * q + 3]) * h[4 * q + 3] + du * b.w;
+  }
+}
+
+// Pass 1. grid (channel blocks, K-1). carry [K][channels][d_state],
+// sum_dt [K][channels]; chunk k's results go to slot k.
+__global__ void __launch_bounds__(kCkThreads) chunk_local_kernel(ScanArgs a, int L, float* carry, float* sum_dt) {
+  extern __shared__ float4 ck_smem[];
+  float* sB = reinterpret_cast<float*>(ck_smem);  // [L][kCkN]
+  const int64_t N = a.d_state, k = blockIdx.y, t0 = k * L;
+  const int steps = int(min(int64_t(L), a.n - t0));
+  stage_rows(a.B, a.ldb, t0, steps, N, sB);
+  __syncthreads();  // the only barrier: threads past the last channel may leave after it
+  const int64_t c = blockIdx.x * int64_t(kCkThreads) + threadIdx.x;
+  if (c >= a.channels) return;
+
+  float A2[kCkN], h[kCkN];
+  load_chunk_A(a, c, A2);
+#pragma unroll
+  for (int s = 0; s < kCkN; ++s) h[s] = k == 0 && s < N ? a.state[c * N + s] : 0.0f;
+  const float bias = a.dt_bias[c];
+  float sdt = 0.0f;
+  const float* pu = a.u + t0 * a.ldu + c;  // row pointers, advanced step by step (no 64-bit products)
+  const float* pd = a.delta + t0 * a.ld_delta + c;
+  for (int g = 0; g < steps; g += kCkGroup) {
+    float u[kCkGroup], d[kCkGroup];
+#pragma unroll
+    for (int j = 0; j < kCkGroup; ++j) {
+      u[j] = d[j] = 0.0f;
+      if (g + j < steps) {
+        u[j] = *pu, d[j] = *pd;
+        pu += a.ldu, pd += a.ld_delta;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kCkGroup; ++j) {
+      if (g + j < steps) {
+        const float dt = softplus_f(d[j] + bias);
+        sdt += dt;
+        chunk_step(h, A2, dt, dt * u[j], sB + (g + j) * kCkN);
+      }
+    }
+  }
+  float* out = carry + (k * a.channels + c) * N;
+#pragma unroll
+  for (int s = 0; s < kCkN; ++s)
+    if (s < N) out[s] = h[s];
+  sum_dt[k * a.channels + c] = sdt;
+}
+
+// Pass 2. One thread per (channel, state). On return carry slot k holds the
+// start state of chunk k (slot 0: the initial state), for k < K.
+constexpr int kCarryThreads = 256;
+constexpr int kCarryGroup = 8;
+
+__global__ void __launch_bounds__(kCarryThreads) chunk_carry_kernel(ScanArgs a, int64_t K, float* carry,
+                                                                    const float* sum_dt) {
+  const int64_t CN = a.channels * a.d_state;
+  const int64_t i = blockIdx.x * int64_t(kCarryThreads) + threadIdx.x;  // c * N + s
+  if (i >= CN) return;
+  const int64_t c = i / a.d_state;
+  const float A2 = a.A[i] * kLog2e;
+  float H = a.state[i];
+  // Chunk k < K-1 ends at H_k = (k == 0 ? local_0 : exp(A sum_dt_k) H_{k-1} + local_k);
+  // the loads of a group are issued before its serial combine.
+  for (int64_t k0 = 0; k0 < K - 1; k0 += kCarryGroup) {
+    float loc[kCarryGroup], sd[kCarryGroup];
+#pragma unroll
+    for (int j = 0; j < kCarryGroup; ++j) {
+      const int64_t k = k0 + j;
+      loc[j] = k < K - 1 ? carry[k * CN + i] : 0.0f;
+      sd[j] = k < K - 1 ? sum_dt[k * a.channels + c] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kCarryGroup; ++j) {
+      const int64_t k = k0 + j;
+      if (k < K - 1) {
+        carry[k * CN + i] = H;  // the start of chunk k
+        H = k == 0 ? loc[j] : ex2_fast(A2 * sd[j]) * H + loc[j];
+      }
+    }
+  }
+  carry[(K - 1) * CN + i] = H;
+}
+
+// Pass 3. grid (channel blocks, K). init [K][channels][d_state]: the chunks'
+// start states (K == 1: a.state itself, read before this thread writes it).
+__global__ void __launch_bounds__(kCkThreads) chunk_out_kernel(ScanArgs a, int L, int64_t K, const float* init) {
+  extern __shared__ float4 ck_smem[];
+  float* sB = reinterpret_cast<float*>(ck_smem);  // [L][kCkN]
+  float* sC = sB + L * kCkN;                      // [L][kCkN]
+  const int64_t N = a.d_state, k = blockIdx.y, t0 = k * L;
+  const int steps = int(min(int64_t(L), a.n - t0));
+  stage_rows(a.B, a.ldb, t0, steps, N, sB);
+  stage_rows(a.C, a.ldc, t0, steps, N, sC);
+  __syncthreads();  // the only barrier
+  const int64_t c = blockIdx.x * int64_t(kCkThreads) + threadIdx.x;
+  if (c >= a.channels) return;
+
+  float A2[kCkN], h[kCkN];
+  load_chunk_A(a, c, A2);
+  const float* h0 = init + (k * a.channels + c) * N;
+#pragma unroll
+  for (int s = 0; s < kCkN; ++s) h[s] = s < N ? h0[s] : 0.0f;
+  const float bias = a.dt_bias[c], D = a.D[c];
+  const float* pu = a.u + t0 * a.ldu + c;  // row pointers, advanced step by step (no 64-bit products)
+  const float* pd = a.delta + t0 * a.ld_delta + c;
+  const float* pz = a.z + t0 * a.ldz + c;
+  float* py = a.y + t0 * a.ldy + c;
+  for (int g = 0; g < steps; g += kCkGroup) {
+    float u[kCkGroup], d[kCkGroup], z[kCkGroup];
+#pragma unroll
+    for (int j = 0; j < kCkGroup; ++j) {
+      u[j] = d[j] = z[j] = 0.0f;
+      if (g + j < steps) {
+        u[j] = *pu, d[j] = *pd, z[j] = *pz;
+        pu += a.ldu, pd += a.ld_delta, pz += a.ldz;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kCkGroup; ++j) {
+      if (g + j < steps) {
+        const float dt = softplus_f(d[j] + bias);
+        chunk_step(h, A2, dt, dt * u[j], sB + (g + j) * kCkN);
+        // y as the CPU sums it: D u first, then C[s] h[s] in order of s.
+        const float4* c4 = reinterpret_cast<const float4*>(sC + (g + j) * kCkN);
+        float y = D * u[j];
+#pragma unroll
+        for (int q = 0; q < kCkN / 4; ++q) {
+          const float4 cv = c4[q];
+          y += cv.x * h[4 * q + 0];
+          y += cv.y * h[4 * q + 1];
+          y += cv.z * h[4 * q + 2];
+          y += cv.w * h[4 * q + 3];
+        }
+        *py = y * silu_f(z[j]);
+        py += a.ldy;
+      }
+    }
+  }
+  if (k == K - 1) {
+#pragma unroll
+    for (int s = 0; s < kCkN; ++s)
+      if (s < N) a.state[c * N + s] = h[s];
+  }
+}
+
+// How a single-sequence scan runs: chunked (L steps per chunk, K chunks) or
+// the sequential kernel (chunked == false).
+struct ScanPlan {
+  bool chunked = false;
+  int64_t L = 0, K = 0;
+  size_t carry_floats = 0, sum_dt_floats = 0;  // scratch (none when K == 1)
+};
+
+// Blocks of chunk_out_kernel (the heavier pass) resident per SM: its
+// registers bound it (~5 blocks of 128 threads at ~86 registers), which sets how many chunks fill
+// exactly one wave.
+int chunk_blocks_per_sm() {
+  static const int blocks = [] {
+    int b = 0;
+    const size_t smem = 2 * size_t(kCkMaxLen) * kCkN * sizeof(float);
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, chunk_out_kernel, kCkThreads, smem) != cudaSuccess) {
+      (void)cudaGetLastError();
+      b = 0;
+    }
+    return b > 0 ? b : 4;
+  }();
+  return blocks;
+}
+
+// HYMBA_SCAN_CHUNK (tuning and A/B timing): unset or 0 = automatic, a
+// negative value = the sequential kernel, a positive one = that chunk length
+// (clamped to 1..kCkMaxLen).
+ScanPlan plan_scan(const ScanArgs& a, int sm_count) {
+  ScanPlan p;
+  if (a.n <= 0 || a.channels <= 0 || a.d_state < 1 || a.d_state > kCkN) return p;
+  int64_t force = 0;
+  if (const char* e = std::getenv("HYMBA_SCAN_CHUNK")) force = std::atoll(e);
+  if (force < 0) return p;
+  const int64_t cblocks = (a.channels + kCkThreads - 1) / kCkThreads;
+  int64_t L;
+  if (force > 0) {
+    L = std::min(force, kCkMaxLen);
+  } else if (a.n <= kCkMinLen) {
+    L = kCkMinLen;  // one chunk, one launch (decode-sized scans)
+  } else {
+    // As many chunks as fill whole waves of (channel block, chunk) blocks,
+    // one wave unless the chunks would exceed kCkMaxLen steps, in lengths of
+    // a multiple of kCkMinLen (shorter chunks add carries for little gain).
+    const int64_t wave = int64_t(std::max(sm_count, 1)) * chunk_blocks_per_sm();
+    const int64_t per_wave = std::max<int64_t>(1, wave / cblocks);
+    const int64_t waves = std::max<int64_t>(1, (a.n + per_wave * kCkMaxLen - 1) / (per_wave * kCkMaxLen));
+    const int64_t k_plan = waves * per_wave;
+    L = (a.n + k_plan - 1) / k_plan;
+    L = std::clamp((L + kCkMinLen - 1) / kCkMinLen * kCkMinLen, kCkMinLen, kCkMaxLen);
+  }
+  const int64_t K = (a.n + L - 1) / L;
+  if (K > 65535 || cblocks > 0x7fffffff) return p;  // grid limits: the sequential kernel
+  p.chunked = true;
+  p.L = L, p.K = K;
+  if (K > 1) {
+    p.carry_floats = size_t(K * a.channels * a.d_state);
+    p.sum_dt_floats = size_t(K * a.channels);
+  }
+  return p;
+}
+
+size_t carry_bytes_aligned(const ScanPlan& p) { return (p.carry_floats * sizeof(float) + 255) / 256 * 256; }
+
 }  // namespace
 
 void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
                       const float* bias, int k_width, float* state, float* y, int64_t ldy, cudaStream_t stream) {
   check(k_width >= 1, "causal_conv_silu: k_width must be at least 1 (got ", k_width, ")");
   if (n <= 0 || channels <= 0) return;
-  conv_silu_kernel<<<blocks_for(n * channels, 256), 256, 0, stream>>>(x, n, ldx, channels, weight, bias, k_width,
-                                                                       state, y, ldy);
+  const int64_t cblocks = (channels + kConvThreads - 1) / kConvThreads;
+  check(cblocks <= 0x7fffffff, "causal_conv_silu: too many channels (", channels, ")");
+  const dim3 grid(unsigned(cblocks), unsigned(std::min<int64_t>(n, 65535)));
+  conv_silu_kernel<<<grid, kConvThreads, 0, stream>>>(x, n, ldx, channels, weight, bias, k_width, state, y, ldy);
   HYMBA_CUDA_LAUNCHED("conv_silu");
   if (k_width > 1) {
     conv_state_kernel<<<blocks_for(channels, 256), 256, 0, stream>>>(x, n, ldx, channels, k_width - 1, state);
@@ -189,15 +592,69 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
   }
 }
 
-void selective_scan(const ScanArgs& a, cudaStream_t stream) {
+size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count) {
+  const ScanPlan p = plan_scan(a, sm_count);
+  if (p.carry_floats == 0) return 0;
+  return carry_bytes_aligned(p) + p.sum_dt_floats * sizeof(float);
+}
+
+void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream) {
   check(a.d_state >= 1 && a.d_state <= kLanes * kMaxK, "selective_scan: d_state ", a.d_state,
         " is outside the supported 1..", kLanes * kMaxK);
   if (a.n <= 0 || a.channels <= 0) return;
-  const size_t smem = sizeof(float) * size_t(2 * kChunk * a.d_state + 3 * kChunk * kChannels);
+  const ScanPlan p = plan_scan(a, sm_count);
+  if (!p.chunked) {
+    const size_t smem = sizeof(float) * size_t(2 * kChunk * a.d_state + 3 * kChunk * kChannels);
+    const int64_t blocks = (a.channels + kChannels - 1) / kChannels;
+    check(blocks <= 0x7fffffff, "selective_scan: too many channels (", a.channels, ")");
+    selective_scan_kernel<<<unsigned(blocks), kScanThreads, smem, stream>>>(a);
+    HYMBA_CUDA_LAUNCHED("selective_scan");
+    return;
+  }
+  const unsigned cblocks = unsigned((a.channels + kCkThreads - 1) / kCkThreads);
+  const size_t row_bytes = size_t(p.L) * kCkN * sizeof(float);  // one staged [L][16] matrix
+  const float* init = a.state;  // K == 1: the chunk starts from the state itself
+  if (p.K > 1) {
+    check(scratch != nullptr, "selective_scan: the chunked scan needs scratch (selective_scan_scratch_bytes)");
+    float* carry = static_cast<float*>(scratch);
+    float* sum_dt = reinterpret_cast<float*>(static_cast<char*>(scratch) + carry_bytes_aligned(p));
+    chunk_local_kernel<<<dim3(cblocks, unsigned(p.K - 1)), kCkThreads, row_bytes, stream>>>(a, int(p.L), carry,
+                                                                                            sum_dt);
+    HYMBA_CUDA_LAUNCHED("scan_chunk_local");
+    const int64_t cn = a.channels * a.d_state;
+    chunk_carry_kernel<<<blocks_for(cn, kCarryThreads, 0x7fffffff), kCarryThreads, 0, stream>>>(a, p.K, carry,
+                                                                                                  sum_dt);
+    HYMBA_CUDA_LAUNCHED("scan_chunk_carry");
+    init = carry;
+  }
+  chunk_out_kernel<<<dim3(cblocks, unsigned(p.K)), kCkThreads, 2 * row_bytes, stream>>>(a, int(p.L), p.K, init);
+  HYMBA_CUDA_LAUNCHED("scan_chunk_out");
+}
+
+bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cudaStream_t stream) {
+  const int64_t R = in.dt_proj.cols;
+  if (a.n > kFusedMaxTokens || R < 1 || R > kLanes * kFusedWPerLane || in.dt_proj.rows != a.channels ||
+      a.d_state < 1 || a.d_state > kLanes * kMaxK)
+    return false;
+  if (a.n <= 0 || a.channels <= 0) return true;  // nothing to do
   const int64_t blocks = (a.channels + kChannels - 1) / kChannels;
-  check(blocks <= 0x7fffffff, "selective_scan: too many channels (", a.channels, ")");
-  selective_scan_kernel<<<unsigned(blocks), kScanThreads, smem, stream>>>(a);
-  HYMBA_CUDA_LAUNCHED("selective_scan");
+  if (blocks > 0x7fffffff) return false;
+  const size_t smem = sizeof(float) * size_t(a.n * (R + 2 * a.d_state));
+  switch (in.dt_proj.dtype) {
+    case DType::F32:
+      normed_scan_step_kernel<DType::F32><<<unsigned(blocks), kScanThreads, smem, stream>>>(a, in);
+      break;
+    case DType::BF16:
+      normed_scan_step_kernel<DType::BF16><<<unsigned(blocks), kScanThreads, smem, stream>>>(a, in);
+      break;
+    case DType::F16:
+      normed_scan_step_kernel<DType::F16><<<unsigned(blocks), kScanThreads, smem, stream>>>(a, in);
+      break;
+    default:
+      return false;
+  }
+  HYMBA_CUDA_LAUNCHED("normed_scan_step");
+  return true;
 }
 
 void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
