@@ -168,6 +168,11 @@ class Backend {
   virtual void selective_scan_batch(const ScanArgs* a, int count) {
     for (int i = 0; i < count; ++i) selective_scan(a[i]);
   }
+  // Many store_rows at once (the cache commit of a step: every K/V slot of
+  // every sequence). The stores must not overlap each other's destinations.
+  virtual void store_rows_batch(const StoreArgs* a, int count) {
+    for (int i = 0; i < count; ++i) store_rows(a[i].src, a[i].lds, a[i].n, a[i].d, a[i].dt, a[i].dst, a[i].ldd);
+  }
 };
 
 // The CPU backend (OpenMP threads; the count is set with set_threads).

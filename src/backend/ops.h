@@ -105,6 +105,16 @@ struct SampleArgs {
   double u = 0.0;               // uniform in [0, 1), drawn by the caller
 };
 
+// One Backend::store_rows call (for store_rows_batch): n rows of d values
+// from src (fp32, leading dimension lds) converted to dt into dst (leading
+// dimension ldd, in elements).
+struct StoreArgs {
+  const float* src = nullptr;  int64_t lds = 0;
+  int64_t n = 0, d = 0;
+  DType dt = DType::F32;
+  void* dst = nullptr;         int64_t ldd = 0;
+};
+
 // Depthwise causal conv + SiLU of n tokens of one sequence (see
 // Backend::causal_conv_silu for the exact semantics of each field).
 struct ConvArgs {

@@ -93,30 +93,37 @@ int SequenceCache::kv_segments(int slot, KVSegment* out) const {
 }
 
 void SequenceCache::store_run(int slot, int64_t row, const float* k, int64_t ldk, const float* v, int64_t ldv,
-                              int64_t n) {
+                              int64_t n, std::vector<StoreArgs>* pending) {
   if (n <= 0) return;
   KV& kv = kv_[slot];
   const size_t es = dtype_size(layout_.kv_dtype);
-  be_->store_rows(k, ldk, n, layout_.kv_k, layout_.kv_dtype, kv.k.data() + size_t(row * layout_.kv_k) * es,
-                  layout_.kv_k);
-  be_->store_rows(v, ldv, n, layout_.kv_v, layout_.kv_dtype, kv.v.data() + size_t(row * layout_.kv_v) * es,
-                  layout_.kv_v);
+  const StoreArgs ks{k, ldk, n, layout_.kv_k, layout_.kv_dtype, kv.k.data() + size_t(row * layout_.kv_k) * es,
+                     layout_.kv_k};
+  const StoreArgs vs{v, ldv, n, layout_.kv_v, layout_.kv_dtype, kv.v.data() + size_t(row * layout_.kv_v) * es,
+                     layout_.kv_v};
+  if (pending) {
+    pending->push_back(ks);
+    pending->push_back(vs);
+    return;
+  }
+  for (const StoreArgs& a : {ks, vs}) be_->store_rows(a.src, a.lds, a.n, a.d, a.dt, a.dst, a.ldd);
 }
 
-void SequenceCache::store_kv(int slot, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n) {
+void SequenceCache::store_kv(int slot, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n,
+                             std::vector<StoreArgs>* pending) {
   check(length_ + n <= layout_.n_meta + max_tokens_, "sequence is longer than its context (",
         max_tokens_, " tokens)");
   const KV& kv = kv_[slot];
   const int64_t M = layout_.n_meta;
   if (layout_.kv_global[slot]) {
-    store_run(slot, length_, k, ldk, v, ldv, n);  // row = position
+    store_run(slot, length_, k, ldk, v, ldv, n, pending);  // row = position
     return;
   }
   // Meta positions go to their pinned rows; of the real positions only the
   // last `ring` of the chunk survive, written in runs that end where the
   // ring wraps.
   const int64_t meta_end = std::min(length_ + n, M);
-  if (meta_end > length_) store_run(slot, length_, k, ldk, v, ldv, meta_end - length_);
+  if (meta_end > length_) store_run(slot, length_, k, ldk, v, ldv, meta_end - length_, pending);
   const int64_t ring = kv.rows - M;
   if (ring <= 0) return;
   const int64_t first_real = std::max(length_, M);
@@ -125,7 +132,7 @@ void SequenceCache::store_kv(int slot, const float* k, int64_t ldk, const float*
     const int64_t row = row_of(slot, p);
     const int64_t run = std::min(last - p, M + ring - row);
     const int64_t t = p - length_;
-    store_run(slot, row, k + t * ldk, ldk, v + t * ldv, ldv, run);
+    store_run(slot, row, k + t * ldk, ldk, v + t * ldv, ldv, run, pending);
     p += run;
   }
 }

@@ -60,8 +60,11 @@ class SequenceCache {
   int kv_segments(int slot, KVSegment* out) const;
   // Stores K/V rows (fp32 in the backend's memory, already rounded to the
   // cache dtype by the caller if desired) for positions
-  // length()..length()+n-1 of slot s.
-  void store_kv(int slot, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n);
+  // length()..length()+n-1 of slot s. With `pending`, the stores are
+  // appended there instead, for the caller to run together
+  // (Backend::store_rows_batch) before advance().
+  void store_kv(int slot, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n,
+                std::vector<StoreArgs>* pending = nullptr);
   // Marks n more positions processed (after all slots were stored).
   void advance(int64_t n);
 
@@ -79,7 +82,8 @@ class SequenceCache {
     int64_t rows = 0;
   };
   // Stores n consecutive rows of slot s starting at cache row `row`.
-  void store_run(int slot, int64_t row, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n);
+  void store_run(int slot, int64_t row, const float* k, int64_t ldk, const float* v, int64_t ldv, int64_t n,
+                 std::vector<StoreArgs>* pending);
   size_t conv_stride() const { return size_t((layout_.d_conv - 1) * layout_.d_inner); }
   size_t ssm_stride() const { return size_t(layout_.d_inner * layout_.d_state); }
   int64_t row_of(int slot, int64_t pos) const;

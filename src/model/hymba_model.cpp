@@ -22,6 +22,7 @@ struct HymbaModel::Workspace {
   std::vector<KVSegment> segs;
   std::vector<ConvArgs> conv_args;
   std::vector<ScanArgs> scan_args;
+  std::vector<StoreArgs> stores;  // the step's cache commit
 };
 
 HymbaModel::~HymbaModel() = default;
@@ -258,13 +259,16 @@ void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool d
   for (const LayerPlan& lp : plan_.layers) run_layer(lp, w_.layers[lp.index], spans, n_spans, n, decode);
   // The chunk's K/V joins the cache only now: every layer of the chunk has
   // attended over the cache as it was before the chunk plus the chunk itself.
+  // All slots of all spans in one batched store (one launch on a GPU).
+  ws.stores.clear();
   for (int i = 0; i < n_spans; ++i) {
     const RowSpan& sp = spans[i];
     for (size_t s = 0; s < plan_.kv_owner.size(); ++s)
       sp.seq->store_kv(int(s), ws.k[s].data() + sp.row0 * layout_.kv_k, layout_.kv_k,
-                       ws.v[s].data() + sp.row0 * layout_.kv_v, layout_.kv_v, sp.n);
-    sp.seq->advance(sp.n);
+                       ws.v[s].data() + sp.row0 * layout_.kv_v, layout_.kv_v, sp.n, &ws.stores);
   }
+  be_->store_rows_batch(ws.stores.data(), int(ws.stores.size()));
+  for (int i = 0; i < n_spans; ++i) spans[i].seq->advance(spans[i].n);
 }
 
 void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans,

@@ -460,6 +460,36 @@ TEST_F(CudaVsCpu, PrepareQkvIsBitExact) {
   }
 }
 
+// The batched store (a step's cache commit) writes exactly what the
+// single stores write, bit for bit, and nothing else.
+TEST_F(CudaVsCpu, StoreRowsBatchIsBitExact) {
+  struct Spec { int64_t n, d, lds, ldd; DType dt; };
+  const std::vector<Spec> specs = {{1, 320, 8640, 320, DType::BF16}, {1, 320, 320, 320, DType::BF16},
+                                   {7, 33, 40, 35, DType::F16},      {300, 320, 330, 320, DType::BF16},
+                                   {2, 5, 5, 9, DType::F32},         {0, 10, 10, 10, DType::BF16},
+                                   {1, 64, 64, 64, DType::F32}};
+  std::vector<StoreArgs> cpu_args, gpu_args;
+  std::vector<std::vector<uint8_t>> cpu_dst;
+  std::vector<uint8_t*> gpu_dst;
+  std::vector<std::vector<float>> host_src;
+  cpu_dst.reserve(specs.size()), host_src.reserve(specs.size());
+  for (const Spec& sp : specs) {
+    const std::vector<float> src = randn(size_t(std::max<int64_t>(sp.n, 1) * sp.lds), 0.0f, 4.0f);
+    const size_t bytes = size_t(std::max<int64_t>(sp.n, 1) * sp.ldd) * dtype_size(sp.dt);
+    cpu_dst.emplace_back(bytes, 0xA5);
+    gpu_dst.push_back(up(std::vector<uint8_t>(bytes, 0xA5)));
+    host_src.push_back(src);
+    cpu_args.push_back({host_src.back().data(), sp.lds, sp.n, sp.d, sp.dt, cpu_dst.back().data(), sp.ldd});
+    gpu_args.push_back({up(src), sp.lds, sp.n, sp.d, sp.dt, gpu_dst.back(), sp.ldd});
+  }
+  cpu_->store_rows_batch(cpu_args.data(), int(cpu_args.size()));
+  gpu_->store_rows_batch(gpu_args.data(), int(gpu_args.size()));
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_EQ(down(gpu_dst[i], cpu_dst[i].size()), cpu_dst[i]) << "store " << i << " (n=" << specs[i].n
+                                                                << ", d=" << specs[i].d << ")";
+  }
+}
+
 // ---------------------------------------------------------------- batched ops
 // attention_batch / causal_conv_silu_batch / selective_scan_batch (batched
 // decode: one entry per sequence, each with its own caches and state),

@@ -74,6 +74,9 @@ class ProfilingBackend final : public Backend {
   void selective_scan_batch(const ScanArgs* a, int count) override {
     timed("selective_scan", 0, [&] { inner_->selective_scan_batch(a, count); });
   }
+  void store_rows_batch(const StoreArgs* a, int count) override {
+    timed("store_rows", 0, [&] { inner_->store_rows_batch(a, count); });
+  }
   void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, void* dst,
                   int64_t ldd) override {
     timed("store_rows", 0, [&] { inner_->store_rows(src, lds, n, d, dt, dst, ldd); });

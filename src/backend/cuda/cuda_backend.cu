@@ -253,6 +253,17 @@ class CudaBackend final : public Backend {
     cuda::selective_scan_batch(a, count, batch_host(), rest);
     for (int i : rest) selective_scan(a[i]);
   }
+  void store_rows_batch(const StoreArgs* a, int count) override {
+    if (count <= 0) return;
+    int64_t most = 0;
+    for (int i = 0; i < count; ++i) most = std::max(most, a[i].n * a[i].d);
+    if (count == 1 || most <= 0) {  // (nothing to gain from staging)
+      Backend::store_rows_batch(a, count);
+      return;
+    }
+    const void* dev = stage(a, size_t(count) * sizeof(StoreArgs));
+    cuda::store_rows_batch(static_cast<const StoreArgs*>(dev), count, most, stream_);
+  }
   void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64_t n, int64_t d, float* out,
                 int64_t ldo) override {
     cuda::silu_mul(gate, ldg, up, ldu, n, d, out, ldo, stream_);

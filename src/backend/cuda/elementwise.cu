@@ -2,6 +2,8 @@
 // average_into, embedding gather, rounding and dtype stores. Each is
 // memory-bound: one pass, one thread per element (a grid-stride loop over
 // the n*d elements of a strided matrix), except rmsnorm (one block per row).
+#include <algorithm>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
 
@@ -176,6 +178,22 @@ __global__ void prepare_qkv_kernel(const QkvParams p) {
   });
 }
 
+// grid.y = entry (of count), grid.x strides over the entry's n x d elements.
+__global__ void store_rows_batch_kernel(const StoreArgs* entries, int count) {
+  for (int e = blockIdx.y; e < count; e += gridDim.y) {
+    const StoreArgs a = entries[e];
+    const int64_t total = a.n * a.d;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t t = i / a.d, c = i % a.d;
+      const float v = a.src[t * a.lds + c];
+      const int64_t o = t * a.ldd + c;
+      if (a.dt == DType::F32) static_cast<float*>(a.dst)[o] = v;
+      else if (a.dt == DType::BF16) static_cast<uint16_t*>(a.dst)[o] = f32_to_bf16_bits(v);
+      else static_cast<uint16_t*>(a.dst)[o] = f32_to_f16_bits(v);
+    }
+  }
+}
+
 __global__ void widen_kernel(const void* src, DType dt, int64_t count, float* dst) {
   for_each_element(1, count, [&](int64_t, int64_t i) { dst[i] = load_as_f32(src, dt, i); });
 }
@@ -259,6 +277,13 @@ bool prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n
   prepare_qkv_kernel<<<blocks_for(n * per_token, kThreads), kThreads, 0, stream>>>(p);
   HYMBA_CUDA_LAUNCHED("prepare_qkv");
   return true;
+}
+
+void store_rows_batch(const StoreArgs* entries, int count, int64_t most_elements, cudaStream_t stream) {
+  if (count <= 0 || most_elements <= 0) return;
+  const dim3 grid(blocks_for(most_elements, kThreads, 1024), unsigned(std::min(count, 65535)));
+  store_rows_batch_kernel<<<grid, kThreads, 0, stream>>>(entries, count);
+  HYMBA_CUDA_LAUNCHED("store_rows_batch");
 }
 
 void widen_to_f32(const void* src, DType dt, int64_t count, float* dst, cudaStream_t stream) {

@@ -50,6 +50,9 @@ void store_rows(const float* src, int64_t lds, int64_t n, int64_t d, DType dt, v
 bool prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
                  int head_dim, const float* cos_t, const float* sin_t, DType round_dt, float* k_out, int64_t k_width,
                  float* v_out, int64_t v_width, cudaStream_t stream);
+// store_rows for `count` descriptors in device memory in one launch;
+// most_elements: the largest n * d among them.
+void store_rows_batch(const StoreArgs* entries, int count, int64_t most_elements, cudaStream_t stream);
 // dst[i] = src[i] as fp32 for count elements of type dt.
 void widen_to_f32(const void* src, DType dt, int64_t count, float* dst, cudaStream_t stream);
 // y[t, 0:d] = 0 for n rows (a matmul with no input features).
