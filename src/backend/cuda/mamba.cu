@@ -54,10 +54,9 @@ __global__ void conv_state_kernel(const float* x, int64_t n, int64_t ldx, int64_
 constexpr int kConvBatchThreads = 256;
 constexpr int64_t kConvBatchMaxTokens = 64;  // longer entries: the parallel single-sequence kernel
 
-__global__ void conv_silu_batch_kernel(const ConvArgs* entries, int64_t channel_blocks) {
-  const ConvArgs a = entries[blockIdx.x / channel_blocks];
-  const int64_t c = (blockIdx.x % channel_blocks) * kConvBatchThreads + threadIdx.x;
-  if (c >= a.channels) return;
+// Channel c of one entry: its tokens in order, then the shift of its own
+// column of the state (no other thread reads it, so one kernel suffices).
+__device__ __forceinline__ void conv_channel(const ConvArgs& a, int64_t c) {
   const int64_t channels = a.channels;
   const int hist = a.k_width - 1;
   for (int64_t t = 0; t < a.n; ++t) {
@@ -75,6 +74,18 @@ __global__ void conv_silu_batch_kernel(const ConvArgs* entries, int64_t channel_
     const int64_t tau = a.n - hist + j;
     a.state[int64_t(j) * channels + c] = tau >= 0 ? a.x[tau * a.ldx + c] : a.state[(tau + hist) * channels + c];
   }
+}
+
+__global__ void conv_silu_batch_kernel(const ConvArgs* entries, int64_t channel_blocks) {
+  const ConvArgs a = entries[blockIdx.x / channel_blocks];
+  const int64_t c = (blockIdx.x % channel_blocks) * kConvBatchThreads + threadIdx.x;
+  if (c < a.channels) conv_channel(a, c);
+}
+
+// A short chunk of one sequence (decode): one launch instead of conv + state.
+__global__ void conv_silu_short_kernel(const ConvArgs a) {
+  const int64_t c = blockIdx.x * int64_t(kConvBatchThreads) + threadIdx.x;
+  if (c < a.channels) conv_channel(a, c);
 }
 
 // ---------------------------------------------------------------- sequential scan
@@ -583,6 +594,12 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
   if (n <= 0 || channels <= 0) return;
   const int64_t cblocks = (channels + kConvThreads - 1) / kConvThreads;
   check(cblocks <= 0x7fffffff, "causal_conv_silu: too many channels (", channels, ")");
+  if (n <= 4) {  // decode: tokens run in order per channel, state shifted in the same kernel
+    conv_silu_short_kernel<<<unsigned((channels + kConvBatchThreads - 1) / kConvBatchThreads), kConvBatchThreads, 0,
+                             stream>>>(ConvArgs{x, ldx, n, channels, weight, bias, k_width, state, y, ldy});
+    HYMBA_CUDA_LAUNCHED("conv_silu_short");
+    return;
+  }
   const dim3 grid(unsigned(cblocks), unsigned(std::min<int64_t>(n, 65535)));
   conv_silu_kernel<<<grid, kConvThreads, 0, stream>>>(x, n, ldx, channels, weight, bias, k_width, state, y, ldy);
   HYMBA_CUDA_LAUNCHED("conv_silu");
