@@ -16,7 +16,10 @@
 // directly.
 //
 // Prefill with bf16 K/V has a tensor-core kernel (attention_tc_kernel below);
-// fp32 caches (the fp32 mode, accurate to ~1e-6) and decode stay here.
+// fp32 caches (the fp32 mode, accurate to ~1e-6) stay here. Decode (one
+// query) at the usual shapes has its own kernels (decode_kernel below, K/V
+// straight from global memory); the split path here takes the other shapes
+// (few queries, odd head dims, unaligned rows).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -851,9 +854,481 @@ void attention_tc(const AttentionArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+// ---------------------------------------------------------------- decode (n_q == 1)
+//
+// One query per sequence: the work is streaming K/V once, so the kernel is
+// built around the loads. A block (kDecWarps warps) owns (entry, kv head,
+// key chunk); a chunk is chunk_tiles consecutive 32-key tiles of the visible
+// ranges (for_each_range: for one query every key of a range is visible, so
+// only a partial last tile needs a mask). Warp w takes the chunk's tiles w,
+// w + kDecWarps, ... and processes all G query heads of the kv head together,
+// so each K/V row is read once, straight from global memory into registers
+// with 16-byte loads (no shared-memory staging):
+//  * QK: 8 lanes per K row (lane slice DQ/8 dims, Q held in registers), 4
+//    rows per load step, 8 steps per tile; the 8 partial dot products of a
+//    lane are reduce-scattered over its 8-lane group (7 shuffles per head),
+//    leaving lane L with the full score of key 4 (L & 7) + (L >> 3).
+//  * softmax: per head a warp max per tile (online softmax, fp32, expf);
+//    the denominators stay per lane until the end.
+//  * PV: DV/8 lanes per V row (8 dims each), 32/(DV/8) rows per step; the
+//    probabilities come from the score lanes by shuffles.
+// At the end the warps merge through shared memory and the block writes the
+// output (one chunk) or its partial state (m, l, acc) for decode_merge_kernel,
+// which combines the chunks with independent loads.
+//
+// The chunking of an entry depends only on that entry (and, for the single
+// op, the SM count), so a batch entry's result does not depend on the batch.
+
+namespace {
+
+constexpr int kDecWarps = 4;
+constexpr int kDecThreads = 32 * kDecWarps;
+constexpr int kDecTile = 32;          // keys per warp tile
+constexpr int kDecSegments = 8;       // segments an entry holds inline
+constexpr int kDecRanges = 2 * kDecSegments;
+constexpr int kDecMaxChunks = 1024;   // decode_merge_kernel's shared weights
+
+struct DecEntry {
+  const float* q;
+  float* out;
+  int64_t q_pos0, window, nav;
+  int64_t prow0;  // first partial row (n_chunks > 1): row of (head h, chunk c) = prow0 + h * n_chunks + c
+  float scale;
+  int n_seg;
+  int n_chunks;
+  int chunk_tiles;
+  SegDesc seg[kDecSegments];
+};
+
+struct DecParams {
+  DecEntry one;               // the single-sequence launch's entry (entries == nullptr)
+  const DecEntry* entries;    // batched: device array, one per blockIdx.z
+  int n_heads, group;         // group: query heads per kv head (<= the kernel's G)
+  float* part_m;
+  float* part_l;
+  float* part_acc;
+};
+
+// N consecutive elements of a K/V row as fp32: 16-byte loads (the caller
+// guarantees alignment); zeros when !ok (the address is always a valid row).
+template <DType DT, int N>
+__device__ __forceinline__ void dec_load(const void* base, int64_t elem, bool ok, float (&x)[N]) {
+  if constexpr (DT == DType::F32) {
+    static_assert(N % 4 == 0, "fp32 slices are whole float4s");
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + elem);
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      float4 v = __ldg(p + i);
+      if (!ok) v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+    }
+  } else {
+    static_assert(N % 8 == 0, "16-bit slices are whole uint4s");
+    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + elem);
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i) {
+      uint4 v = __ldg(p + i);
+      if (!ok) v = make_uint4(0u, 0u, 0u, 0u);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {  // little-endian pairs: element 2k in the low half
+        if constexpr (DT == DType::BF16) {
+          x[8 * i + 2 * k] = __uint_as_float(w[k] << 16);
+          x[8 * i + 2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+        } else {
+          x[8 * i + 2 * k] = f16_bits_to_f32(uint16_t(w[k] & 0xffffu));
+          x[8 * i + 2 * k + 1] = f16_bits_to_f32(uint16_t(w[k] >> 16));
+        }
+      }
+    }
+  }
+}
+
+// One 32-key tile (rows r0 .. r0 + nk - 1 of segment sg, nk >= 1) for the
+// warp's running state (m, l per lane, acc: this lane's 8 value dims).
+template <int G, int DQ, int DV, DType DT>
+__device__ __forceinline__ void dec_tile(const float (&q)[G][DQ / 8], const SegDesc& sg, int64_t r0, int nk, int g,
+                                         int lane, float (&m)[G], float (&l)[G], float (&acc)[G][8]) {
+  constexpr int QS = DQ / 8;
+  constexpr int VL = DV / 8, RV = 32 / VL;
+  const unsigned full = 0xffffffffu;
+  const int sub = lane & 7, grp = lane >> 3;
+
+  // Scores. Step i (of 8) reads row 4 i + grp, dims sub * QS ...; steps i
+  // and i + 4 are combined at once (first reduce-scatter stage, mask 4).
+  const int64_t kcol = int64_t(g) * DQ + sub * QS;
+  float s1[4][G];
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj) {
+    float pp[2][G];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int j = 4 * (jj + 4 * half) + grp;
+      const bool ok = j < nk;
+      float x[QS];
+      dec_load<DT, QS>(sg.k, (r0 + (ok ? j : 0)) * sg.ld_k + kcol, ok, x);
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float d = 0.0f;
+#pragma unroll
+        for (int e = 0; e < QS; ++e) d = fmaf(q[h][e], x[e], d);
+        pp[half][h] = d;
+      }
+    }
+    const bool up = lane & 4;  // keeps steps with bit 2 set
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      const float send = up ? pp[0][h] : pp[1][h];
+      const float keep = up ? pp[1][h] : pp[0][h];
+      s1[jj][h] = keep + __shfl_xor_sync(full, send, 4);
+    }
+  }
+  float s2[2][G];
+  {
+    const bool up = lane & 2;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        const float send = up ? s1[kk][h] : s1[kk + 2][h];
+        const float keep = up ? s1[kk + 2][h] : s1[kk][h];
+        s2[kk][h] = keep + __shfl_xor_sync(full, send, 2);
+      }
+  }
+  // Lane holds key 4 sub + grp (step sub, row grp of the step).
+  const bool key_ok = 4 * sub + grp < nk;
+  float p[G];
+  {
+    const bool up = lane & 1;
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      const float send = up ? s2[0][h] : s2[1][h];
+      const float keep = up ? s2[1][h] : s2[0][h];
+      // (Every lane shuffles: a shuffle skipped by some lanes of its mask hangs the warp.)
+      const float other = __shfl_xor_sync(full, send, 1);
+      const float sc = key_ok ? keep + other : -INFINITY;
+      const float m_new = fmaxf(m[h], warp_max(sc));  // finite: the tile has a visible key
+      const float corr = expf(m[h] - m_new);          // 0 while m is -inf (l, acc are 0)
+      p[h] = expf(sc - m_new);                         // masked: 0
+      l[h] = fmaf(l[h], corr, p[h]);
+      m[h] = m_new;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][e] *= corr;
+    }
+  }
+
+  // P V. Step t reads row t * RV + vgrp, dims vsub * 8 .. + 7.
+  const int vsub = lane % VL, vgrp = lane / VL;
+  const int64_t vcol = int64_t(g) * DV + vsub * 8;
+#pragma unroll
+  for (int t = 0; t < VL; ++t) {
+    const int j = t * RV + vgrp;
+    const bool ok = j < nk;
+    const int src = (j >> 2) | ((j & 3) << 3);  // the lane holding key j's probability
+    float x[8];
+    dec_load<DT, 8>(sg.v, (r0 + (ok ? j : 0)) * sg.ld_v + vcol, ok, x);
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      const float ph = __shfl_sync(full, p[h], src);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(ph, x[e], acc[h][e]);
+    }
+  }
+}
+
+// grid: x = chunk, y = kv head, z = entry (batched) or 0.
+template <int G, int DQ, int DV>
+__global__ void __launch_bounds__(kDecThreads, G <= 5 ? 3 : 2) decode_kernel(const DecParams P) {
+  static_assert(DQ % 64 == 0 && (DV == 64 || DV == 128), "decode head dims");
+  constexpr int VL = DV / 8;
+  __shared__ DecEntry e;
+  __shared__ int64_t rg_first[kDecRanges], rg_len[kDecRanges], rg_tile0[kDecRanges + 1];
+  __shared__ int rg_seg[kDecRanges];
+  __shared__ int n_rg;
+  __shared__ float sM[kDecWarps][G], sL[kDecWarps][G];
+  __shared__ float sAcc[kDecWarps][G][DV];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  if (P.entries) {
+    const int* src = reinterpret_cast<const int*>(P.entries + blockIdx.z);
+    int* dst = reinterpret_cast<int*>(&e);
+    for (int i = tid; i < int(sizeof(DecEntry) / 4); i += kDecThreads) dst[i] = src[i];
+  } else if (tid == 0) {
+    e = P.one;
+  }
+  __syncthreads();
+  const int chunk = blockIdx.x;
+  if (chunk >= e.n_chunks) return;  // (whole block) this entry has fewer chunks
+  if (tid == 0) {
+    int n = 0;
+    int64_t tiles = 0;
+    for_each_range(e.seg, e.n_seg, e.window, e.nav, e.q_pos0, e.q_pos0, [&](int s, int64_t first, int64_t len) {
+      rg_seg[n] = s, rg_first[n] = first, rg_len[n] = len, rg_tile0[n] = tiles;
+      tiles += (len + kDecTile - 1) / kDecTile;
+      ++n;
+    });
+    rg_tile0[n] = tiles;
+    n_rg = n;
+  }
+  __syncthreads();
+
+  const int g = blockIdx.y;
+  const int group = P.group;
+  const int sub = lane & 7;
+  float q[G][DQ / 8];
+#pragma unroll
+  for (int h = 0; h < G; ++h)
+#pragma unroll
+    for (int i = 0; i < DQ / 8; ++i)
+      q[h][i] = h < group ? e.q[int64_t(g * group + h) * DQ + sub * (DQ / 8) + i] * e.scale : 0.0f;
+
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    m[h] = -INFINITY, l[h] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = 0.0f;
+  }
+
+  const int nr = n_rg;
+  const int64_t t_hi = min(rg_tile0[nr], int64_t(chunk + 1) * e.chunk_tiles);
+  int r = 0;
+  for (int64_t t = int64_t(chunk) * e.chunk_tiles + warp; t < t_hi; t += kDecWarps) {
+    while (rg_tile0[r + 1] <= t) ++r;  // warp-uniform; tiles only grow
+    const int64_t off = (t - rg_tile0[r]) * kDecTile;
+    const int nk = int(min(int64_t(kDecTile), rg_len[r] - off));
+    const SegDesc& sg = e.seg[rg_seg[r]];
+    const int64_t r0 = rg_first[r] + off;
+    if (sg.dtype == DType::BF16) dec_tile<G, DQ, DV, DType::BF16>(q, sg, r0, nk, g, lane, m, l, acc);
+    else if (sg.dtype == DType::F16) dec_tile<G, DQ, DV, DType::F16>(q, sg, r0, nk, g, lane, m, l, acc);
+    else dec_tile<G, DQ, DV, DType::F32>(q, sg, r0, nk, g, lane, m, l, acc);
+  }
+
+  // The warp's state: l summed over lanes, acc over the lanes sharing dims.
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    l[h] = warp_sum(l[h]);
+#pragma unroll
+    for (int o = VL; o < 32; o <<= 1)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] += __shfl_xor_sync(0xffffffffu, acc[h][i], o);
+  }
+  if (lane == 0)
+#pragma unroll
+    for (int h = 0; h < G; ++h) sM[warp][h] = m[h], sL[warp][h] = l[h];
+  if (lane < VL)
+#pragma unroll
+    for (int h = 0; h < G; ++h)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sAcc[warp][h][lane * 8 + i] = acc[h][i];
+  __syncthreads();
+
+  // The block's state per (head, dim), in a fixed order (deterministic).
+  for (int idx = tid; idx < G * DV; idx += kDecThreads) {
+    const int h = idx / DV, d = idx % DV;
+    if (h >= group) break;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) M = fmaxf(M, sM[w][h]);
+    float A = 0.0f, L = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecWarps; ++w) {
+      const float wt = sM[w][h] == -INFINITY ? 0.0f : expf(sM[w][h] - M);
+      A = fmaf(wt, sAcc[w][h][d], A);
+      L = fmaf(wt, sL[w][h], L);
+    }
+    const int hg = g * group + h;
+    if (e.n_chunks == 1) {
+      e.out[int64_t(hg) * DV + d] = L > 0.0f ? A * (1.0f / L) : 0.0f;
+    } else {
+      const int64_t row = e.prow0 + int64_t(hg) * e.n_chunks + chunk;
+      if (d == 0) P.part_m[row] = M, P.part_l[row] = L;
+      P.part_acc[row * DV + d] = A;
+    }
+  }
+}
+
+// Combines an entry's chunks for one query head: grid x = entry * n_heads +
+// head. Every load is independent: the maxima, then the weights and the
+// denominator, then per dim a weighted sum over the chunks.
+__global__ void __launch_bounds__(kDecThreads) decode_merge_kernel(const DecParams P, int dv) {
+  __shared__ float sw[kDecMaxChunks];
+  __shared__ float red[kDecWarps];
+  const int64_t ei = blockIdx.x / P.n_heads;
+  const int h = int(blockIdx.x % P.n_heads);
+  const int nc = P.entries ? P.entries[ei].n_chunks : P.one.n_chunks;
+  if (nc <= 1) return;  // written directly
+  float* const out = (P.entries ? P.entries[ei].out : P.one.out) + int64_t(h) * dv;
+  const int64_t row0 = (P.entries ? P.entries[ei].prow0 : P.one.prow0) + int64_t(h) * nc;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  float mx = -INFINITY;
+  for (int c = tid; c < nc; c += kDecThreads) mx = fmaxf(mx, P.part_m[row0 + c]);
+  mx = warp_max(mx);
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+#pragma unroll
+  for (int w = 1; w < kDecWarps; ++w) mx = fmaxf(mx, red[w]);
+  __syncthreads();  // red is reused
+
+  float ls = 0.0f;
+  for (int c = tid; c < nc; c += kDecThreads) {
+    const float ms = P.part_m[row0 + c];
+    const float wt = ms == -INFINITY ? 0.0f : expf(ms - mx);
+    sw[c] = wt;
+    ls = fmaf(wt, P.part_l[row0 + c], ls);
+  }
+  ls = warp_sum(ls);
+  if (lane == 0) red[warp] = ls;
+  __syncthreads();
+  float L = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kDecWarps; ++w) L += red[w];
+  const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+
+  const float* acc = P.part_acc + row0 * dv;
+  for (int d = tid; d < dv; d += kDecThreads) {
+    float a = 0.0f;
+#pragma unroll 8
+    for (int c = 0; c < nc; ++c) a = fmaf(sw[c], acc[int64_t(c) * dv + d], a);
+    out[d] = a * inv;
+  }
+}
+
+using DecKernel = void (*)(DecParams);
+
+// The kernel for padded group gp and head dims (nullptr: not taken).
+DecKernel dec_kernel_for(int gp, int dq, int dv) {
+#define HYMBA_DEC(G, Q, V) \
+  if (gp == G && dq == Q && dv == V) return decode_kernel<G, Q, V>;
+  HYMBA_DEC(1, 64, 64) HYMBA_DEC(2, 64, 64) HYMBA_DEC(4, 64, 64) HYMBA_DEC(5, 64, 64) HYMBA_DEC(8, 64, 64)
+  HYMBA_DEC(1, 64, 128) HYMBA_DEC(2, 64, 128) HYMBA_DEC(4, 64, 128) HYMBA_DEC(5, 64, 128) HYMBA_DEC(8, 64, 128)
+  HYMBA_DEC(1, 128, 64) HYMBA_DEC(2, 128, 64) HYMBA_DEC(4, 128, 64)
+  HYMBA_DEC(1, 128, 128) HYMBA_DEC(2, 128, 128) HYMBA_DEC(4, 128, 128)
+#undef HYMBA_DEC
+  return nullptr;
+}
+
+// Query heads per kv head, rounded up to an instantiated G (0: none).
+int dec_padded_group(int group) {
+  if (group <= 2) return group >= 1 ? group : 0;
+  if (group <= 4) return 4;
+  if (group == 5) return 5;
+  return group <= 8 ? 8 : 0;
+}
+
+// Whether the decode kernels take a: one query, instantiated heads/dims,
+// at most kDecSegments segments, every non-empty segment's rows 16-byte
+// aligned (what the vector loads need; others run the general kernel).
+bool dec_ok(const AttentionArgs& a) {
+  if (a.n_q != 1 || a.n_heads <= 0 || a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads != 0) return false;
+  if (a.n_kv_heads > 65535) return false;
+  if (!dec_kernel_for(dec_padded_group(a.n_heads / a.n_kv_heads), a.head_dim_qk, a.head_dim_v)) return false;
+  if (a.n_segments < 0 || a.n_segments > kDecSegments || (a.n_segments > 0 && a.segments == nullptr)) return false;
+  for (int s = 0; s < a.n_segments; ++s) {
+    const KVSegment& sg = a.segments[s];
+    if (sg.count <= 0) continue;
+    if (sg.dtype != DType::F32 && sg.dtype != DType::BF16 && sg.dtype != DType::F16) return false;
+    const int64_t es = int64_t(dtype_size(sg.dtype));
+    if (reinterpret_cast<uintptr_t>(sg.k) % 16 != 0 || reinterpret_cast<uintptr_t>(sg.v) % 16 != 0) return false;
+    if ((sg.ld_k * es) % 16 != 0 || (sg.ld_v * es) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// a as a DecEntry (chunking and partial rows left to the caller) and its
+// count of visible 32-key tiles.
+int64_t dec_entry(const AttentionArgs& a, DecEntry& d) {
+  d = DecEntry{};
+  d.q = a.q, d.out = a.out;
+  d.q_pos0 = a.q_pos0, d.window = a.window, d.nav = a.n_always_visible;
+  d.scale = a.scale;
+  d.n_seg = a.n_segments;
+  for (int s = 0; s < a.n_segments; ++s) {
+    const KVSegment& sg = a.segments[s];
+    d.seg[s] = {sg.k, sg.v, sg.ld_k, sg.ld_v, sg.pos0, sg.count, sg.dtype};
+  }
+  static_assert(kDecTile == kBK, "count_tiles counts kBK-key tiles");
+  return count_tiles(d.seg, d.n_seg, d.window, d.nav, d.q_pos0, d.q_pos0);
+}
+
+// At most `want` chunks over n_tiles tiles, balanced, whole warps' worth of
+// tiles each: sets chunk_tiles and n_chunks (>= 1).
+void dec_chunking(int64_t n_tiles, int64_t want, DecEntry& d) {
+  want = std::max<int64_t>(1, std::min<int64_t>(want, kDecMaxChunks));
+  if (n_tiles <= 0) {
+    d.chunk_tiles = kDecWarps, d.n_chunks = 1;
+    return;
+  }
+  int64_t ct = (n_tiles + want - 1) / want;
+  ct = (ct + kDecWarps - 1) / kDecWarps * kDecWarps;
+  d.chunk_tiles = int(ct);
+  d.n_chunks = int((n_tiles + ct - 1) / ct);
+}
+
+// Single sequence: chunks for ~4 blocks per SM over the kv heads, whole
+// warps' worth of tiles each (short contexts: one tile per warp).
+int64_t dec_single_chunks(int64_t n_tiles, int n_kv, int sm_count) {
+  if (n_tiles <= kDecWarps) return 1;
+  const int64_t per_head = std::max<int64_t>(1, (4 * int64_t(std::max(sm_count, 1)) + n_kv - 1) / n_kv);
+  const int64_t tpw = std::max<int64_t>(1, (n_tiles + kDecWarps * per_head - 1) / (kDecWarps * per_head));
+  return std::min<int64_t>(kDecMaxChunks, (n_tiles + kDecWarps * tpw - 1) / (kDecWarps * tpw));
+}
+
+// Batched: from the entry alone (batch invariance): chunks of 8 tiles (256
+// keys) for short contexts, 16 (512 keys) beyond 2K keys.
+int64_t dec_batch_chunks(int64_t n_tiles) {
+  const int64_t ct = n_tiles <= 64 ? 2 * kDecWarps : 4 * kDecWarps;
+  return std::max<int64_t>(1, (n_tiles + ct - 1) / ct);
+}
+
+void dec_launch(const DecParams& p, int gp, int dq, int dv, int64_t n_entries, int max_chunks, bool merge,
+                cudaStream_t stream) {
+  const DecKernel k = dec_kernel_for(gp, dq, dv);
+  check(k != nullptr, "attention: no decode kernel for these heads");
+  const int n_kv = p.n_heads / p.group;
+  check(n_entries <= 65535 && n_kv <= 65535, "attention: decode grid too large");
+  k<<<dim3(unsigned(max_chunks), unsigned(n_kv), unsigned(n_entries)), kDecThreads, 0, stream>>>(p);
+  HYMBA_CUDA_LAUNCHED("attention_decode");
+  if (merge) {
+    const int64_t n = n_entries * p.n_heads;
+    check(n <= 0x7fffffff, "attention: too many query rows");
+    decode_merge_kernel<<<unsigned(n), kDecThreads, 0, stream>>>(p, dv);
+    HYMBA_CUDA_LAUNCHED("attention_decode_merge");
+  }
+}
+
+// The single-sequence decode: `splits` from attention_splits (chunks at
+// most); scratch for the partial states when more than one chunk.
+void attention_decode(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
+  DecParams p{};
+  const int64_t tiles = dec_entry(a, p.one);
+  dec_chunking(tiles, std::max(1, splits), p.one);
+  p.entries = nullptr;
+  p.n_heads = a.n_heads;
+  p.group = a.n_heads / a.n_kv_heads;
+  const int nc = p.one.n_chunks;
+  if (nc > 1) {
+    check(scratch != nullptr, "attention: split-key launch without scratch");
+    const size_t rows = size_t(a.n_heads) * size_t(nc);
+    p.part_m = static_cast<float*>(scratch);
+    p.part_l = p.part_m + rows;
+    p.part_acc = p.part_l + rows;
+    p.one.prow0 = 0;
+  }
+  dec_launch(p, dec_padded_group(p.group), a.head_dim_qk, a.head_dim_v, 1, nc, nc > 1, stream);
+}
+
+}  // namespace
+
 int attention_splits(const AttentionArgs& a, int sm_count) {
   validate(a);
   if (a.n_q <= 0) return 1;
+  if (dec_ok(a)) {  // attention() then takes the decode kernels: their chunk count
+    DecEntry d;
+    return int(dec_single_chunks(dec_entry(a, d), a.n_kv_heads, sm_count));
+  }
   if (use_tc(a, sm_count)) return 1;  // attention() then takes the tensor-core kernel
   int hpb, qpb, hbs;
   shape(a, hpb, qpb, hbs);
@@ -896,6 +1371,10 @@ size_t smem_bytes(const Shape& sh) {
 void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
   validate(a);
   if (a.n_q <= 0) return;
+  if (dec_ok(a)) {  // one query: the decode kernels
+    attention_decode(a, splits, scratch, stream);
+    return;
+  }
   // One split (attention_splits' answer where use_tc holds) on a shape the
   // tensor-core kernel takes: bf16 prefill.
   if (splits <= 1 && g_tc_mode.load(std::memory_order_relaxed) != 1 && tc_shape_ok(a)) {
@@ -966,16 +1445,41 @@ bool same_heads(const AttentionArgs& a, const AttentionArgs& b) {
          a.head_dim_v == b.head_dim_v;
 }
 
-}  // namespace
-
-void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
-  // Entries with one query and the first such entry's heads go in the launch.
-  std::vector<int> take;
-  for (int i = 0; i < count; ++i) {
-    if (batchable(a[i]) && (take.empty() || same_heads(a[take[0]], a[i]))) take.push_back(i);
-    else rest.push_back(i);  // (n_q <= 0 included: the single op validates and returns)
+// The entries `take` (all dec_ok, one shape) in one decode launch (plus the
+// merge where some entry has several chunks).
+void attention_batch_decode(const AttentionArgs* a, const std::vector<int>& take, const BatchHost& host) {
+  const AttentionArgs& ref = a[take[0]];
+  const int64_t n_entries = int64_t(take.size());
+  thread_local std::vector<DecEntry> desc;  // reused: no allocation per call once grown
+  desc.resize(size_t(n_entries));
+  int64_t rows = 0;
+  int most = 1;
+  for (int64_t k = 0; k < n_entries; ++k) {
+    DecEntry& d = desc[size_t(k)];
+    const int64_t tiles = dec_entry(a[take[size_t(k)]], d);
+    dec_chunking(tiles, dec_batch_chunks(tiles), d);  // from the entry alone
+    if (d.n_chunks > 1) {
+      d.prow0 = rows;
+      rows += int64_t(ref.n_heads) * d.n_chunks;
+    }
+    most = std::max(most, d.n_chunks);
   }
-  if (take.empty()) return;
+  DecParams p{};
+  p.n_heads = ref.n_heads;
+  p.group = ref.n_heads / ref.n_kv_heads;
+  if (rows > 0) {
+    float* part = static_cast<float*>(host.scratch(sizeof(float) * size_t(rows) * size_t(ref.head_dim_v + 2)));
+    p.part_m = part;
+    p.part_l = part + rows;
+    p.part_acc = part + 2 * rows;
+  }
+  p.entries = static_cast<const DecEntry*>(host.stage(desc.data(), desc.size() * sizeof(DecEntry)));
+  dec_launch(p, dec_padded_group(p.group), ref.head_dim_qk, ref.head_dim_v, n_entries, most, rows > 0, host.stream);
+}
+
+// The entries `take` (batchable, one shape) in the general (SIMT) batched launch.
+void attention_batch_simt(const AttentionArgs* a, const std::vector<int>& take, const BatchHost& host,
+                          std::vector<int>& rest) {
   const AttentionArgs& ref = a[take[0]];
   const int64_t n_entries = int64_t(take.size());
   Shape sh = make_shape(ref, 1);
@@ -1064,6 +1568,24 @@ void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, s
     attention_batch_merge_kernel<<<unsigned(n), 64, 0, host.stream>>>(p);
     HYMBA_CUDA_LAUNCHED("attention_batch_merge");
   }
+}
+
+}  // namespace
+
+void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
+  // Entries the decode kernels take (with the first such entry's heads) in
+  // one decode launch; other one-query entries (with the first such entry's
+  // heads) in the general batched launch; the rest one by one.
+  std::vector<int> dec, take;
+  for (int i = 0; i < count; ++i) {
+    if (dec_ok(a[i]) && (dec.empty() || same_heads(a[dec[0]], a[i])) && dec.size() < 65535) dec.push_back(i);
+    else if (batchable(a[i]) && (take.empty() || same_heads(a[take[0]], a[i]))) take.push_back(i);
+    else rest.push_back(i);  // (n_q <= 0 included: the single op validates and returns)
+  }
+  // Both launches are stream-ordered: the second's scratch() / stage() reuse
+  // the buffers only after the first's kernels (scratch growth synchronises).
+  if (!dec.empty()) attention_batch_decode(a, dec, host);
+  if (!take.empty()) attention_batch_simt(a, take, host, rest);
 }
 
 }  // namespace hymba::cuda

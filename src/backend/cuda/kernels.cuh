@@ -83,6 +83,9 @@ void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, s
 // ---- attention.cu
 // Scratch the split-key path needs for its partial softmax states, in bytes
 // (0 when the launch needs none); `splits` is chosen by attention_splits.
+// Decode (n_q == 1, group <= 8, head dims 64/128, <= 8 segments with
+// 16-byte-aligned rows) runs the decode kernels: `splits` is then their
+// chunk count (~4 blocks per SM over the kv heads) plus a merge launch.
 int attention_splits(const AttentionArgs& a, int sm_count);
 size_t attention_scratch_bytes(const AttentionArgs& a, int splits);
 // Prefill (n_q >= 16) with bf16 K/V segments (fp32 segments alongside, i.e.
@@ -94,9 +97,12 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
 // of its launches so far.
 void set_attention_tc_mode(int mode);
 long long attention_tc_launches();
-// Batched decode: the entries with n_q == 1, head_dim_v <= 128, at most 8
-// segments and the heads/dims of the first such entry, in one launch over
-// (entry, kv head, key split) plus a merge of the splits.
+// Batched decode: the entries the decode kernels take (see above; the heads
+// of the first such entry) in one launch over (key chunk, kv head, entry)
+// plus a merge of the chunks, each entry chunked from its own keys only (a
+// result does not depend on the batch); then the other entries with n_q ==
+// 1, head_dim_v <= 128, at most 8 segments and the heads/dims of the first
+// of them in the general batched launch (key splits plus a merge).
 void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
 
 // ---- gemv.cu
@@ -121,6 +127,12 @@ bool fuse_branches_gemv_bf16(const MatrixView& W, const float* a, int64_t lda, c
 // out = silu(Wg xn) * (Wu xn), xn = rmsnorm(x; norm_w) (Backend::norm_swiglu)
 bool norm_swiglu_gemv_bf16(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
                            const float* norm_w, float eps, float* out, int64_t ldo, cudaStream_t stream);
+// Programmatic Dependent Launch of these kernels (sm_90+: each may start
+// while the previous kernel finishes, streaming its weights before it waits
+// for that kernel's results). On unless HYMBA_GEMV_PDL=0 (read once);
+// set_gemv_pdl overrides it (A/B timing), gemv_pdl reports the setting.
+void set_gemv_pdl(bool on);
+bool gemv_pdl();
 
 // ---- sampling.cu
 // Backend::sample_tokens (backend.h) on `stream`: the host path's checks and
