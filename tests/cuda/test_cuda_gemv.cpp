@@ -6,8 +6,10 @@
 // is computed alone or with others). Without a GPU every test skips.
 //
 // DISABLED_GemvTiming prints the weight-streaming bandwidth of each decode
-// product of Hymba-1.5B (run with --gtest_also_run_disabled_tests
-// --gtest_filter='*GemvTiming*').
+// product of Hymba-1.5B and of whole decode steps (32 layers + lm_head, each
+// with Programmatic Dependent Launch on and off, and replayed from a
+// recording): run with --gtest_also_run_disabled_tests
+// --gtest_filter='*GemvTiming*'.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -21,6 +23,13 @@
 #include "backend/backend.h"
 #include "util/dtype.h"
 #include "cuda_test_util.h"
+
+#ifdef HYMBA_HAVE_CUDA
+namespace hymba::cuda {  // backend/cuda/kernels.cuh (which needs the CUDA headers)
+void set_gemv_pdl(bool on);
+bool gemv_pdl();
+}  // namespace hymba::cuda
+#endif
 
 namespace hymba {
 namespace {
@@ -386,22 +395,50 @@ TEST_F(GemvTest, DISABLED_GemvTiming) {
       layers.push_back({mat(8640, 1600), mat(132, 3200), mat(3200, 100), mat(1600, 3200), mat(5504, 1600),
                         mat(5504, 1600), mat(1600, 5504)});
     const MatrixView lm_head = mat(32001, 1600);
-    const double ms = gemv_time_ms(
-        g,
-        [&] {
-          for (const Layer& L : layers) {
-            g.norm_matmul(L.in_proj, x, n, 1600, nw, 1e-6f, scratch, y, 8640, false);
-            g.matmul(L.x_proj, x, n, 3200, y, 132, false);
-            g.matmul(L.dt_proj, x, n, 100, y, 3200, false);
-            g.fuse_branches_matmul(L.out_proj, const_cast<float*>(x), 3200, const_cast<float*>(x2), 3200, n, nw, nw,
-                                   1e-6f, y, 1600, true);
-            g.norm_swiglu(L.gate, L.up, x, n, 1600, nw, 1e-6f, scratch, scratch2, y, 5504);
-            g.matmul(L.down, x, n, 5504, y, 1600, true);
-          }
-          g.norm_matmul(lm_head, x, n, 1600, nw, 1e-6f, scratch, y, 32001, false);
-        },
-        10);
-    report("decode step: 32 layers' products + lm_head n=" + std::to_string(n), step_bytes, ms);
+    const double lm_bytes = double(32001 * 1600) * 2.0;
+    // The fused sequence as the model runs it per layer (no dt_proj: it is
+    // folded into the scan), with its own bytes.
+    double model_bytes = lm_bytes;
+    for (const Layer& L : layers)
+      for (const MatrixView* m : {&L.in_proj, &L.x_proj, &L.out_proj, &L.gate, &L.up, &L.down})
+        model_bytes += double(m->rows * m->cols) * 2.0;
+    auto all_products = [&] {
+      for (const Layer& L : layers) {
+        g.norm_matmul(L.in_proj, x, n, 1600, nw, 1e-6f, scratch, y, 8640, false);
+        g.matmul(L.x_proj, x, n, 3200, y, 132, false);
+        g.matmul(L.dt_proj, x, n, 100, y, 3200, false);
+        g.fuse_branches_matmul(L.out_proj, const_cast<float*>(x), 3200, const_cast<float*>(x2), 3200, n, nw, nw,
+                               1e-6f, y, 1600, true);
+        g.norm_swiglu(L.gate, L.up, x, n, 1600, nw, 1e-6f, scratch, scratch2, y, 5504);
+        g.matmul(L.down, x, n, 5504, y, 1600, true);
+      }
+      g.norm_matmul(lm_head, x, n, 1600, nw, 1e-6f, scratch, y, 32001, false);
+    };
+    auto model_step = [&] {
+      for (const Layer& L : layers) {
+        g.norm_matmul(L.in_proj, x, n, 1600, nw, 1e-6f, scratch, y, 8640, false);
+        g.matmul(L.x_proj, x, n, 3200, y, 132, false);
+        g.fuse_branches_matmul(L.out_proj, const_cast<float*>(x), 3200, const_cast<float*>(x2), 3200, n, nw, nw,
+                               1e-6f, y, 1600, true);
+        g.norm_swiglu(L.gate, L.up, x, n, 1600, nw, 1e-6f, scratch, scratch2, y, 5504);
+        g.matmul(L.down, x, n, 5504, y, 1600, true);
+      }
+      g.norm_matmul(lm_head, x, n, 1600, nw, 1e-6f, scratch, y, 32001, false);
+    };
+    const bool pdl_was = cuda::gemv_pdl();
+    const std::string ns = " n=" + std::to_string(n);
+    for (bool pdl : {true, false}) {
+      cuda::set_gemv_pdl(pdl);
+      const std::string tag = ns + (pdl ? " PDL on" : " PDL off");
+      report("decode step: 32 layers' products + lm_head" + tag, step_bytes, gemv_time_ms(g, all_products, 10));
+      report("model step: fused sequence x 32 + lm_head" + tag, model_bytes, gemv_time_ms(g, model_step, 10));
+      g.begin_recording();  // a CUDA graph, as the model replays its decode stretches
+      model_step();
+      const int rec = g.end_recording();
+      report("model step, replayed recording" + tag, model_bytes, gemv_time_ms(g, [&] { g.replay(rec); }, 10));
+      g.drop_recordings();
+    }
+    cuda::set_gemv_pdl(pdl_was);
     g.synchronize();
     for (void* p : owned_) g.release(p);
     owned_.clear();

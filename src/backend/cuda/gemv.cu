@@ -9,18 +9,37 @@
 // (plain), or row g of Wg and of Wu (swiglu), so every x value read from
 // shared memory feeds two weights. The G = 32*KW threads of a group split the
 // row into chunks of VEC bf16 (VEC = 8: one 16-byte load); thread i takes
-// chunks i, i+G, i+2G, ... and U chunks per row are loaded before any is used.
-// x (all n tokens, normalised and rounded to bf16) is staged in shared memory
-// by each block; the block's first weight loads are issued before staging,
-// so the two overlap.
+// chunks i, i+G, i+2G, ... A "batch" is U = kUnroll chunks per row per
+// thread, loaded into registers before any is used; the batch after it is
+// prefetched into L2 at the same time, so for every decode shape of the 1.5B
+// model (at most 2 batches per thread) a block requests all of its weights
+// at once.
+//
+// Per-kernel latency (a decode step is ~200 short products back to back):
+// * The weights never depend on earlier kernels, so the first batch (and the
+//   L2 prefetch of the second) is issued before anything else, then x is
+//   staged: x's load latency and the rmsnorm's sum of squares overlap the
+//   weight stream. Staging loads up to 16 values per thread before using any.
+// * Programmatic Dependent Launch (sm_90): launched with programmatic stream
+//   serialization, a kernel may start while the previous one is finishing;
+//   it issues its weight loads, allows its own successor to launch
+//   (griddepcontrol.launch_dependents), and only then waits for the previous
+//   grid (griddepcontrol.wait: its completion and memory) before reading x,
+//   the norm weights or y. Without a PDL predecessor the wait returns at once.
+//   Used only when the kernel was compiled for sm_90+ (the wait is in its
+//   code); HYMBA_GEMV_PDL=0 or set_gemv_pdl(false) turns it off.
 //
 // Batch invariance: the value for (token t, row r) is a chain of fmaf over
 // the thread's chunks in order, a fixed xor-butterfly over the warp and a sum
-// over the KW warps in order. KW and VEC depend on (rows, cols, W's address)
-// only, never on n, and each token has its own accumulators, so a token's
-// result is bit-identical whatever the other tokens are. (bf16 x bf16
-// products are exact in fp32, so fmaf equals the CPU's multiply-then-add.)
+// over the KW warps in order; the norm's sum of squares is per token, each
+// thread over its columns in order, then the same butterfly and warp order.
+// KW and VEC depend on (rows, cols, W's address) only, never on n, and each
+// token has its own accumulators, so a token's result is bit-identical
+// whatever the other tokens are. (bf16 x bf16 products are exact in fp32, so
+// fmaf equals the CPU's multiply-then-add.)
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
@@ -31,11 +50,12 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // chunks per thread per row in flight
+constexpr int kUnroll = 4;  // chunks per thread per row in registers (one batch)
 // Groups x KW the launch aims for: about 16 warps per SM on a 132-SM Hopper.
 // A constant (not the device's SM count) so that the summation order is the
 // same on every card.
 constexpr int64_t kTargetWarps = 2048;
+constexpr int kMaxDevices = 32;  // per-device caches; devices past it query each time
 
 enum Mode : int { kPlain = 0, kNorm = 1, kFuse = 2 };
 
@@ -43,7 +63,6 @@ struct GemvArgs {
   const uint16_t* w0 = nullptr;  // W, or Wg (swiglu)
   const uint16_t* w1 = nullptr;  // Wu (swiglu only)
   int64_t rows = 0, cols = 0;
-  int mode = kPlain;
   const float* x = nullptr;   // plain/norm: x; fuse: a
   int64_t ldx = 0;
   const float* x2 = nullptr;  // fuse: b
@@ -59,22 +78,40 @@ struct GemvArgs {
   int64_t cols_pad = 0;  // staged x row pitch (bf16 elements), a multiple of 8
 };
 
+// ---- Programmatic Dependent Launch (no-ops before sm_90, where the host
+// never launches with PDL).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// The "memory" clobber keeps every later read (x, norm weights, y) after it.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // A chunk of VEC bf16 values as 32-bit words (VEC = 1: low half of word 0).
 template <int VEC>
 struct Chunk {
   uint32_t w[VEC >= 2 ? VEC / 2 : 1];
 };
 
-// Streaming load of a weight chunk: read once, so keep it out of L1.
+// Streaming load of a weight chunk: read once, so keep it out of L1; the
+// L2::256B hint has L2 fetch whole 256-byte blocks (a warp reads 512
+// contiguous bytes per instruction at VEC = 8).
 template <int VEC>
 __device__ __forceinline__ Chunk<VEC> load_w(const uint16_t* p) {
   Chunk<VEC> c;
   if constexpr (VEC == 8) {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(c.w[0]), "=r"(c.w[1]), "=r"(c.w[2]), "=r"(c.w[3])
                  : "l"(p));
   } else if constexpr (VEC == 4) {
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(c.w[0]), "=r"(c.w[1]) : "l"(p));
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v2.u32 {%0, %1}, [%2];"
+                 : "=r"(c.w[0]), "=r"(c.w[1])
+                 : "l"(p));
   } else if constexpr (VEC == 2) {
     asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(c.w[0]) : "l"(p));
   } else {
@@ -84,6 +121,10 @@ __device__ __forceinline__ Chunk<VEC> load_w(const uint16_t* p) {
   }
   return c;
 }
+
+// A hint: fetch the line holding p into L2 (no register, no completion).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
 // The staged x chunk (shared memory, aligned to the chunk's size).
 template <int VEC>
@@ -122,83 +163,162 @@ __device__ __forceinline__ float dot_chunk(const Chunk<VEC>& w, const Chunk<VEC>
 }
 
 // xs[t][c] = the matrix input of token t as bf16 bits (see Mode), for all NT
-// tokens. The arithmetic is cuda::rmsnorm's and cuda::average_into's: the sum
-// of squares in double, each thread over c = tid, tid + 256, ..., then an xor
-// butterfly in each warp and the warps in order (the order of rmsnorm's
-// block_sum), and explicit _rn products (no contraction into fma). All
-// tokens' sums are reduced together: one pass over x, one barrier.
-// red: 2 x NT x kWarps doubles of shared memory.
-template <int NT>
+// tokens. Each thread takes columns c = tid + 256 k. Loads come in rounds of
+// XB columns x NT tokens x sources (about 8 values), all issued before any
+// is used, so staging costs about one L2 round trip per round (one round at
+// n = 1 for cols <= 2048) instead of one per column step.
+// The norm arithmetic is cuda::rmsnorm's and cuda::average_into's: the sum
+// of squares in double, each thread over its columns in increasing order,
+// then an xor butterfly in each warp and the warps in order (rmsnorm's
+// block_sum order), and explicit _rn products (no contraction into fma).
+// red: NS x NT x kWarps doubles of shared memory.
+template <int NT, int MODE>
 __device__ __forceinline__ void stage_x(const GemvArgs& a, uint16_t* xs, double* red) {
-  const int64_t cols = a.cols;
+  constexpr bool fuse = MODE == kFuse;
+  constexpr int NS = fuse ? 2 : 1;
+  // Columns per thread per round: about 8 values in flight (registers: the
+  // first weight batch is live throughout).
+  constexpr int XB = NT == 1 ? 8 / NS : NT == 2 ? 4 / NS : 2;
+  constexpr int kStep = XB * kThreads;
+  const int cols = int(a.cols);  // < 2^31: x fits in shared memory
   const int tid = int(threadIdx.x);
-  if (a.mode == kPlain) {
-    for (int64_t c = tid; c < cols; c += kThreads) {
+  // Token t's row of source s (x, or fuse's a and b).
+  auto xr = [&](int s, int t) { return s == 0 ? a.x + t * a.ldx : a.x2 + t * a.ldx2; };
+  // v[s][t][j] = source s of token t at column c0 + j * kThreads (0 past
+  // the end); all loads of a round are issued before any value is used.
+  auto load_round = [&](int c0, float (&v)[NS][NT][XB]) {
+    if (c0 + (XB - 1) * kThreads < cols) {  // a full round: no bounds checks
 #pragma unroll
-      for (int t = 0; t < NT; ++t) xs[t * a.cols_pad + c] = f32_to_bf16_bits(a.x[t * a.ldx + c]);
-    }
-    return;
-  }
-  const bool fuse = a.mode == kFuse;
-  double ss[2][NT];
+      for (int s = 0; s < NS; ++s) {
 #pragma unroll
-  for (int t = 0; t < NT; ++t) ss[0][t] = 0.0, ss[1][t] = 0.0;
-#pragma unroll 2
-  for (int64_t c = tid; c < cols; c += kThreads) {
+        for (int t = 0; t < NT; ++t) {
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const double v = a.x[t * a.ldx + c];
-      ss[0][t] += v * v;
-      if (fuse) {
-        const double u = a.x2[t * a.ldx2 + c];
-        ss[1][t] += u * u;
+          for (int j = 0; j < XB; ++j) v[s][t][j] = xr(s, t)[c0 + j * kThreads];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+          for (int j = 0; j < XB; ++j) {
+            const int c = c0 + j * kThreads;
+            v[s][t][j] = c < cols ? xr(s, t)[c] : 0.0f;
+          }
+        }
       }
     }
-  }
-  const int warp = tid / 32, lane = tid % 32;
+  };
+  if constexpr (MODE == kPlain) {
+#pragma unroll 1  // a round is already unrolled: keep the register count
+    for (int c0 = tid; c0 < cols; c0 += kStep) {
+      float v[NS][NT][XB];
+      load_round(c0, v);
 #pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    if (s == 1 && !fuse) break;
+      for (int t = 0; t < NT; ++t) {
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ss[s][t] += __shfl_xor_sync(0xffffffffu, ss[s][t], o);
-      if (lane == 0) red[(s * NT + t) * kWarps + warp] = ss[s][t];
-    }
-  }
-  __syncthreads();
-  float inv[2][NT];
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      double total = 0.0;
-      if (s == 1 && !fuse) break;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += red[(s * NT + t) * kWarps + w];
-      inv[s][t] = float(1.0 / sqrt(total / double(cols) + double(a.eps)));
-    }
-  }
-  for (int64_t c = tid; c < cols; c += kThreads) {
-    const float wa = a.nw[c];
-    const float wb = fuse ? a.nw2[c] : 0.0f;
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      float v = __fmul_rn(__fmul_rn(a.x[t * a.ldx + c], inv[0][t]), wa);
-      if (fuse) {
-        const float vb = __fmul_rn(__fmul_rn(a.x2[t * a.ldx2 + c], inv[1][t]), wb);
-        v = __fmul_rn(__fadd_rn(v, vb), 0.5f);
+        for (int j = 0; j < XB; ++j) {
+          const int c = c0 + j * kThreads;
+          if (c < cols) xs[t * a.cols_pad + c] = f32_to_bf16_bits(v[0][t][j]);
+        }
       }
-      xs[t * a.cols_pad + c] = f32_to_bf16_bits(v);
+    }
+  } else {
+    // Pass 1: sums of squares (x stays in L1 for pass 2; the norm weights
+    // are prefetched into L1 for it).
+    double ss[NS][NT];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) ss[s][t] = 0.0;
+    }
+#pragma unroll 1  // a round is already unrolled: keep the register count
+    for (int c0 = tid; c0 < cols; c0 += kStep) {
+      float v[NS][NT][XB];
+      load_round(c0, v);
+#pragma unroll
+      for (int j = 0; j < XB; ++j) {
+        const int c = c0 + j * kThreads;
+        if (c < cols) {
+          prefetch_l1(a.nw + c);
+          if constexpr (fuse) prefetch_l1(a.nw2 + c);
+        }
+      }
+      // Zeros past the end add nothing: the per-column order is unchanged.
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+#pragma unroll
+          for (int j = 0; j < XB; ++j) {
+            const double d = v[s][t][j];
+            ss[s][t] += d * d;
+          }
+        }
+      }
+    }
+    const int warp = tid / 32, lane = tid % 32;
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss[s][t] += __shfl_xor_sync(0xffffffffu, ss[s][t], o);
+        if (lane == 0) red[(s * NT + t) * kWarps + warp] = ss[s][t];
+      }
+    }
+    __syncthreads();
+    float inv[NS][NT];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        double total = 0.0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += red[(s * NT + t) * kWarps + w];
+        inv[s][t] = float(1.0 / sqrt(total / double(a.cols) + double(a.eps)));
+      }
+    }
+    // Pass 2: normalise, round, store.
+#pragma unroll 1  // a round is already unrolled: keep the register count
+    for (int c0 = tid; c0 < cols; c0 += kStep) {
+      float v[NS][NT][XB];
+      load_round(c0, v);
+#pragma unroll
+      for (int j = 0; j < XB; ++j) {
+        const int c = c0 + j * kThreads;
+        if (c < cols) {
+          const float w0 = a.nw[c];
+          const float w1 = fuse ? a.nw2[c] : 0.0f;
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            float r = __fmul_rn(__fmul_rn(v[0][t][j], inv[0][t]), w0);
+            if constexpr (fuse) {
+              const float rb = __fmul_rn(__fmul_rn(v[NS - 1][t][j], inv[NS - 1][t]), w1);
+              r = __fmul_rn(__fadd_rn(r, rb), 0.5f);
+            }
+            xs[t * a.cols_pad + c] = f32_to_bf16_bits(r);
+          }
+        }
+      }
     }
   }
 }
 
-template <int NT, int VEC, bool SWIGLU>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
+// Blocks per SM the register allocation must allow: 4 (<= 64 registers)
+// up to 4 tokens, so that a kernel's blocks and its PDL successor's share
+// the SMs; 2 beyond (more accumulators).
+template <int NT>
+constexpr int kMinBlocks = NT <= 4 ? 4 : 2;
+
+template <int NT, int VEC, int MODE, bool SWIGLU>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const GemvArgs a) {
+  static_assert(!SWIGLU || MODE == kNorm, "swiglu normalises x");
+  constexpr int NS = MODE == kFuse ? 2 : 1;
   extern __shared__ uint4 gemv_smem[];  // NT x cols_pad bf16 (16-byte aligned rows)
-  __shared__ double red[2 * NT * kWarps];     // stage_x's sums of squares
-  __shared__ float part[kWarps][2][NT];  // per-warp sums when KW > 1
+  __shared__ double red[NS * NT * kWarps];  // stage_x's sums of squares
+  __shared__ float part[kWarps][2][NT];     // per-warp sums when KW > 1
   uint16_t* xs = reinterpret_cast<uint16_t*>(gemv_smem);
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
@@ -206,6 +326,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   const int64_t group = int64_t(blockIdx.x) * (kWarps / kw) + warp / kw;
   const int gt = (warp % kw) * 32 + lane;  // thread index within the group
   const int gsize = kw * 32;
+  const int step = kUnroll * gsize;       // chunks per batch
   const bool active = group < a.groups;  // the last block may have idle groups
   const int64_t cols = a.cols;
   const int nchunks = active ? int(cols / VEC) : 0;
@@ -235,9 +356,23 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
       }
     }
   };
+  auto prefetch_batch = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = base + gt + u * gsize;
+      if (c < nchunks) {
+        prefetch_l2(p0 + int64_t(c) * VEC);
+        if (p1 != p0) prefetch_l2(p1 + int64_t(c) * VEC);
+      }
+    }
+  };
 
-  load_batch(0);  // in flight while x is staged
-  stage_x<NT>(a, xs, red);
+  // Weights first: they don't depend on earlier kernels.
+  load_batch(0);
+  prefetch_batch(step);
+  pdl_launch_dependents();
+  pdl_wait();  // from here on, earlier kernels' results are visible
+  stage_x<NT, MODE>(a, xs, red);
   __syncthreads();
 
   float acc0[NT], acc1[NT];
@@ -257,9 +392,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
         }
       }
     }
-    base += kUnroll * gsize;
+    base += step;
     if (base >= nchunks) break;
-    load_batch(base);
+    load_batch(base);  // the second batch is in L2 already (prefetched at the start)
   }
 
   // Warp sums (xor butterfly: every lane holds the same bits).
@@ -317,79 +452,160 @@ int warps_per_group(int64_t groups, int64_t nchunks) {
   return kw;
 }
 
-int max_dynamic_smem() {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+int current_device() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  return dev;
+}
+
+// Dynamic shared memory a block may use on the current device (cached).
+int max_dynamic_smem(int dev) {
+  static std::atomic<int> cache[kMaxDevices];  // 0: not asked yet
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c > 0) return c;
+  }
+  int v = 0;
+  if (dev < 0 || cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return 48 << 10;
   }
-  return v - 2048;  // leave room for the kernel's static shared memory
+  v -= 2048;  // leave room for the kernel's static shared memory
+  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
 }
 
-template <int NT, int VEC, bool SWIGLU>
-void launch_t(const GemvArgs& a, unsigned blocks, size_t smem, cudaStream_t stream) {
-  auto* k = gemv_kernel<NT, VEC, SWIGLU>;
+// PDL switch: -1 not read yet, 0 off, 1 on. HYMBA_GEMV_PDL=0 (or off/false)
+// turns it off; set_gemv_pdl overrides.
+std::atomic<int> g_pdl{-1};
+
+bool pdl_enabled() {
+  int v = g_pdl.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* e = std::getenv("HYMBA_GEMV_PDL");
+    const bool off = e && (std::strcmp(e, "0") == 0 || std::strcmp(e, "off") == 0 || std::strcmp(e, "false") == 0);
+    int expected = -1;
+    g_pdl.compare_exchange_strong(expected, off ? 0 : 1);
+    v = g_pdl.load(std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
+template <int NT, int VEC, int MODE, bool SWIGLU>
+void launch_t(const GemvArgs& a, unsigned blocks, size_t smem, int dev, bool pdl, cudaStream_t stream) {
+  auto* k = gemv_kernel<NT, VEC, MODE, SWIGLU>;
+  // Per device: 0 unknown; else 1 + (smem granted), and whether the code on
+  // this device has the PDL wait (compiled for sm_90+: PTX version >= 90).
+  static std::atomic<size_t> granted[kMaxDevices];
+  static std::atomic<int> has_pdl[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  const bool cached = dev >= 0 && dev < kMaxDevices;
   if (smem > (40u << 10)) {
-    // Past 48 KB (static included) a kernel must opt in: once per kernel and
-    // size (grow only).
-    static std::atomic<size_t> granted{0};
-    if (smem > granted.load()) {
+    // Past 48 KB (static included) a kernel must opt in: once per kernel,
+    // device and size (grow only).
+    if (!cached || smem > granted[dev].load()) {
       HYMBA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      size_t g = granted.load();
-      while (g < smem && !granted.compare_exchange_weak(g, smem)) {
+      if (cached) {
+        size_t g = granted[dev].load();
+        while (g < smem && !granted[dev].compare_exchange_weak(g, smem)) {
+        }
       }
     }
+  }
+  if (pdl) {
+    int h = cached ? has_pdl[dev].load(std::memory_order_relaxed) : 0;
+    if (h == 0) {
+      cudaFuncAttributes fa{};
+      if (cudaFuncGetAttributes(&fa, k) == cudaSuccess) {
+        h = fa.ptxVersion >= 90 ? 2 : 1;
+        if (cached) has_pdl[dev].store(h, std::memory_order_relaxed);
+      } else {
+        (void)cudaGetLastError();
+        h = 1;
+      }
+    }
+    pdl = h == 2;
+  }
+  if (pdl) {
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    HYMBA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, a));
+    return;
   }
   k<<<blocks, kThreads, smem, stream>>>(a);
   HYMBA_CUDA_LAUNCHED("gemv");
 }
 
-template <int NT, bool SWIGLU>
-void launch_vec(const GemvArgs& a, int vec, unsigned blocks, size_t smem, cudaStream_t stream) {
+struct Launch {
+  unsigned blocks;
+  size_t smem;
+  int dev;
+  bool pdl;
+  cudaStream_t stream;
+};
+
+template <int NT, int MODE, bool SWIGLU>
+void launch_vec(const GemvArgs& a, int vec, const Launch& l) {
   switch (vec) {
-    case 8: return launch_t<NT, 8, SWIGLU>(a, blocks, smem, stream);
-    case 4: return launch_t<NT, 4, SWIGLU>(a, blocks, smem, stream);
-    case 2: return launch_t<NT, 2, SWIGLU>(a, blocks, smem, stream);
-    default: return launch_t<NT, 1, SWIGLU>(a, blocks, smem, stream);
+    case 8: return launch_t<NT, 8, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
+    case 4: return launch_t<NT, 4, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
+    case 2: return launch_t<NT, 2, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
+    default: return launch_t<NT, 1, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
   }
 }
 
-template <bool SWIGLU>
-void launch_n(const GemvArgs& a, int64_t n, int vec, unsigned blocks, size_t smem, cudaStream_t stream) {
+template <int MODE, bool SWIGLU>
+void launch_n(const GemvArgs& a, int64_t n, int vec, const Launch& l) {
   switch (n) {
-    case 1: return launch_vec<1, SWIGLU>(a, vec, blocks, smem, stream);
-    case 2: return launch_vec<2, SWIGLU>(a, vec, blocks, smem, stream);
-    case 3: return launch_vec<3, SWIGLU>(a, vec, blocks, smem, stream);
-    case 4: return launch_vec<4, SWIGLU>(a, vec, blocks, smem, stream);
-    case 5: return launch_vec<5, SWIGLU>(a, vec, blocks, smem, stream);
-    case 6: return launch_vec<6, SWIGLU>(a, vec, blocks, smem, stream);
-    case 7: return launch_vec<7, SWIGLU>(a, vec, blocks, smem, stream);
-    default: return launch_vec<8, SWIGLU>(a, vec, blocks, smem, stream);
+    case 1: return launch_vec<1, MODE, SWIGLU>(a, vec, l);
+    case 2: return launch_vec<2, MODE, SWIGLU>(a, vec, l);
+    case 3: return launch_vec<3, MODE, SWIGLU>(a, vec, l);
+    case 4: return launch_vec<4, MODE, SWIGLU>(a, vec, l);
+    case 5: return launch_vec<5, MODE, SWIGLU>(a, vec, l);
+    case 6: return launch_vec<6, MODE, SWIGLU>(a, vec, l);
+    case 7: return launch_vec<7, MODE, SWIGLU>(a, vec, l);
+    default: return launch_vec<8, MODE, SWIGLU>(a, vec, l);
   }
 }
 
 // Fills in the launch shape and queues the kernel; false (nothing queued)
 // when the kernels don't take the problem.
-bool run(GemvArgs a, int64_t n, int vec, cudaStream_t stream) {
+bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
   static_assert(kGemvMaxRows == 8, "launch_n instantiates 1..8 tokens");
   if (n < 1 || n > kGemvMaxRows || a.rows <= 0 || a.cols <= 0 || vec == 0) return false;
-  if (a.cols / vec > 0x7fffffff) return false;  // chunk indices are int
+  if (a.cols / vec > 0x3fffffff) return false;  // chunk indices (plus a batch) are int
+  const int dev = current_device();
   a.cols_pad = (a.cols + 7) / 8 * 8;
   const size_t smem = size_t(n) * size_t(a.cols_pad) * sizeof(uint16_t);
-  if (smem > size_t(max_dynamic_smem())) return false;
+  if (smem > size_t(max_dynamic_smem(dev))) return false;
   const bool swiglu = a.w1 != nullptr;
   a.groups = swiglu ? a.rows : (a.rows + 1) / 2;
   a.kw = warps_per_group(a.groups, a.cols / vec);
   const int64_t per_block = kWarps / a.kw;
   const int64_t blocks = (a.groups + per_block - 1) / per_block;
   if (blocks > 0x7fffffff) return false;
-  if (swiglu) launch_n<true>(a, n, vec, unsigned(blocks), smem, stream);
-  else launch_n<false>(a, n, vec, unsigned(blocks), smem, stream);
+  const Launch l{unsigned(blocks), smem, dev, pdl_enabled(), stream};
+  if (swiglu) launch_n<kNorm, true>(a, n, vec, l);
+  else if (mode == kPlain) launch_n<kPlain, false>(a, n, vec, l);
+  else if (mode == kNorm) launch_n<kNorm, false>(a, n, vec, l);
+  else launch_n<kFuse, false>(a, n, vec, l);
   return true;
 }
 
 }  // namespace
+
+void set_gemv_pdl(bool on) { g_pdl.store(on ? 1 : 0, std::memory_order_relaxed); }
+bool gemv_pdl() { return pdl_enabled(); }
 
 bool gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool accumulate,
                cudaStream_t stream) {
@@ -397,10 +613,9 @@ bool gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, floa
   GemvArgs a;
   a.w0 = static_cast<const uint16_t*>(W.data);
   a.rows = W.rows, a.cols = W.cols;
-  a.mode = kPlain;
   a.x = x, a.ldx = ldx;
   a.y = y, a.ldy = ldy, a.accumulate = accumulate;
-  return run(a, n, vec_width(W.data, W.cols), stream);
+  return run(a, kPlain, n, vec_width(W.data, W.cols), stream);
 }
 
 bool norm_gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, const float* norm_w, float eps,
@@ -409,10 +624,9 @@ bool norm_gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx,
   GemvArgs a;
   a.w0 = static_cast<const uint16_t*>(W.data);
   a.rows = W.rows, a.cols = W.cols;
-  a.mode = kNorm;
   a.x = x, a.ldx = ldx, a.nw = norm_w, a.eps = eps;
   a.y = y, a.ldy = ldy, a.accumulate = accumulate;
-  return run(a, n, vec_width(W.data, W.cols), stream);
+  return run(a, kNorm, n, vec_width(W.data, W.cols), stream);
 }
 
 bool fuse_branches_gemv_bf16(const MatrixView& W, const float* a_in, int64_t lda, const float* b_in, int64_t ldb,
@@ -422,10 +636,9 @@ bool fuse_branches_gemv_bf16(const MatrixView& W, const float* a_in, int64_t lda
   GemvArgs a;
   a.w0 = static_cast<const uint16_t*>(W.data);
   a.rows = W.rows, a.cols = W.cols;
-  a.mode = kFuse;
   a.x = a_in, a.ldx = lda, a.x2 = b_in, a.ldx2 = ldb, a.nw = wa, a.nw2 = wb, a.eps = eps;
   a.y = y, a.ldy = ldy, a.accumulate = accumulate;
-  return run(a, n, vec_width(W.data, W.cols), stream);
+  return run(a, kFuse, n, vec_width(W.data, W.cols), stream);
 }
 
 bool norm_swiglu_gemv_bf16(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
@@ -435,11 +648,10 @@ bool norm_swiglu_gemv_bf16(const MatrixView& Wg, const MatrixView& Wu, const flo
   a.w0 = static_cast<const uint16_t*>(Wg.data);
   a.w1 = static_cast<const uint16_t*>(Wu.data);
   a.rows = Wg.rows, a.cols = Wg.cols;
-  a.mode = kNorm;
   a.x = x, a.ldx = ldx, a.nw = norm_w, a.eps = eps;
   a.y = out, a.ldy = ldo, a.accumulate = false;
   const int vg = vec_width(Wg.data, Wg.cols), vu = vec_width(Wu.data, Wu.cols);
-  return run(a, n, vg < vu ? vg : vu, stream);
+  return run(a, kNorm, n, vg < vu ? vg : vu, stream);
 }
 
 }  // namespace hymba::cuda
