@@ -463,16 +463,17 @@ __global__ void __launch_bounds__(kCarryThreads) chunk_carry_kernel(ScanArgs a, 
 
 // Pass 3. grid (channel blocks, K). init [K][channels][d_state]: the chunks'
 // start states (K == 1: a.state itself, read before this thread writes it).
-__global__ void __launch_bounds__(kCkThreads) chunk_out_kernel(ScanArgs a, int L, int64_t K, const float* init) {
-  extern __shared__ float4 ck_smem[];
-  float* sB = reinterpret_cast<float*>(ck_smem);  // [L][kCkN]
-  float* sC = sB + L * kCkN;                      // [L][kCkN]
-  const int64_t N = a.d_state, k = blockIdx.y, t0 = k * L;
+// The work of block (channel block cb, chunk k); the caller's whole block
+// calls it (it has a barrier).
+__device__ __forceinline__ void chunk_out(const ScanArgs& a, int L, int64_t K, const float* init, int64_t cb,
+                                          int64_t k, float* sB) {
+  float* sC = sB + L * kCkN;  // sB, sC: [L][kCkN]
+  const int64_t N = a.d_state, t0 = k * L;
   const int steps = int(min(int64_t(L), a.n - t0));
   stage_rows(a.B, a.ldb, t0, steps, N, sB);
   stage_rows(a.C, a.ldc, t0, steps, N, sC);
   __syncthreads();  // the only barrier
-  const int64_t c = blockIdx.x * int64_t(kCkThreads) + threadIdx.x;
+  const int64_t c = cb * int64_t(kCkThreads) + threadIdx.x;
   if (c >= a.channels) return;
 
   float A2[kCkN], h[kCkN];
@@ -521,6 +522,20 @@ __global__ void __launch_bounds__(kCkThreads) chunk_out_kernel(ScanArgs a, int L
     for (int s = 0; s < kCkN; ++s)
       if (s < N) a.state[c * N + s] = h[s];
   }
+}
+
+__global__ void __launch_bounds__(kCkThreads) chunk_out_kernel(ScanArgs a, int L, int64_t K, const float* init) {
+  extern __shared__ float4 ck_smem[];
+  chunk_out(a, L, K, init, blockIdx.x, blockIdx.y, reinterpret_cast<float*>(ck_smem));
+}
+
+// Batched decode: every entry as one chunk (K = 1, from its own state),
+// grid (channel blocks, entry): the single-sequence kernel's arithmetic.
+__global__ void __launch_bounds__(kCkThreads) chunk_out_batch_kernel(const ScanArgs* entries, int L) {
+  extern __shared__ float4 ck_smem[];
+  const ScanArgs a = entries[blockIdx.y];
+  if (int64_t(blockIdx.x) * kCkThreads >= a.channels) return;  // (whole block) fewer channels
+  chunk_out(a, L, 1, a.state, blockIdx.x, 0, reinterpret_cast<float*>(ck_smem));
 }
 
 // How a single-sequence scan runs: chunked (L steps per chunk, K chunks) or
@@ -710,6 +725,21 @@ void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, s
     }
   }
   if (take.empty()) return;
+  // Decode-sized entries with d_state <= 16 (the model's): the one-chunk
+  // kernel of the single-sequence scan, one launch over (channel block, entry).
+  int64_t max_n = 0;
+  for (const ScanArgs& e : take) max_n = std::max(max_n, e.n);
+  if (max_state <= kCkN && max_n <= kCkMinLen && take.size() <= 65535) {
+    const int64_t cb = (max_channels + kCkThreads - 1) / kCkThreads;
+    if (cb <= 0x7fffffff) {
+      const auto* d = static_cast<const ScanArgs*>(host.stage(take.data(), take.size() * sizeof(ScanArgs)));
+      const size_t smem = 2 * size_t(kCkMinLen) * kCkN * sizeof(float);
+      chunk_out_batch_kernel<<<dim3(unsigned(cb), unsigned(take.size())), kCkThreads, smem, host.stream>>>(
+          d, int(kCkMinLen));
+      HYMBA_CUDA_LAUNCHED("selective_scan_batch (one chunk)");
+      return;
+    }
+  }
   const int64_t channel_blocks = (max_channels + kChannels - 1) / kChannels;
   const int64_t blocks = int64_t(take.size()) * channel_blocks;
   check(blocks <= 0x7fffffff, "selective_scan_batch: too many blocks");
