@@ -180,6 +180,19 @@ class CudaVsCpu : public ::testing::Test {
 };
 
 // Values stored as dt (what a checkpoint or a cache holds).
+// Milliseconds per call of f on be: one untimed call, then `reps` calls
+// back to back between two synchronisations (launch gaps included unless
+// the device runs ahead of the host).
+template <typename F>
+double time_ms(Backend& be, F&& f, int reps = 20) {
+  f();
+  be.synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) f();
+  be.synchronize();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
+}
+
 inline std::vector<uint8_t> store_as(const std::vector<float>& v, DType dt) {
   std::vector<uint8_t> b(v.size() * dtype_size(dt));
   from_f32(v.data(), v.size(), dt, b.data());

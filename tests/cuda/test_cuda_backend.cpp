@@ -958,16 +958,6 @@ TEST_F(CudaBatch, SelectiveScanBatch) {
 // --gtest_filter='*Timing*'): wall time per call at Hymba-1.5B shapes, after
 // a warm-up, the stream drained around each batch of calls.
 
-template <typename F>
-double time_ms(Backend& be, F&& f, int reps = 20) {
-  f();
-  be.synchronize();
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < reps; ++i) f();
-  be.synchronize();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
-}
-
 TEST_F(CudaVsCpu, DISABLED_Timing) {
   Backend& g = *gpu_;
   auto report = [](const char* what, double ms) { std::printf("[cuda-timing] %-60s %9.4f ms\n", what, ms); };

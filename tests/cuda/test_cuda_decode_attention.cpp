@@ -349,14 +349,7 @@ class DecodeAttentionTiming : public CudaVsCpu {};
 TEST_F(DecodeAttentionTiming, DISABLED_DecodeAttentionTiming) {
   Backend& g = *gpu_;
   const int nh = 25, nkv = 5, dq = 64;
-  auto time_us = [&](auto&& f, int reps) {
-    f();
-    g.synchronize();
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) f();
-    g.synchronize();
-    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / reps;
-  };
+  auto time_us = [&](auto&& f, int reps) { return 1e3 * time_ms(g, f, reps); };
   // Device K/V of `keys` rows (bf16; zeros: the values do not change the work).
   std::vector<uint8_t> zeros(size_t(64) << 20, 0);
   auto device_rows = [&](int64_t keys, int64_t width) {

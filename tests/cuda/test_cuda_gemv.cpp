@@ -311,15 +311,7 @@ TEST_F(GemvTest, GemvBatchInvariance) {
 
 // ---------------------------------------------------------------- timing
 
-template <typename F>
-double gemv_time_ms(Backend& be, F&& f, int reps = 50) {
-  f();
-  be.synchronize();
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < reps; ++i) f();
-  be.synchronize();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
-}
+double gemv_time_ms(Backend& be, const std::function<void()>& f, int reps = 50) { return time_ms(be, f, reps); }
 
 // Weight-streaming bandwidth of each decode product of Hymba-1.5B (weights
 // and activations are zero-filled device memory: contents don't matter for

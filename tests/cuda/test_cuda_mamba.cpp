@@ -293,16 +293,6 @@ TEST_F(CudaMamba, SelectiveScanChunkLengths) {
 
 // ---------------------------------------------------------------- timing
 
-template <typename F>
-double time_ms(Backend& be, F&& f, int reps) {
-  f();
-  be.synchronize();
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < reps; ++i) f();
-  be.synchronize();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
-}
-
 TEST_F(CudaMamba, DISABLED_MambaTiming) {
   Backend& g = *gpu_;
   auto report = [](const std::string& what, double ms) {
