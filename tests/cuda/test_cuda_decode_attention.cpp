@@ -300,9 +300,10 @@ class DecodeAttentionBatch : public DecodeAttention {
       // batched kernel promises 1e-7 only).
       bool aligned = true;
       for (const DSeg& s : cs[i].segs) aligned &= s.pad == 0;
-      if (aligned)
+      if (aligned) {
         EXPECT_EQ(0, std::memcmp(ob.data() + lo, oa.data() + lo, len * sizeof(float)))
             << "entry " << i << " differs from the same entry alone: " << cs[i].name;
+      }
     }
   }
 };

@@ -29,6 +29,11 @@ namespace hymba::cuda {  // backend/cuda/kernels.cuh (which needs the CUDA heade
 void set_gemv_pdl(bool on);
 bool gemv_pdl();
 }  // namespace hymba::cuda
+#else
+namespace hymba::cuda {  // (this build has no CUDA backend: every test skips before using these)
+inline void set_gemv_pdl(bool) {}
+inline bool gemv_pdl() { return false; }
+}  // namespace hymba::cuda
 #endif
 
 namespace hymba {
