@@ -35,7 +35,7 @@ if ! ldd "$hymba" | grep -q "libcublasLt.so.13 => /"; then
   [ -n "$lt" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$lt")"
 fi
 ldd "$hymba" 2>&1 | grep -q "not found" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$PWD/$dist/lib-extra"
-export HYMBA_TEST_WORK=$PWD/$dist/test-work HYMBA_SHARED_DIR=$PWD/$dist/shared
+export HYMBA_TEST_WORK=$PWD/$dist/test-work HYMBA_SHARED_DIR=$PWD/$dist/shared HYMBA_REPO_DIR=$PWD
 export OMP_NUM_THREADS=$(nproc)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1
 echo "gpu: $(cat "$out/gpu.txt")"

@@ -11,6 +11,10 @@
 #include <algorithm>
 #include <memory>
 
+#include <fstream>
+#include <sstream>
+
+#include "io/tokenizer.h"
 #include "model/hymba_model.h"
 #include "runtime/generator.h"
 #include "model_test_util.h"
@@ -24,10 +28,10 @@ using test::flatten;
 using test::golden_cases;
 using test::greedy;
 using test::ids_of;
-using test::incremental_logits;
 using test::longest_prompt;
 using test::read_json;
 using test::rel_l2;
+using test::incremental_logits;
 
 #define REQUIRE_GPU()                                                            \
   if (default_device() != "cuda") GTEST_SKIP() << "no CUDA backend in this build or no GPU visible"
@@ -101,6 +105,60 @@ TEST(CudaModel, BatchedDecodeEqualsDecodingAlone) {
     auto model = load(dir, "cuda");
     test::expect_batched_decode_equals_alone(*model, longest_prompt(g), g["weights_dtype"] == "BF16" ? 1e-2 : 1e-5);
   }
+}
+
+}  // namespace
+
+#ifdef HYMBA_HAVE_CUDA
+namespace cuda {  // backend/cuda/kernels.cuh (which needs the CUDA headers)
+void set_attention_tc_mode(int mode);
+}  // namespace cuda
+#endif
+
+namespace {
+
+// The repository (models/): the build's source dir unless HYMBA_REPO_DIR
+// names another (the device machine).
+std::string repo_dir() { return test::env_or("HYMBA_REPO_DIR", HYMBA_REPO_DIR); }
+
+// The shipped model: bf16 weights and bf16 cache with head dims 64/128, so
+// the GPU's bf16 paths run (fused GEMVs, the tensor-core prefill attention,
+// forced on for the 300-token prompt, the one-query decode attention, the
+// fused Mamba step, GPU sampling), against the CPU engine at the bf16
+// tolerance ||d||/||ref|| < 1e-2 and identical greedy tokens.
+TEST(CudaModel, EmbeddedBf16ModelMatchesCpuEngine) {
+  REQUIRE_GPU();
+  const std::string dir = repo_dir() + "/models/hymba-pd-7m";
+  std::ifstream f(dir + "/heldout_sample.txt");
+  ASSERT_TRUE(f.good()) << dir;
+  std::stringstream text;
+  text << f.rdbuf();
+  std::vector<int32_t> ids = Tokenizer::load(dir).encode(text.str(), true);
+  ASSERT_GE(ids.size(), 340u);
+  ids.resize(300);
+  ModelOptions o;
+  o.device = "cuda";
+  auto gpu = HymbaModel::load(dir, o);
+  o.device = "cpu";
+  auto cpu = HymbaModel::load(dir, o);
+  ASSERT_EQ(gpu->cache_layout().kv_dtype, DType::BF16);
+#ifdef HYMBA_HAVE_CUDA
+  cuda::set_attention_tc_mode(2);  // tensor cores wherever the shape allows
+#endif
+  const auto g_all = all_logits(*gpu, ids);
+#ifdef HYMBA_HAVE_CUDA
+  cuda::set_attention_tc_mode(0);
+#endif
+  const auto c_all = all_logits(*cpu, ids);
+  const double d_prefill = rel_l2(g_all, std::vector<double>(c_all.begin(), c_all.end()));
+  std::printf("[embedded-model] prefill logits rel L2 GPU vs CPU %.3e\n", d_prefill);
+  EXPECT_LT(d_prefill, 1e-2);
+  const std::vector<int32_t> head(ids.begin(), ids.begin() + 48);
+  const auto g_inc = incremental_logits(*gpu, head), c_inc = incremental_logits(*cpu, head);
+  const double d_decode = rel_l2(g_inc, std::vector<double>(c_inc.begin(), c_inc.end()));
+  std::printf("[embedded-model] decode logits rel L2 GPU vs CPU %.3e\n", d_decode);
+  EXPECT_LT(d_decode, 1e-2);
+  EXPECT_EQ(greedy(*gpu, ids, 24), greedy(*cpu, ids, 24));
 }
 
 }  // namespace
