@@ -168,6 +168,14 @@ class Backend {
   virtual void selective_scan_batch(const ScanArgs* a, int count) {
     for (int i = 0; i < count; ++i) selective_scan(a[i]);
   }
+  // rope_tables for rows at arbitrary positions: row i of cos_out/sin_out
+  // (half values each) for position positions[i] (host memory), n rows; the
+  // batched decode step's one row per sequence.
+  virtual void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* cos_out,
+                              float* sin_out) {
+    for (int64_t i = 0; i < n; ++i)
+      rope_tables(positions[i], 1, inv_freq, half, cos_out + i * half, sin_out + i * half);
+  }
   // Many store_rows at once (the cache commit of a step: every K/V slot of
   // every sequence). The stores must not overlap each other's destinations.
   virtual void store_rows_batch(const StoreArgs* a, int count) {

@@ -23,6 +23,7 @@ struct HymbaModel::Workspace {
   std::vector<ConvArgs> conv_args;
   std::vector<ScanArgs> scan_args;
   std::vector<StoreArgs> stores;  // the step's cache commit
+  std::vector<int64_t> positions;  // a batched step's RoPE positions, row by row
 };
 
 HymbaModel::~HymbaModel() = default;
@@ -250,12 +251,18 @@ void HymbaModel::recorded(const RecordKey& key, F&& ops) {
 void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool decode) {
   Workspace& ws = *ws_;
   const int half = int(cfg_.head_dim_qk / 2);
-  if (cfg_.rope)
+  if (cfg_.rope && n_spans == 1) {
+    be_->rope_tables(spans[0].seq->length(), spans[0].n, inv_freq_.data(), half, ws.cos.data() + spans[0].row0 * half,
+                     ws.sin.data() + spans[0].row0 * half);
+  } else if (cfg_.rope) {  // a batched step: one row per sequence, each at its own position
+    ws.positions.clear();
     for (int i = 0; i < n_spans; ++i) {
-      const RowSpan& sp = spans[i];
-      be_->rope_tables(sp.seq->length(), sp.n, inv_freq_.data(), half, ws.cos.data() + sp.row0 * half,
-                       ws.sin.data() + sp.row0 * half);
+      check(spans[i].row0 == int64_t(ws.positions.size()), "run_layers: spans must cover the rows in order");
+      for (int64_t t = 0; t < spans[i].n; ++t) ws.positions.push_back(spans[i].seq->length() + t);
     }
+    be_->rope_tables_at(ws.positions.data(), int64_t(ws.positions.size()), inv_freq_.data(), half, ws.cos.data(),
+                        ws.sin.data());
+  }
   for (const LayerPlan& lp : plan_.layers) run_layer(lp, w_.layers[lp.index], spans, n_spans, n, decode);
   // The chunk's K/V joins the cache only now: every layer of the chunk has
   // attended over the cache as it was before the chunk plus the chunk itself.

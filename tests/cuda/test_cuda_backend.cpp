@@ -166,6 +166,22 @@ TEST_F(CudaVsCpu, Rope) {
     gpu_->rope(dx + 25 * head_dim, n, ldx, 5, head_dim, dcc, dsc);
     expect_close("rope", what, down(dx, x.size()), xc, 1e-6);
   }
+  // Rows at arbitrary positions (a batched decode step) must give the rows
+  // rope_tables gives at those positions.
+  const std::vector<int64_t> pos = {5, 100000, 0, 4095, 4095, 17, 1 << 20};
+  const int64_t n = int64_t(pos.size());
+  std::vector<float> cc(size_t(n * half)), sc(size_t(n * half));
+  cpu_->rope_tables_at(pos.data(), n, inv_freq.data(), half, cc.data(), sc.data());
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<float> c1(half), s1(half);
+    cpu_->rope_tables(pos[size_t(i)], 1, inv_freq.data(), half, c1.data(), s1.data());
+    EXPECT_TRUE(std::equal(c1.begin(), c1.end(), cc.begin() + i * half)) << "cpu rope_tables_at row " << i;
+  }
+  float* dc = up(std::vector<float>(cc.size(), kNaN));
+  float* ds = up(std::vector<float>(sc.size(), kNaN));
+  gpu_->rope_tables_at(pos.data(), n, up(inv_freq), half, dc, ds);
+  expect_close("rope_tables_at", "cos", down(dc, cc.size()), cc, 1e-6);
+  expect_close("rope_tables_at", "sin", down(ds, sc.size()), sc, 1e-6);
 }
 
 // ---------------------------------------------------------------- attention

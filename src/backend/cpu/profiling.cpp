@@ -74,6 +74,10 @@ class ProfilingBackend final : public Backend {
   void selective_scan_batch(const ScanArgs* a, int count) override {
     timed("selective_scan", 0, [&] { inner_->selective_scan_batch(a, count); });
   }
+  void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* c,
+                      float* s) override {
+    timed("rope", 0, [&] { inner_->rope_tables_at(positions, n, inv_freq, half, c, s); });
+  }
   void store_rows_batch(const StoreArgs* a, int count) override {
     timed("store_rows", 0, [&] { inner_->store_rows_batch(a, count); });
   }

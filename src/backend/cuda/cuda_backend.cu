@@ -254,6 +254,12 @@ class CudaBackend final : public Backend {
     cuda::selective_scan_batch(a, count, batch_host(), rest);
     for (int i : rest) selective_scan(a[i]);
   }
+  void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* c,
+                      float* s) override {
+    if (n <= 0) return;
+    const void* dev = stage(positions, size_t(n) * sizeof(int64_t));
+    cuda::rope_tables_at(static_cast<const int64_t*>(dev), n, inv_freq, half, c, s, stream_);
+  }
   void store_rows_batch(const StoreArgs* a, int count) override {
     if (count <= 0) return;
     int64_t most = 0;

@@ -50,6 +50,19 @@ __global__ void rope_tables_kernel(int64_t pos0, int64_t n, const float* inv_fre
   }
 }
 
+// Rows at arbitrary positions (pos: device array), same arithmetic.
+__global__ void rope_tables_at_kernel(const int64_t* pos, int64_t n, const float* inv_freq, int half, float* c,
+                                      float* s) {
+  const int64_t total = n * half;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / half;
+    const int j = int(i % half);
+    const float angle = __fmul_rn(float(pos[t]), inv_freq[j]);
+    c[i] = float(cos(double(angle)));
+    s[i] = float(sin(double(angle)));
+  }
+}
+
 // One thread per (token, head, pair): rotates (v[i], v[i + half]).
 __global__ void rope_kernel(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c,
                             const float* s) {
@@ -217,6 +230,13 @@ void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float
   if (n <= 0 || half <= 0) return;
   rope_tables_kernel<<<blocks_for(n * half, kThreads), kThreads, 0, stream>>>(pos0, n, inv_freq, half, c, s);
   HYMBA_CUDA_LAUNCHED("rope_tables");
+}
+
+void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* c, float* s,
+                    cudaStream_t stream) {
+  if (n <= 0 || half <= 0) return;
+  rope_tables_at_kernel<<<blocks_for(n * half, kThreads), kThreads, 0, stream>>>(positions, n, inv_freq, half, c, s);
+  HYMBA_CUDA_LAUNCHED("rope_tables_at");
 }
 
 void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c, const float* s,

@@ -36,6 +36,9 @@ void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float
                  cudaStream_t stream);
 void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* cos_t, const float* sin_t,
           cudaStream_t stream);
+// rope_tables for n rows at positions[0..n) (a device array).
+void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* cos_out,
+                    float* sin_out, cudaStream_t stream);
 void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64_t n, int64_t d, float* out,
               int64_t ldo, cudaStream_t stream);
 void average_into(float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d, cudaStream_t stream);

@@ -529,13 +529,53 @@ __global__ void __launch_bounds__(kCkThreads) chunk_out_kernel(ScanArgs a, int L
   chunk_out(a, L, K, init, blockIdx.x, blockIdx.y, reinterpret_cast<float*>(ck_smem));
 }
 
-// Batched decode: every entry as one chunk (K = 1, from its own state),
-// grid (channel blocks, entry): the single-sequence kernel's arithmetic.
-__global__ void __launch_bounds__(kCkThreads) chunk_out_batch_kernel(const ScanArgs* entries, int L) {
-  extern __shared__ float4 ck_smem[];
+// Batched decode with d_state <= 16: lane l of a 16-lane group owns state l
+// of a channel (scan_block's layout and arithmetic, so no staging), and each
+// thread takes kStepItems channels 16 apart, their loads issued together: a
+// decode step is latency-bound, and a block per 16 channels of every
+// sequence made many short waves. grid (channel blocks, entry).
+constexpr int kStepItems = 4;
+
+__global__ void __launch_bounds__(kScanThreads, 4) scan_step_batch_kernel(const ScanArgs* entries) {
   const ScanArgs a = entries[blockIdx.y];
-  if (int64_t(blockIdx.x) * kCkThreads >= a.channels) return;  // (whole block) fewer channels
-  chunk_out(a, L, 1, a.state, blockIdx.x, 0, reinterpret_cast<float*>(ck_smem));
+  const int lane = threadIdx.x % kLanes, cl = threadIdx.x / kLanes;
+  const int64_t N = a.d_state, c0 = int64_t(blockIdx.x) * kStepItems * kChannels + cl;
+  float h[kStepItems], A[kStepItems], bias[kStepItems], D[kStepItems];
+#pragma unroll
+  for (int i = 0; i < kStepItems; ++i) {
+    const int64_t c = c0 + i * kChannels;
+    const bool ch = c < a.channels, live = ch && lane < N;
+    h[i] = live ? a.state[c * N + lane] : 0.0f;
+    A[i] = live ? a.A[c * N + lane] : 0.0f;
+    bias[i] = ch ? a.dt_bias[c] : 0.0f;
+    D[i] = ch ? a.D[c] : 0.0f;
+  }
+  for (int64_t t = 0; t < a.n; ++t) {
+    const float Bs = lane < N ? a.B[t * a.ldb + lane] : 0.0f;
+    const float Cs = lane < N ? a.C[t * a.ldc + lane] : 0.0f;
+    float u[kStepItems], d[kStepItems], z[kStepItems];
+#pragma unroll
+    for (int i = 0; i < kStepItems; ++i) {
+      const int64_t c = c0 + i * kChannels;
+      const bool ch = c < a.channels;
+      u[i] = ch ? a.u[t * a.ldu + c] : 0.0f;
+      d[i] = ch ? a.delta[t * a.ld_delta + c] : 0.0f;
+      z[i] = ch ? a.z[t * a.ldz + c] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kStepItems; ++i) {
+      const float dt = softplus_f(d[i] + bias[i]);
+      h[i] = expf(dt * A[i]) * h[i] + (dt * u[i]) * Bs;  // lane_step's arithmetic (one state per lane)
+      const float part = lane_sum(Cs * h[i]);         // every lane: the shuffles need the whole warp
+      const int64_t c = c0 + i * kChannels;
+      if (lane == 0 && c < a.channels) a.y[t * a.ldy + c] = (part + D[i] * u[i]) * silu_f(z[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kStepItems; ++i) {
+    const int64_t c = c0 + i * kChannels;
+    if (c < a.channels && lane < N) a.state[c * N + lane] = h[i];
+  }
 }
 
 // How a single-sequence scan runs: chunked (L steps per chunk, K chunks) or
@@ -725,20 +765,16 @@ void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, s
     }
   }
   if (take.empty()) return;
-  // Decode-sized entries with d_state <= 16 (the model's): the one-chunk
-  // kernel of the single-sequence scan, one launch over (channel block, entry).
+  // Decode-sized entries with d_state <= 16 (the model's): one lane per
+  // state, several channels per thread (scan_step_batch_kernel).
   int64_t max_n = 0;
   for (const ScanArgs& e : take) max_n = std::max(max_n, e.n);
-  if (max_state <= kCkN && max_n <= kCkMinLen && take.size() <= 65535) {
-    const int64_t cb = (max_channels + kCkThreads - 1) / kCkThreads;
-    if (cb <= 0x7fffffff) {
-      const auto* d = static_cast<const ScanArgs*>(host.stage(take.data(), take.size() * sizeof(ScanArgs)));
-      const size_t smem = 2 * size_t(kCkMinLen) * kCkN * sizeof(float);
-      chunk_out_batch_kernel<<<dim3(unsigned(cb), unsigned(take.size())), kCkThreads, smem, host.stream>>>(
-          d, int(kCkMinLen));
-      HYMBA_CUDA_LAUNCHED("selective_scan_batch (one chunk)");
-      return;
-    }
+  const int64_t step_blocks = (max_channels + kStepItems * kChannels - 1) / (kStepItems * kChannels);
+  if (max_state <= kLanes && max_n <= kCkMinLen && take.size() <= 65535 && step_blocks <= 0x7fffffff) {
+    const auto* d = static_cast<const ScanArgs*>(host.stage(take.data(), take.size() * sizeof(ScanArgs)));
+    scan_step_batch_kernel<<<dim3(unsigned(step_blocks), unsigned(take.size())), kScanThreads, 0, host.stream>>>(d);
+    HYMBA_CUDA_LAUNCHED("selective_scan_batch (decode)");
+    return;
   }
   const int64_t channel_blocks = (max_channels + kChannels - 1) / kChannels;
   const int64_t blocks = int64_t(take.size()) * channel_blocks;
