@@ -193,6 +193,44 @@ double time_ms(Backend& be, F&& f, int reps = 20) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
 }
 
+// The AttentionArgs of a test case (heads, dims, visibility, strides, and
+// the model's scale 1/sqrt(dq)); q, segments and out are left to the caller.
+inline AttentionArgs attention_case(int n_heads, int n_kv_heads, int dq, int dv, int64_t n_q, int64_t q_pos0,
+                                    int64_t window, int64_t n_always_visible, int n_segments, int64_t ldq,
+                                    int64_t ldo) {
+  AttentionArgs a;
+  a.ldq = ldq;
+  a.n_q = n_q;
+  a.q_pos0 = q_pos0;
+  a.n_heads = n_heads;
+  a.n_kv_heads = n_kv_heads;
+  a.head_dim_qk = dq;
+  a.head_dim_v = dv;
+  a.n_segments = n_segments;
+  a.window = window;
+  a.n_always_visible = n_always_visible;
+  a.scale = 1.0f / std::sqrt(float(dq));
+  a.ldo = ldo;
+  return a;
+}
+
+// The scan tests' layout: u | delta | z as column slices of one buffer
+// (leading dimension ld_in), B | C of another (ld_bc), y with ldy. The
+// pointers are set by point_scan_inputs (host or device buffers) and the
+// caller (parameters, state, y).
+inline ScanArgs scan_case(int64_t n, int64_t C, int64_t N, int64_t ld_in, int64_t ld_bc, int64_t ldy) {
+  ScanArgs a;
+  a.ldu = a.ld_delta = a.ldz = ld_in;
+  a.ldb = a.ldc = ld_bc;
+  a.ldy = ldy;
+  a.n = n, a.channels = C, a.d_state = N;
+  return a;
+}
+inline void point_scan_inputs(ScanArgs& a, const float* in, const float* bc) {
+  a.u = in, a.delta = in + a.channels, a.z = in + 2 * a.channels;
+  a.B = bc, a.C = bc + a.d_state;
+}
+
 inline std::vector<uint8_t> store_as(const std::vector<float>& v, DType dt) {
   std::vector<uint8_t> b(v.size() * dtype_size(dt));
   from_f32(v.data(), v.size(), dt, b.data());

@@ -125,19 +125,8 @@ class CudaAttentionTc : public CudaVsCpu {
       seg.v = up(in.v.back());
       in.dsegs.push_back(seg);
     }
-    AttentionArgs& a = in.a;
-    a.ldq = ldq;
-    a.n_q = c.n_q;
-    a.q_pos0 = c.q_pos0;
-    a.n_heads = c.n_heads;
-    a.n_kv_heads = c.n_kv;
-    a.head_dim_qk = c.dq;
-    a.head_dim_v = c.dv;
-    a.n_segments = int(c.segs.size());
-    a.window = c.window;
-    a.n_always_visible = c.nav;
-    a.scale = 1.0f / std::sqrt(float(c.dq));
-    a.ldo = int64_t(c.n_heads) * c.dv + 5;
+    in.a = attention_case(c.n_heads, c.n_kv, c.dq, c.dv, c.n_q, c.q_pos0, c.window, c.nav, int(c.segs.size()), ldq,
+                          int64_t(c.n_heads) * c.dv + 5);
     return in;
   }
 

@@ -268,19 +268,8 @@ TEST_F(CudaVsCpu, Attention) {
       seg.v = up(vs.back());
       dsegs.push_back(seg);
     }
-    AttentionArgs a;
-    a.ldq = ldq;
-    a.n_q = c.n_q;
-    a.q_pos0 = c.q_pos0;
-    a.n_heads = c.n_heads;
-    a.n_kv_heads = c.n_kv_heads;
-    a.head_dim_qk = c.dq;
-    a.head_dim_v = c.dv;
-    a.n_segments = int(c.segs.size());
-    a.window = c.window;
-    a.n_always_visible = c.n_always_visible;
-    a.scale = 1.0f / std::sqrt(float(c.dq));
-    a.ldo = ldo;
+    AttentionArgs a = attention_case(c.n_heads, c.n_kv_heads, c.dq, c.dv, c.n_q, c.q_pos0, c.window,
+                                     c.n_always_visible, int(c.segs.size()), ldq, ldo);
 
     std::vector<float> oc(size_t(c.n_q * ldo), kNaN);
     a.q = q.data();
@@ -341,21 +330,15 @@ TEST_F(CudaVsCpu, SelectiveScan) {
       const int64_t ld_in = 3 * channels + 1, ld_bc = 2 * d_state + 3, ldy = channels + 2;
       const std::vector<float> in = randn(size_t(n * ld_in));
       const std::vector<float> bc = randn(size_t(n * ld_bc));
-      ScanArgs a;
-      a.ldu = a.ld_delta = a.ldz = ld_in;
-      a.ldb = a.ldc = ld_bc;
-      a.ldy = ldy;
-      a.n = n, a.channels = channels, a.d_state = d_state;
+      ScanArgs a = scan_case(n, channels, d_state, ld_in, ld_bc, ldy);
       std::vector<float> yc(size_t(n * ldy), kNaN);
-      a.u = in.data(), a.delta = in.data() + channels, a.z = in.data() + 2 * channels;
-      a.B = bc.data(), a.C = bc.data() + d_state;
+      point_scan_inputs(a, in.data(), bc.data());
       a.dt_bias = dt_bias.data(), a.A = A.data(), a.D = D.data(), a.state = sc.data(), a.y = yc.data();
       cpu_->selective_scan(a);
       const float* din = up(in);
       const float* dbc = up(bc);
       float* dy = up(std::vector<float>(yc.size(), kNaN));
-      a.u = din, a.delta = din + channels, a.z = din + 2 * channels;
-      a.B = dbc, a.C = dbc + d_state;
+      point_scan_inputs(a, din, dbc);
       a.dt_bias = dbias, a.A = dA, a.D = dD, a.state = dstate, a.y = dy;
       gpu_->selective_scan(a);
       const std::string what = "C=" + std::to_string(channels) + " N=" + std::to_string(d_state) +
@@ -681,19 +664,8 @@ class CudaBatch : public CudaVsCpu {
         seg.v = dpool + offs[i][j].second;
         dsegs[i].push_back(seg);
       }
-      AttentionArgs a;
-      a.ldq = ldq[i];
-      a.n_q = e.n_q;
-      a.q_pos0 = e.q_pos0;
-      a.n_heads = e.hd.n_heads;
-      a.n_kv_heads = e.hd.n_kv;
-      a.head_dim_qk = e.hd.dq;
-      a.head_dim_v = e.hd.dv;
-      a.n_segments = int(e.segs.size());
-      a.window = e.window;
-      a.n_always_visible = e.nav;
-      a.scale = 1.0f / std::sqrt(float(e.hd.dq));
-      a.ldo = ldo[i];
+      const AttentionArgs a = attention_case(e.hd.n_heads, e.hd.n_kv, e.hd.dq, e.hd.dv, e.n_q, e.q_pos0, e.window,
+                                             e.nav, int(e.segs.size()), ldq[i], ldo[i]);
       ha[i] = da[i] = a;
       ha[i].q = qh.data() + qoff[i];
       ha[i].segments = hsegs[i].data();

@@ -132,19 +132,9 @@ class DecodeAttention : public CudaVsCpu {
         seg.v = b.dpool + offs[i][j].second;
         b.dsegs[i].push_back(seg);
       }
-      AttentionArgs a;
-      a.ldq = int64_t(c.n_heads) * c.dq + 3;
-      a.n_q = 1;
-      a.q_pos0 = c.pos;
-      a.n_heads = c.n_heads;
-      a.n_kv_heads = c.n_kv;
-      a.head_dim_qk = c.dq;
-      a.head_dim_v = c.dv;
-      a.n_segments = int(c.segs.size());
-      a.window = c.window;
-      a.n_always_visible = c.nav;
-      a.scale = 1.0f / std::sqrt(float(c.dq));
-      a.ldo = int64_t(c.n_heads) * c.dv + 5;
+      const AttentionArgs a = attention_case(c.n_heads, c.n_kv, c.dq, c.dv, 1, c.pos, c.window, c.nav,
+                                             int(c.segs.size()), int64_t(c.n_heads) * c.dq + 3,
+                                             int64_t(c.n_heads) * c.dv + 5);
       b.ha[i] = b.da[i] = a;
       b.ha[i].q = b.q.data() + qoff[i];
       b.ha[i].segments = b.hsegs[i].data();

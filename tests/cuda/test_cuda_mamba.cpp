@@ -118,17 +118,12 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
       float* ddtn = up(dtn);
       float* dy = up(yc);
 
-      ScanArgs a;
-      a.ldu = a.ld_delta = a.ldz = ld_in;
-      a.ldb = a.ldc = ld_x;
-      a.ldy = ldy;
-      a.n = n, a.channels = C, a.d_state = N;
+      ScanArgs a = scan_case(n, C, N, ld_in, ld_x, ldy);
       ScanInputNorms ni;
       ni.ld_dt = ld_x;
       ni.eps = eps;
       // CPU: the default composition.
-      a.u = in.data(), a.delta = in.data() + C, a.z = in.data() + 2 * C;
-      a.B = x.data() + R, a.C = x.data() + R + N;
+      point_scan_inputs(a, in.data(), x.data() + R);
       a.dt_bias = p.dt_bias.data(), a.A = p.A.data(), a.D = p.D.data(), a.state = p.state.data();
       a.y = yc.data();
       ni.dt_raw = x.data();
@@ -137,8 +132,7 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
       ni.dt_scratch = dtn.data();
       cpu_->normed_selective_scan(a, ni);
       // GPU
-      a.u = din, a.delta = din + C, a.z = din + 2 * C;
-      a.B = dx + R, a.C = dx + R + N;
+      point_scan_inputs(a, din, dx + R);
       a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD, a.state = p.d_state;
       a.y = dy;
       ni.dt_raw = dx;
@@ -210,14 +204,9 @@ TEST_F(CudaMamba, SelectiveScanChunked) {
       const int64_t ld_in = 3 * C + 1, ld_bc = 2 * N + 3, ldy = C + 2;
       const std::vector<float> in = noise(size_t(n * ld_in));
       const std::vector<float> bc = noise(size_t(n * ld_bc));
-      ScanArgs a;
-      a.ldu = a.ld_delta = a.ldz = ld_in;
-      a.ldb = a.ldc = ld_bc;
-      a.ldy = ldy;
-      a.n = n, a.channels = C, a.d_state = N;
+      ScanArgs a = scan_case(n, C, N, ld_in, ld_bc, ldy);
       std::vector<float> yc(size_t(n * ldy), kNaN);
-      a.u = in.data(), a.delta = in.data() + C, a.z = in.data() + 2 * C;
-      a.B = bc.data(), a.C = bc.data() + N;
+      point_scan_inputs(a, in.data(), bc.data());
       a.dt_bias = p.dt_bias.data(), a.A = p.A.data(), a.D = p.D.data(), a.state = p.state.data();
       a.y = yc.data();
       std::vector<double> y_ref;
@@ -229,8 +218,7 @@ TEST_F(CudaMamba, SelectiveScanChunked) {
       const float* din = up(in);
       const float* dbc = up(bc);
       float* dy = up(std::vector<float>(yc.size(), kNaN));
-      a.u = din, a.delta = din + C, a.z = din + 2 * C;
-      a.B = dbc, a.C = dbc + N;
+      point_scan_inputs(a, din, dbc);
       a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD, a.state = p.d_state;
       a.y = dy;
       gpu_->selective_scan(a);
@@ -258,21 +246,15 @@ TEST_F(CudaMamba, SelectiveScanChunkLengths) {
     const int64_t ld_in = 3 * C, ld_bc = 2 * N, ldy = C;  // dense this time
     const std::vector<float> in = noise(size_t(n * ld_in));
     const std::vector<float> bc = noise(size_t(n * ld_bc));
-    ScanArgs a;
-    a.ldu = a.ld_delta = a.ldz = ld_in;
-    a.ldb = a.ldc = ld_bc;
-    a.ldy = ldy;
-    a.n = n, a.channels = C, a.d_state = N;
+    ScanArgs a = scan_case(n, C, N, ld_in, ld_bc, ldy);
     std::vector<float> yc(size_t(n * ldy), kNaN), sc = p.state;
-    a.u = in.data(), a.delta = in.data() + C, a.z = in.data() + 2 * C;
-    a.B = bc.data(), a.C = bc.data() + N;
+    point_scan_inputs(a, in.data(), bc.data());
     a.dt_bias = p.dt_bias.data(), a.A = p.A.data(), a.D = p.D.data(), a.state = sc.data();
     a.y = yc.data();
     cpu_->selective_scan(a);
     const float* din = up(in);
     const float* dbc = up(bc);
-    a.u = din, a.delta = din + C, a.z = din + 2 * C;
-    a.B = dbc, a.C = dbc + N;
+    point_scan_inputs(a, din, dbc);
     a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD;
     const bool long_memory = C == 37;
     const double tol = long_memory ? 1e-4 : 1e-5;
