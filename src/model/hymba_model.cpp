@@ -263,7 +263,24 @@ void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool d
     be_->rope_tables_at(ws.positions.data(), int64_t(ws.positions.size()), inv_freq_.data(), half, ws.cos.data(),
                         ws.sin.data());
   }
-  for (const LayerPlan& lp : plan_.layers) run_layer(lp, w_.layers[lp.index], spans, n_spans, n, decode);
+  // Each layer: its inputs (in_proj, q/k/v), attention, then the rest (the
+  // Mamba branch, the fusion, the MLP). In single-token decode the stretch
+  // from one attention to the next (a layer's rest plus the next layer's
+  // inputs) depends only on the workspace, the weights and the sequence's
+  // conv/SSM state, so it is one recording (see recorded()).
+  const std::vector<LayerPlan>& layers = plan_.layers;
+  if (!layers.empty())
+    recorded({layers[0].index, 0, nullptr, nullptr, n},
+             [&] { layer_inputs(layers[0], w_.layers[layers[0].index], n); });
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const LayerPlan& lp = layers[i];
+    layer_attention(lp, spans, n_spans, n, decode);
+    const LayerPlan* next = i + 1 < layers.size() ? &layers[i + 1] : nullptr;
+    recorded({lp.index, 1, spans[0].seq->conv_state(lp.index), spans[0].seq->ssm_state(lp.index), n}, [&] {
+      layer_rest(lp, w_.layers[lp.index], spans, n_spans, n);
+      if (next) layer_inputs(*next, w_.layers[next->index], n);
+    });
+  }
   // The chunk's K/V joins the cache only now: every layer of the chunk has
   // attended over the cache as it was before the chunk plus the chunk itself.
   // All slots of all spans in one batched store (one launch on a GPU).
@@ -278,38 +295,33 @@ void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool d
   for (int i = 0; i < n_spans; ++i) spans[i].seq->advance(spans[i].n);
 }
 
-void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans,
-                           int64_t n, bool decode) {
+void HymbaModel::layer_inputs(const LayerPlan& lp, const LayerWeights& w, int64_t n) {
   const HymbaConfig& c = cfg_;
   Workspace& ws = *ws_;
-  Backend& be = *be_;
-  const int64_t D = c.hidden_size, Di = c.d_inner, R = c.dt_rank, N = c.mamba_d_state;
-  const int64_t XD = R + 2 * N;
-  const float eps = float(c.rms_norm_eps);
+  const int64_t D = c.hidden_size;
   const int64_t ld_u = w.in_proj.rows;
-
   // Fused input projection: u = [q | k | v | x | z] (k, v only for KV owners).
+  be_->norm_matmul(w.in_proj, ws.h.data(), n, D, w.input_norm.data(), float(c.rms_norm_eps), ws.a.data(),
+                   ws.u.data(), ld_u, false);
+  // Attention inputs: RoPE on q; a KV owner also packs this chunk's K/V,
+  // applies RoPE to K and rounds both to the cache precision now, so results
+  // do not depend on whether a key is read from this chunk or, later, from
+  // the cache.
+  const float* k = lp.owns_kv ? ws.u.data() + c.attn_dim : nullptr;
+  const float* v = lp.owns_kv ? k + layout_.kv_k : nullptr;
+  be_->prepare_qkv(ws.u.data(), k, v, ld_u, n, c.num_attention_heads, c.num_key_value_heads, int(c.head_dim_qk),
+                   c.rope ? ws.cos.data() : nullptr, c.rope ? ws.sin.data() : nullptr, layout_.kv_dtype,
+                   ws.k[lp.kv_slot].data(), layout_.kv_k, ws.v[lp.kv_slot].data(), layout_.kv_v);
+}
+
+void HymbaModel::layer_attention(const LayerPlan& lp, const RowSpan* spans, int n_spans, int64_t n, bool decode) {
+  const HymbaConfig& c = cfg_;
+  Workspace& ws = *ws_;
+  const int64_t Di = c.d_inner;
+  const int64_t ld_u = w_.layers[lp.index].in_proj.rows;
   float* q = ws.u.data();
-  int64_t off = c.attn_dim;
-  if (lp.owns_kv) off += layout_.kv_k + layout_.kv_v;
-  float* x = ws.u.data() + off;
-  float* z = x + Di;
   float* kc = ws.k[lp.kv_slot].data();
   float* vc = ws.v[lp.kv_slot].data();
-  // Everything up to attention depends only on the workspace and weights:
-  // in single-token decode it is recorded once and replayed (see recorded()).
-  recorded({lp.index, 0, nullptr, nullptr, n}, [&] {
-    be.norm_matmul(w.in_proj, ws.h.data(), n, D, w.input_norm.data(), eps, ws.a.data(), ws.u.data(), ld_u, false);
-    // ---- attention branch: RoPE on q; a KV owner also packs this chunk's
-    // K/V, applies RoPE to K and rounds both to the cache precision now, so
-    // results do not depend on whether a key is read from this chunk or,
-    // later, from the cache.
-    const float* k = lp.owns_kv ? ws.u.data() + c.attn_dim : nullptr;
-    const float* v = lp.owns_kv ? k + layout_.kv_k : nullptr;
-    be.prepare_qkv(q, k, v, ld_u, n, c.num_attention_heads, c.num_key_value_heads, int(c.head_dim_qk),
-                   c.rope ? ws.cos.data() : nullptr, c.rope ? ws.sin.data() : nullptr, layout_.kv_dtype, kc,
-                   layout_.kv_k, vc, layout_.kv_v);
-  });
   // Attention, per sequence: its cached K/V plus its rows of this chunk
   // (segments live in ws.segs: 4 per span, referenced by the args).
   ws.attn_args.resize(size_t(n_spans));
@@ -337,75 +349,85 @@ void HymbaModel::run_layer(const LayerPlan& lp, const LayerWeights& w, const Row
     aa.out = ws.attn.data() + sp.row0 * Di;
     aa.ldo = Di;
   }
-  if (n_spans == 1) be.attention(ws.attn_args[0]);
-  else be.attention_batch(ws.attn_args.data(), n_spans);
+  if (n_spans == 1) be_->attention(ws.attn_args[0]);
+  else be_->attention_batch(ws.attn_args.data(), n_spans);
+}
 
-  // The Mamba branch, the fusion and the MLP: workspace, weights and the
-  // sequence's conv/SSM state (recorded per state, see recorded()).
-  recorded({lp.index, 1, spans[0].seq->conv_state(lp.index), spans[0].seq->ssm_state(lp.index), n}, [&] {
-    // ---- Mamba branch (conv and scan carry per-sequence state)
-    ws.conv_args.resize(size_t(n_spans));
-    for (int i = 0; i < n_spans; ++i) {
-      const RowSpan& sp = spans[i];
-      ws.conv_args[size_t(i)] = ConvArgs{x + sp.row0 * ld_u, ld_u, sp.n, Di, w.conv_weight.data(), w.conv_bias.data(),
-                                         int(c.mamba_d_conv), sp.seq->conv_state(lp.index),
-                                         ws.conv.data() + sp.row0 * Di, Di};
-    }
-    if (n_spans == 1) {  // the single-sequence op (what a recording may hold)
-      const ConvArgs& ca = ws.conv_args[0];
-      be.causal_conv_silu(ca.x, ca.n, ca.ldx, ca.channels, ca.weight, ca.bias, ca.k_width, ca.state, ca.y, ca.ldy);
-    } else {
-      be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
-    }
-    be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
-    ws.scan_args.resize(size_t(n_spans));
-    for (int i = 0; i < n_spans; ++i) {
-      const RowSpan& sp = spans[i];
-      ScanArgs& sa = ws.scan_args[size_t(i)];
-      sa.u = ws.conv.data() + sp.row0 * Di;
-      sa.ldu = Di;
-      sa.delta = ws.delta.data() + sp.row0 * Di;
-      sa.ld_delta = Di;
-      sa.B = ws.xdbc.data() + sp.row0 * XD + R;
-      sa.ldb = XD;
-      sa.C = ws.xdbc.data() + sp.row0 * XD + R + N;
-      sa.ldc = XD;
-      sa.z = z + sp.row0 * ld_u;
-      sa.ldz = ld_u;
-      sa.dt_bias = w.dt_bias.data();
-      sa.A = w.A.data();
-      sa.D = w.D.data();
-      sa.state = sp.seq->ssm_state(lp.index);
-      sa.y = ws.y.data() + sp.row0 * Di;
-      sa.ldy = Di;
-      sa.n = sp.n;
-      sa.channels = Di;
-      sa.d_state = N;
-    }
-    // dt/B/C norms and dt_proj, then the scan: one fused op for one
-    // sequence; for a batch, the norms and dt_proj run over all rows at once.
-    const ScanInputNorms norms{ws.xdbc.data(), XD,          w.dt_proj,        w.dt_norm.data(), w.B_norm.data(),
-                               w.C_norm.data(), eps,        ws.dtn.data()};
-    if (n_spans == 1) {
-      be.normed_selective_scan(ws.scan_args[0], norms);
-    } else {
-      be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
-      be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
-      be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
-      be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
-      be.selective_scan_batch(ws.scan_args.data(), n_spans);
-    }
+void HymbaModel::layer_rest(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans,
+                            int64_t n) {
+  const HymbaConfig& c = cfg_;
+  Workspace& ws = *ws_;
+  Backend& be = *be_;
+  const int64_t D = c.hidden_size, Di = c.d_inner, R = c.dt_rank, N = c.mamba_d_state;
+  const int64_t XD = R + 2 * N;
+  const float eps = float(c.rms_norm_eps);
+  const int64_t ld_u = w.in_proj.rows;
+  int64_t off = c.attn_dim;
+  if (lp.owns_kv) off += layout_.kv_k + layout_.kv_v;
+  float* x = ws.u.data() + off;
+  float* z = x + Di;
+  // ---- Mamba branch (conv and scan carry per-sequence state)
+  ws.conv_args.resize(size_t(n_spans));
+  for (int i = 0; i < n_spans; ++i) {
+    const RowSpan& sp = spans[i];
+    ws.conv_args[size_t(i)] = ConvArgs{x + sp.row0 * ld_u, ld_u, sp.n, Di, w.conv_weight.data(), w.conv_bias.data(),
+                                       int(c.mamba_d_conv), sp.seq->conv_state(lp.index),
+                                       ws.conv.data() + sp.row0 * Di, Di};
+  }
+  if (n_spans == 1) {  // the single-sequence op (what a recording may hold)
+    const ConvArgs& ca = ws.conv_args[0];
+    be.causal_conv_silu(ca.x, ca.n, ca.ldx, ca.channels, ca.weight, ca.bias, ca.k_width, ca.state, ca.y, ca.ldy);
+  } else {
+    be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
+  }
+  be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
+  ws.scan_args.resize(size_t(n_spans));
+  for (int i = 0; i < n_spans; ++i) {
+    const RowSpan& sp = spans[i];
+    ScanArgs& sa = ws.scan_args[size_t(i)];
+    sa.u = ws.conv.data() + sp.row0 * Di;
+    sa.ldu = Di;
+    sa.delta = ws.delta.data() + sp.row0 * Di;
+    sa.ld_delta = Di;
+    sa.B = ws.xdbc.data() + sp.row0 * XD + R;
+    sa.ldb = XD;
+    sa.C = ws.xdbc.data() + sp.row0 * XD + R + N;
+    sa.ldc = XD;
+    sa.z = z + sp.row0 * ld_u;
+    sa.ldz = ld_u;
+    sa.dt_bias = w.dt_bias.data();
+    sa.A = w.A.data();
+    sa.D = w.D.data();
+    sa.state = sp.seq->ssm_state(lp.index);
+    sa.y = ws.y.data() + sp.row0 * Di;
+    sa.ldy = Di;
+    sa.n = sp.n;
+    sa.channels = Di;
+    sa.d_state = N;
+  }
+  // dt/B/C norms and dt_proj, then the scan: one fused op for one
+  // sequence; for a batch, the norms and dt_proj run over all rows at once.
+  const ScanInputNorms norms{ws.xdbc.data(), XD,          w.dt_proj,        w.dt_norm.data(), w.B_norm.data(),
+                             w.C_norm.data(), eps,        ws.dtn.data()};
+  if (n_spans == 1) {
+    be.normed_selective_scan(ws.scan_args[0], norms);
+  } else {
+    be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
+    be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
+    be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
+    be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
+    be.selective_scan_batch(ws.scan_args.data(), n_spans);
+  }
 
-    // ---- fuse the branches: normalise each, average, project, residual
-    be.fuse_branches_matmul(w.out_proj, ws.attn.data(), Di, ws.y.data(), Di, n, w.attn_out_norm.data(),
-                            w.ssm_out_norm.data(), eps, ws.h.data(), D, true);
+  // ---- fuse the branches: normalise each, average, project, residual
+  be.fuse_branches_matmul(w.out_proj, ws.attn.data(), Di, ws.y.data(), Di, n, w.attn_out_norm.data(),
+                          w.ssm_out_norm.data(), eps, ws.h.data(), D, true);
 
-    // ---- SwiGLU MLP, residual
-    const int64_t I = c.intermediate_size;
-    be.norm_swiglu(w.gate_proj, w.up_proj, ws.h.data(), n, D, w.mlp_norm.data(), eps, ws.a.data(), ws.up.data(),
-                   ws.gate.data(), I);
-    be.matmul(w.down_proj, ws.gate.data(), n, I, ws.h.data(), D, true);
-  });
+  // ---- SwiGLU MLP, residual
+  const int64_t I = c.intermediate_size;
+  be.norm_swiglu(w.gate_proj, w.up_proj, ws.h.data(), n, D, w.mlp_norm.data(), eps, ws.a.data(), ws.up.data(),
+                 ws.gate.data(), I);
+  be.matmul(w.down_proj, ws.gate.data(), n, I, ws.h.data(), D, true);
 }
 
 }  // namespace hymba

@@ -119,8 +119,12 @@ class HymbaModel {
   // h (n rows in the workspace) through every layer; commits K/V and
   // advances each span's sequence.
   void run_layers(const RowSpan* spans, int n_spans, int64_t n, bool decode);
-  void run_layer(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans, int64_t n,
-                 bool decode);
+  // The three parts of a layer: its inputs (in_proj, q/k/v from the
+  // workspace), attention (per sequence), and the rest (the Mamba branch,
+  // the fusion and the MLP: workspace, weights and per-sequence state).
+  void layer_inputs(const LayerPlan& lp, const LayerWeights& w, int64_t n);
+  void layer_attention(const LayerPlan& lp, const RowSpan* spans, int n_spans, int64_t n, bool decode);
+  void layer_rest(const LayerPlan& lp, const LayerWeights& w, const RowSpan* spans, int n_spans, int64_t n);
   // A recordable stretch of a layer: (layer, part, the sequence state it
   // touches, rows).
   struct RecordKey {
