@@ -11,23 +11,21 @@
 // row into chunks of VEC bf16 (VEC = 8: one 16-byte load); thread i takes
 // chunks i, i+G, i+2G, ... A "batch" is U = kUnroll chunks per row per
 // thread, loaded into registers before any is used; the batch after it is
-// prefetched into L2 at the same time, so for every decode shape of the 1.5B
-// model (at most 2 batches per thread) a block requests all of its weights
-// at once.
+// prefetched into L2 at the same time. A block's unit of work (a "task") is
+// its 8/KW groups; the grid holds at most 2 blocks per SM (so the next
+// kernel's blocks fit beside them, see PDL below) and each block loops over
+// tasks, prefetching the next task's weights into L2 while it computes the
+// current one: weights are requested a task ahead whatever the matrix size.
 //
 // Per-kernel latency (a decode step is ~200 short products back to back):
 // * The weights never depend on earlier kernels, so the first batch (and the
 //   L2 prefetch of the second) is issued before anything else, then x is
 //   staged: x's load latency and the rmsnorm's sum of squares overlap the
 //   weight stream. Staging loads up to 16 values per thread before using any.
-// * Programmatic Dependent Launch (sm_90): launched with programmatic stream
-//   serialization, a kernel may start while the previous one is finishing;
-//   it issues its weight loads, allows its own successor to launch
-//   (griddepcontrol.launch_dependents), and only then waits for the previous
-//   grid (griddepcontrol.wait: its completion and memory) before reading x,
-//   the norm weights or y. Without a PDL predecessor the wait returns at once.
-//   Used only when the kernel was compiled for sm_90+ (the wait is in its
-//   code); HYMBA_GEMV_PDL=0 or set_gemv_pdl(false) turns it off.
+// * Programmatic Dependent Launch (launch.cuh): a kernel may start while
+//   the previous one is finishing; it issues its weight loads, allows its
+//   own successor to launch, and only then waits for the previous grid
+//   before reading x, the norm weights or y. HYMBA_PDL=0 turns it off.
 //
 // Batch invariance: the value for (token t, row r) is a chain of fmaf over
 // the thread's chunks in order, a fixed xor-butterfly over the warp and a sum
@@ -43,6 +41,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace hymba::cuda {
 
@@ -77,20 +76,6 @@ struct GemvArgs {
   int64_t groups = 0;   // groups with work
   int64_t cols_pad = 0;  // staged x row pitch (bf16 elements), a multiple of 8
 };
-
-// ---- Programmatic Dependent Launch (no-ops before sm_90, where the host
-// never launches with PDL).
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-// The "memory" clobber keeps every later read (x, norm weights, y) after it.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
 
 // A chunk of VEC bf16 values as 32-bit words (VEC = 1: low half of word 0).
 template <int VEC>
@@ -323,112 +308,138 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const Ge
 
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int kw = a.kw;
-  const int64_t group = int64_t(blockIdx.x) * (kWarps / kw) + warp / kw;
+  const int gpb = kWarps / kw;            // groups per block task
   const int gt = (warp % kw) * 32 + lane;  // thread index within the group
   const int gsize = kw * 32;
-  const int step = kUnroll * gsize;       // chunks per batch
-  const bool active = group < a.groups;  // the last block may have idle groups
+  const int step = kUnroll * gsize;  // chunks per batch
   const int64_t cols = a.cols;
-  const int nchunks = active ? int(cols / VEC) : 0;
+  const int nchunks = int(cols / VEC);
+  const int64_t n_tasks = (a.groups + gpb - 1) / gpb;
 
-  // The group's two weight rows (an odd row count: the last group's second
-  // row repeats the first and is not written).
-  int64_t r0 = 0, r1 = 0;
-  if (active) {
+  // The two weight rows of group g (an odd row count: the last group's
+  // second row repeats the first and is not written).
+  auto rows_of = [&](int64_t g, const uint16_t*& p0, const uint16_t*& p1, int64_t& r0, int64_t& r1) {
     if (SWIGLU) {
-      r0 = r1 = group;
+      r0 = r1 = g;
     } else {
-      r0 = 2 * group;
+      r0 = 2 * g;
       r1 = r0 + 1 < a.rows ? r0 + 1 : r0;
     }
-  }
-  const uint16_t* p0 = a.w0 + r0 * cols;
-  const uint16_t* p1 = (SWIGLU ? a.w1 : a.w0) + r1 * cols;
+    p0 = a.w0 + r0 * cols;
+    p1 = (SWIGLU ? a.w1 : a.w0) + r1 * cols;
+  };
+  // This thread's chunks of group g from chunk `from` on, into L2.
+  auto prefetch_group = [&](int64_t g, int from) {
+    if (g >= a.groups) return;
+    const uint16_t *q0, *q1;
+    int64_t s0, s1;
+    rows_of(g, q0, q1, s0, s1);
+    for (int c = from + gt; c < nchunks; c += gsize) {
+      prefetch_l2(q0 + int64_t(c) * VEC);
+      if (q1 != q0) prefetch_l2(q1 + int64_t(c) * VEC);
+    }
+  };
 
+  // A block takes tasks blockIdx.x, + gridDim.x, ... (a task: gpb groups);
+  // the grid is at most ~2 blocks per SM so that the next kernel's blocks
+  // fit beside this one's (PDL), and every task's weights are requested one
+  // task ahead (into L2) so the stream never drains between tasks.
   Chunk<VEC> wa[kUnroll], wb[kUnroll];
-  auto load_batch = [&](int base) {
+  int64_t task = blockIdx.x;
+  int64_t group = task * gpb + warp / kw;
+  const uint16_t *p0, *p1;
+  int64_t r0, r1;
+  rows_of(group < a.groups ? group : 0, p0, p1, r0, r1);
+  auto load_batch = [&](int base, bool active) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int c = base + gt + u * gsize;
-      if (c < nchunks) {
+      if (active && c < nchunks) {
         wa[u] = load_w<VEC>(p0 + int64_t(c) * VEC);
         wb[u] = load_w<VEC>(p1 + int64_t(c) * VEC);
       }
     }
   };
-  auto prefetch_batch = [&](int base) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = base + gt + u * gsize;
-      if (c < nchunks) {
-        prefetch_l2(p0 + int64_t(c) * VEC);
-        if (p1 != p0) prefetch_l2(p1 + int64_t(c) * VEC);
-      }
-    }
-  };
 
   // Weights first: they don't depend on earlier kernels.
-  load_batch(0);
-  prefetch_batch(step);
+  load_batch(0, group < a.groups);
+  if (group < a.groups) prefetch_group(group, step);
+  prefetch_group((task + gridDim.x) * gpb + warp / kw, 0);
   pdl_launch_dependents();
   pdl_wait();  // from here on, earlier kernels' results are visible
   stage_x<NT, MODE>(a, xs, red);
   __syncthreads();
 
-  float acc0[NT], acc1[NT];
+  for (bool first = true; task < n_tasks; task += gridDim.x, first = false) {
+    group = task * gpb + warp / kw;
+    const bool active = group < a.groups;  // the last task may have idle groups
+    if (!first) {
+      if (active) rows_of(group, p0, p1, r0, r1);
+      load_batch(0, active);  // in L2 already (prefetched a task ahead)
+      prefetch_group((task + gridDim.x) * gpb + warp / kw, 0);
+    }
+    float acc0[NT], acc1[NT];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) acc0[t] = 0.0f, acc1[t] = 0.0f;
+    for (int t = 0; t < NT; ++t) acc0[t] = 0.0f, acc1[t] = 0.0f;
 
-  for (int base = 0;;) {
+    if (active) {
+      for (int base = 0;;) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int c = base + gt + u * gsize;
-      if (c < nchunks) {
+        for (int u = 0; u < kUnroll; ++u) {
+          const int c = base + gt + u * gsize;
+          if (c < nchunks) {
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          const Chunk<VEC> xv = load_x<VEC>(xs + t * a.cols_pad + int64_t(c) * VEC);
-          acc0[t] = dot_chunk<VEC>(wa[u], xv, acc0[t]);
-          acc1[t] = dot_chunk<VEC>(wb[u], xv, acc1[t]);
+            for (int t = 0; t < NT; ++t) {
+              const Chunk<VEC> xv = load_x<VEC>(xs + t * a.cols_pad + int64_t(c) * VEC);
+              acc0[t] = dot_chunk<VEC>(wa[u], xv, acc0[t]);
+              acc1[t] = dot_chunk<VEC>(wb[u], xv, acc1[t]);
+            }
+          }
         }
+        base += step;
+        if (base >= nchunks) break;
+        load_batch(base, true);  // in L2 already (prefetched)
       }
     }
-    base += step;
-    if (base >= nchunks) break;
-    load_batch(base);  // the second batch is in L2 already (prefetched at the start)
-  }
 
-  // Warp sums (xor butterfly: every lane holds the same bits).
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      acc0[t] += __shfl_xor_sync(0xffffffffu, acc0[t], o);
-      acc1[t] += __shfl_xor_sync(0xffffffffu, acc1[t], o);
-    }
-  }
-  if (kw > 1) {  // uniform over the block
-    if (lane == 0) {
-#pragma unroll
-      for (int t = 0; t < NT; ++t) part[warp][0][t] = acc0[t], part[warp][1][t] = acc1[t];
-    }
-    __syncthreads();
-    if (warp % kw != 0) return;
+    // Warp sums (xor butterfly: every lane holds the same bits).
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      float s0 = part[warp][0][t], s1 = part[warp][1][t];
-      for (int k = 1; k < kw; ++k) s0 += part[warp + k][0][t], s1 += part[warp + k][1][t];
-      acc0[t] = s0, acc1[t] = s1;
-    }
-  }
-  if (!active || lane != 0) return;
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    float* yr = a.y + t * a.ldy;
-    if (SWIGLU) {
-      yr[r0] = silu_f(acc0[t]) * acc1[t];  // as cuda::silu_mul
-    } else {
-      yr[r0] = a.accumulate ? yr[r0] + acc0[t] : acc0[t];
-      if (r1 != r0) yr[r1] = a.accumulate ? yr[r1] + acc1[t] : acc1[t];
+      for (int o = 16; o > 0; o >>= 1) {
+        acc0[t] += __shfl_xor_sync(0xffffffffu, acc0[t], o);
+        acc1[t] += __shfl_xor_sync(0xffffffffu, acc1[t], o);
+      }
+    }
+    bool writer = active && lane == 0;
+    if (kw > 1) {  // uniform over the block
+      if (lane == 0) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) part[warp][0][t] = acc0[t], part[warp][1][t] = acc1[t];
+      }
+      __syncthreads();
+      if (warp % kw == 0) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          float s0 = part[warp][0][t], s1 = part[warp][1][t];
+          for (int k = 1; k < kw; ++k) s0 += part[warp + k][0][t], s1 += part[warp + k][1][t];
+          acc0[t] = s0, acc1[t] = s1;
+        }
+      }
+      writer = writer && warp % kw == 0;
+      __syncthreads();  // part is rewritten by the next task
+    }
+    if (writer) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        float* yr = a.y + t * a.ldy;
+        if (SWIGLU) {
+          yr[r0] = silu_f(acc0[t]) * acc1[t];  // as cuda::silu_mul
+        } else {
+          yr[r0] = a.accumulate ? yr[r0] + acc0[t] : acc0[t];
+          if (r1 != r0) yr[r1] = a.accumulate ? yr[r1] + acc1[t] : acc1[t];
+        }
+      }
     }
   }
 }
@@ -478,29 +489,27 @@ int max_dynamic_smem(int dev) {
   return v;
 }
 
-// PDL switch: -1 not read yet, 0 off, 1 on. HYMBA_GEMV_PDL=0 (or off/false)
-// turns it off; set_gemv_pdl overrides.
-std::atomic<int> g_pdl{-1};
-
-bool pdl_enabled() {
-  int v = g_pdl.load(std::memory_order_relaxed);
-  if (v < 0) {
-    const char* e = std::getenv("HYMBA_GEMV_PDL");
-    const bool off = e && (std::strcmp(e, "0") == 0 || std::strcmp(e, "off") == 0 || std::strcmp(e, "false") == 0);
-    int expected = -1;
-    g_pdl.compare_exchange_strong(expected, off ? 0 : 1);
-    v = g_pdl.load(std::memory_order_relaxed);
+// Multiprocessors of device dev (cached).
+int sm_count(int dev) {
+  static std::atomic<int> cache[kMaxDevices];  // 0: not asked yet
+  if (dev >= 0 && dev < kMaxDevices) {
+    const int c = cache[dev].load(std::memory_order_relaxed);
+    if (c > 0) return c;
   }
-  return v == 1;
+  int v = 0;
+  if (dev < 0 || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
 }
 
 template <int NT, int VEC, int MODE, bool SWIGLU>
-void launch_t(const GemvArgs& a, unsigned blocks, size_t smem, int dev, bool pdl, cudaStream_t stream) {
+void launch_t(const GemvArgs& a, unsigned blocks, size_t smem, int dev, cudaStream_t stream) {
   auto* k = gemv_kernel<NT, VEC, MODE, SWIGLU>;
-  // Per device: 0 unknown; else 1 + (smem granted), and whether the code on
-  // this device has the PDL wait (compiled for sm_90+: PTX version >= 90).
+  // Per device: the dynamic shared memory granted so far (0: none asked).
   static std::atomic<size_t> granted[kMaxDevices];
-  static std::atomic<int> has_pdl[kMaxDevices];  // 0 unknown, 1 no, 2 yes
   const bool cached = dev >= 0 && dev < kMaxDevices;
   if (smem > (40u << 10)) {
     // Past 48 KB (static included) a kernel must opt in: once per kernel,
@@ -514,53 +523,23 @@ void launch_t(const GemvArgs& a, unsigned blocks, size_t smem, int dev, bool pdl
       }
     }
   }
-  if (pdl) {
-    int h = cached ? has_pdl[dev].load(std::memory_order_relaxed) : 0;
-    if (h == 0) {
-      cudaFuncAttributes fa{};
-      if (cudaFuncGetAttributes(&fa, k) == cudaSuccess) {
-        h = fa.ptxVersion >= 90 ? 2 : 1;
-        if (cached) has_pdl[dev].store(h, std::memory_order_relaxed);
-      } else {
-        (void)cudaGetLastError();
-        h = 1;
-      }
-    }
-    pdl = h == 2;
-  }
-  if (pdl) {
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    HYMBA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, k, a));
-    return;
-  }
-  k<<<blocks, kThreads, smem, stream>>>(a);
-  HYMBA_CUDA_LAUNCHED("gemv");
+  launch_pdl("gemv", k, dim3(blocks), dim3(kThreads), smem, stream, a);
 }
 
 struct Launch {
   unsigned blocks;
   size_t smem;
   int dev;
-  bool pdl;
   cudaStream_t stream;
 };
 
 template <int NT, int MODE, bool SWIGLU>
 void launch_vec(const GemvArgs& a, int vec, const Launch& l) {
   switch (vec) {
-    case 8: return launch_t<NT, 8, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
-    case 4: return launch_t<NT, 4, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
-    case 2: return launch_t<NT, 2, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
-    default: return launch_t<NT, 1, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.pdl, l.stream);
+    case 8: return launch_t<NT, 8, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.stream);
+    case 4: return launch_t<NT, 4, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.stream);
+    case 2: return launch_t<NT, 2, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.stream);
+    default: return launch_t<NT, 1, MODE, SWIGLU>(a, l.blocks, l.smem, l.dev, l.stream);
   }
 }
 
@@ -592,9 +571,13 @@ bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
   a.groups = swiglu ? a.rows : (a.rows + 1) / 2;
   a.kw = warps_per_group(a.groups, a.cols / vec);
   const int64_t per_block = kWarps / a.kw;
-  const int64_t blocks = (a.groups + per_block - 1) / per_block;
-  if (blocks > 0x7fffffff) return false;
-  const Launch l{unsigned(blocks), smem, dev, pdl_enabled(), stream};
+  const int64_t tasks = (a.groups + per_block - 1) / per_block;
+  // At most 2 blocks per SM (1 beyond 4 tokens: twice the registers), so
+  // that the next kernel's blocks fit beside them (PDL); the blocks loop
+  // over the tasks. (A row's result does not depend on the grid.)
+  const int64_t resident = int64_t(sm_count(dev)) * (n <= 4 ? 2 : 1);
+  const int64_t blocks = tasks < resident ? tasks : resident;
+  const Launch l{unsigned(blocks), smem, dev, stream};
   if (swiglu) launch_n<kNorm, true>(a, n, vec, l);
   else if (mode == kPlain) launch_n<kPlain, false>(a, n, vec, l);
   else if (mode == kNorm) launch_n<kNorm, false>(a, n, vec, l);
@@ -604,7 +587,7 @@ bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
 
 }  // namespace
 
-void set_gemv_pdl(bool on) { g_pdl.store(on ? 1 : 0, std::memory_order_relaxed); }
+void set_gemv_pdl(bool on) { set_pdl(on); }
 bool gemv_pdl() { return pdl_enabled(); }
 
 bool gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool accumulate,

@@ -7,6 +7,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace hymba::cuda {
 
@@ -84,6 +85,8 @@ __global__ void conv_silu_batch_kernel(const ConvArgs* entries, int64_t channel_
 
 // A short chunk of one sequence (decode): one launch instead of conv + state.
 __global__ void conv_silu_short_kernel(const ConvArgs a) {
+  pdl_launch_dependents();
+  pdl_wait();  // (launch.cuh) x and the state come from earlier kernels
   const int64_t c = blockIdx.x * int64_t(kConvBatchThreads) + threadIdx.x;
   if (c < a.channels) conv_channel(a, c);
 }
@@ -263,8 +266,23 @@ __global__ void __launch_bounds__(kScanThreads) normed_scan_step_kernel(ScanArgs
     w[j] = live && k < R ? load_as_f32(in.dt_proj.data, WT, c * R + k) : 0.0f;
   }
   float h[kMaxK], A[kMaxK];
-  load_lane_states(a, c, live, lane, h, A);
+  const int64_t N_ = a.d_state;
+  const int nk = int((N_ + kLanes - 1) / kLanes);
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k) {
+    const int64_t s = lane + int64_t(k) * kLanes;
+    A[k] = live && k < nk && s < N_ ? a.A[c * N_ + s] : 0.0f;
+  }
   const float bias = live ? a.dt_bias[c] : 0.0f, D = live ? a.D[c] : 0.0f;
+  // Only weights above (launch.cuh): the state and activations come from
+  // earlier kernels.
+  pdl_launch_dependents();
+  pdl_wait();
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k) {
+    const int64_t s = lane + int64_t(k) * kLanes;
+    h[k] = live && k < nk && s < N_ ? a.state[c * N_ + s] : 0.0f;
+  }
   float u[kFusedMaxTokens], z[kFusedMaxTokens];
 #pragma unroll
   for (int t = 0; t < kFusedMaxTokens; ++t) {
@@ -650,9 +668,9 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
   const int64_t cblocks = (channels + kConvThreads - 1) / kConvThreads;
   check(cblocks <= 0x7fffffff, "causal_conv_silu: too many channels (", channels, ")");
   if (n <= 4) {  // decode: tokens run in order per channel, state shifted in the same kernel
-    conv_silu_short_kernel<<<unsigned((channels + kConvBatchThreads - 1) / kConvBatchThreads), kConvBatchThreads, 0,
-                             stream>>>(ConvArgs{x, ldx, n, channels, weight, bias, k_width, state, y, ldy});
-    HYMBA_CUDA_LAUNCHED("conv_silu_short");
+    launch_pdl("conv_silu_short", conv_silu_short_kernel,
+               dim3(unsigned((channels + kConvBatchThreads - 1) / kConvBatchThreads)), dim3(kConvBatchThreads), 0,
+               stream, ConvArgs{x, ldx, n, channels, weight, bias, k_width, state, y, ldy});
     return;
   }
   const dim3 grid(unsigned(cblocks), unsigned(std::min<int64_t>(n, 65535)));
@@ -712,20 +730,20 @@ bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cud
   const int64_t blocks = (a.channels + kChannels - 1) / kChannels;
   if (blocks > 0x7fffffff) return false;
   const size_t smem = sizeof(float) * size_t(a.n * (R + 2 * a.d_state));
+  const dim3 grid{unsigned(blocks)}, block{unsigned(kScanThreads)};
   switch (in.dt_proj.dtype) {
     case DType::F32:
-      normed_scan_step_kernel<DType::F32><<<unsigned(blocks), kScanThreads, smem, stream>>>(a, in);
+      launch_pdl("normed_scan_step", normed_scan_step_kernel<DType::F32>, grid, block, smem, stream, a, in);
       break;
     case DType::BF16:
-      normed_scan_step_kernel<DType::BF16><<<unsigned(blocks), kScanThreads, smem, stream>>>(a, in);
+      launch_pdl("normed_scan_step", normed_scan_step_kernel<DType::BF16>, grid, block, smem, stream, a, in);
       break;
     case DType::F16:
-      normed_scan_step_kernel<DType::F16><<<unsigned(blocks), kScanThreads, smem, stream>>>(a, in);
+      launch_pdl("normed_scan_step", normed_scan_step_kernel<DType::F16>, grid, block, smem, stream, a, in);
       break;
     default:
       return false;
   }
-  HYMBA_CUDA_LAUNCHED("normed_scan_step");
   return true;
 }
 

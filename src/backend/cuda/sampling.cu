@@ -217,6 +217,31 @@ __global__ void __launch_bounds__(kThreads) sample_rows(const RowDesc* __restric
   auto add_d = [](double a, double b) { return a + b; };
   auto add_i = [](int a, int b) { return a + b; };
 
+  // Greedy without a penalty (the common decode case): one pass over the
+  // logits for the checks and the argmax, no key array.
+  if (d.temperature == 0.0f && d.n_hist <= 0) {
+    int bad = INT_MAX, n_fin = 0;
+    unsigned long long best = 0;
+#pragma unroll 8
+    for (int i = tid; i < n; i += kThreads) {
+      const float v = logits[i];
+      if ((v != v || v == __int_as_float(0x7f800000)) && i < bad) bad = i;
+      const uint32_t k = key_of(v);
+      const unsigned long long b = (static_cast<unsigned long long>(k) << 32) | (0xffffffffu - uint32_t(i));
+      best = b > best ? b : best;
+      n_fin += k != kNegInfKey;
+    }
+    bad = block_reduce(bad, [](int a, int b) { return a < b ? a : b; }, sh.red_i);
+    best = block_reduce(best, [](unsigned long long a, unsigned long long b) { return a > b ? a : b; }, sh.red_u);
+    n_fin = block_reduce(n_fin, add_i, sh.red_i);
+    if (tid == 0) {
+      if (bad != INT_MAX) out[blockIdx.x] = RowOut{-1, logits[bad] != logits[bad] ? kNaN : kPosInf, bad};
+      else if (n_fin == 0) out[blockIdx.x] = RowOut{-1, kNoFinite, 0};
+      else out[blockIdx.x] = RowOut{int32_t(0xffffffffu - uint32_t(best)), kOk, 0};
+    }
+    return;
+  }
+
   // 1. The first NaN / +inf, as the host reports it.
   int bad = INT_MAX;
   for (int i = tid; i < n; i += kThreads) {
