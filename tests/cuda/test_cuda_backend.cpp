@@ -126,6 +126,66 @@ TEST_F(CudaVsCpu, Matmul) {
   }
 }
 
+// Prefill/batch-sized fused products (n > 8, bf16 weights) normalise
+// straight into the GEMM operand (cuda::norm_pack_bf16): the result must be
+// bit-identical to the same backend's default composition (rmsnorm,
+// average_into, the bf16 rounding, then the same GEMM), so the fusion
+// changes no number; and close to the CPU backend.
+TEST_F(CudaVsCpu, FusedProductsForLargeNMatchTheComposition) {
+  const float eps = 1e-6f;
+  for (int64_t n : {9, 64, 300}) {
+    for (const auto& [rows, cols, pad] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{512, 320, 0},
+                                                                                          {96, 203, 5}}) {
+      const std::string what = "n=" + std::to_string(n) + " " + std::to_string(rows) + "x" + std::to_string(cols);
+      const int64_t ldx = cols + pad;
+      const std::vector<uint8_t> w = store_as(randn(size_t(rows * cols), 0.0f, 0.05f), DType::BF16);
+      const std::vector<uint8_t> w2 = store_as(randn(size_t(rows * cols), 0.0f, 0.05f), DType::BF16);
+      const MatrixView dw{up(w), DType::BF16, rows, cols}, dw2{up(w2), DType::BF16, rows, cols};
+      const std::vector<float> x = randn(size_t(n * ldx), 0.2f, 2.0f), x2 = randn(size_t(n * ldx), -0.1f, 0.5f);
+      const std::vector<float> nw = uniform(size_t(cols), 0.5f, 1.5f), nw2 = uniform(size_t(cols), 0.2f, 1.2f);
+      const std::vector<float> y0 = randn(size_t(n * rows));
+      float* scratch = up(std::vector<float>(size_t(n * ldx)));
+      float* scratch2 = up(std::vector<float>(size_t(n * rows)));
+      auto same = [&](const char* op, float* fused, float* composed) {
+        const std::vector<float> a = down(fused, y0.size()), b = down(composed, y0.size());
+        EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * 4), 0) << op << " fused != composed: " << what;
+        return a;
+      };
+      {  // norm_matmul, accumulating
+        float *yf = up(y0), *yd = up(y0);
+        gpu_->norm_matmul(dw, up(x), n, ldx, up(nw), eps, scratch, yf, rows, true);
+        gpu_->Backend::norm_matmul(dw, up(x), n, ldx, up(nw), eps, scratch, yd, rows, true);
+        const std::vector<float> g = same("norm_matmul", yf, yd);
+        std::vector<float> yc = y0, sc(size_t(n * cols));
+        cpu_->norm_matmul({w.data(), DType::BF16, rows, cols}, x.data(), n, ldx, nw.data(), eps, sc.data(),
+                          yc.data(), rows, true);
+        expect_close("norm_matmul_packed", what, g, yc, 2e-5);
+      }
+      {  // fuse_branches_matmul (the default overwrites a and b: fresh copies each)
+        float *yf = up(y0), *yd = up(y0);
+        gpu_->fuse_branches_matmul(dw, up(x), ldx, up(x2), ldx, n, up(nw), up(nw2), eps, yf, rows, false);
+        gpu_->Backend::fuse_branches_matmul(dw, up(x), ldx, up(x2), ldx, n, up(nw), up(nw2), eps, yd, rows, false);
+        const std::vector<float> g = same("fuse_branches_matmul", yf, yd);
+        std::vector<float> yc = y0, a = x, b = x2;
+        cpu_->fuse_branches_matmul({w.data(), DType::BF16, rows, cols}, a.data(), ldx, b.data(), ldx, n, nw.data(),
+                                   nw2.data(), eps, yc.data(), rows, false);
+        expect_close("fuse_branches_packed", what, g, yc, 2e-5);
+      }
+      {  // norm_swiglu
+        float *of = up(y0), *od = up(y0);
+        gpu_->norm_swiglu(dw, dw2, up(x), n, ldx, up(nw), eps, scratch, scratch2, of, rows);
+        gpu_->Backend::norm_swiglu(dw, dw2, up(x), n, ldx, up(nw), eps, scratch, scratch2, od, rows);
+        const std::vector<float> g = same("norm_swiglu", of, od);
+        std::vector<float> oc = y0, sn(size_t(n * cols)), su(size_t(n * rows));
+        cpu_->norm_swiglu({w.data(), DType::BF16, rows, cols}, {w2.data(), DType::BF16, rows, cols}, x.data(), n,
+                          ldx, nw.data(), eps, sn.data(), su.data(), oc.data(), rows);
+        expect_close("norm_swiglu_packed", what, g, oc, 2e-5);
+      }
+      TearDown();
+    }
+  }
+}
+
 // ---------------------------------------------------------------- rmsnorm, rope
 
 TEST_F(CudaVsCpu, RmsNorm) {

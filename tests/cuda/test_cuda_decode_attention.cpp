@@ -194,6 +194,22 @@ TEST_F(DecodeAttention, SingleVsCpu) {
       {"large logits", 25, 5, 64, 128, 3000, 1024, 128, window_layout(3000, 128, 1024, 200), 5.0f},
       {"unaligned rows (general kernel)", 25, 5, 64, 128, 1200, -1, 0, {{0, 1200, B, 1}, {1200, 1, F}}},
       {"head dim 32 (general kernel)", 4, 2, 32, 48, 500, -1, 0, global_layout(500)},
+      // The single-sequence kernel's chunking (after the general kernel's
+      // split states in the same scratch): chunks of 64 bf16 / 32 fp32 keys
+      // cut at range ends, longer chunks (several sub-tiles) at long contexts,
+      // a merge by the last block of each kv head.
+      {"global 8192 keys (multi-tile chunks), 64/128", 25, 5, 64, 128, 8191, -1, 0, global_layout(8191)},
+      {"global 8192 keys, 64/64", 25, 5, 64, 64, 8191, -1, 0, global_layout(8191)},
+      {"GQA 4/2 (group 2), global 5000", 4, 2, 64, 128, 4999, -1, 0, global_layout(4999)},
+      {"GQA 16/2 (group 8), global 9000, 64/64", 16, 2, 64, 64, 8999, -1, 0, global_layout(8999)},
+      {"one bf16 segment holding the query's row", 25, 5, 64, 128, 1500, -1, 0, {{0, 1501, B}}},
+      {"one segment, window 1024 meta 128", 25, 5, 64, 128, 3000, 1024, 128, {{0, 3001, B}}},
+      {"window 5 < a chunk, no meta", 25, 5, 64, 128, 2000, 5, 0, window_layout(2000, 0, 1024, 300)},
+      {"window 70, meta 1, ring wrapped", 25, 5, 64, 64, 2000, 70, 1, window_layout(2000, 1, 80, 33)},
+      {"fp32 chunk of 70 rows after bf16", 25, 5, 64, 128, 1069, -1, 0, {{0, 1000, B}, {1000, 70, F}}},
+      {"fp32 rows first, then f16", 8, 2, 128, 64, 600, -1, 0, {{0, 97, F}, {97, 503, H}, {600, 1, F}}},
+      {"64 kv heads (group 1), 3000 keys", 64, 64, 64, 64, 2999, -1, 0, global_layout(2999)},
+      {"65 keys (a chunk and one key)", 25, 5, 64, 128, 64, -1, 0, {{0, 65, B}}},
   };
   for (const DCase& c : cases) {
     SCOPED_TRACE(c.name);

@@ -23,10 +23,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace hymba::cuda {
 
@@ -43,6 +46,10 @@ constexpr int kBatchSegments = 8;  // segments a batched entry holds inline
 constexpr int kBatchMinTilesPerSplit = 2;
 constexpr int kBatchMaxSplits = 64;
 constexpr int kBatchDVL = 4;  // the batched kernel's value columns per lane: head_dim_v <= 128
+// The single-sequence decode's per-kv-head counters (fast decode, below)
+// head the attention scratch; every kernel's partial states lie after them.
+constexpr int kFMaxKv = 1024;
+constexpr size_t kFCounterBytes = size_t(kFMaxKv) * sizeof(unsigned);
 
 struct SegDesc {
   const void* k;
@@ -1312,7 +1319,7 @@ void attention_decode(const AttentionArgs& a, int splits, void* scratch, cudaStr
   if (nc > 1) {
     check(scratch != nullptr, "attention: split-key launch without scratch");
     const size_t rows = size_t(a.n_heads) * size_t(nc);
-    p.part_m = static_cast<float*>(scratch);
+    p.part_m = reinterpret_cast<float*>(static_cast<char*>(scratch) + kFCounterBytes);  // past the counters
     p.part_l = p.part_m + rows;
     p.part_acc = p.part_l + rows;
     p.one.prow0 = 0;
@@ -1322,9 +1329,564 @@ void attention_decode(const AttentionArgs& a, int splits, void* scratch, cudaStr
 
 }  // namespace
 
+// ---------------------------------------------------------------- fast single-sequence decode
+//
+// The single-sequence decode (Backend::attention, n_q == 1) in one launch:
+// grid (chunk, kv head), kFThreads threads. The visible key ranges
+// (for_each_range) are cut into chunks, never across a range, so a block's
+// keys come from one segment and one dtype (the block picks its code path
+// once). A chunk is `sub` sub-tiles of kFTile16 keys (16-bit K/V) or
+// kFTile16 / 2 (fp32: the same bytes); `sub` grows with the context so the
+// grid stays near 2 blocks per SM. Per sub-tile:
+//  * every thread issues its 16-byte K and V loads at once (the next
+//    sub-tile's K loads go out as soon as the scores are done, its V loads
+//    after P.V: the loads of a long chunk overlap the math);
+//  * scores: thread (key, 16-byte slice of the K row) dots its slice with
+//    the G query heads (Q scaled, in shared memory); the slice sums go
+//    through shared memory;
+//  * softmax: warp h sums head h's slices per key in a fixed order, updates
+//    the running max and denominator (online softmax, fp32, expf) and leaves
+//    the probabilities in shared memory;
+//  * P.V: thread (key subset, 16-byte slice of the V row) accumulates G x
+//    (slice) outputs in registers, rescaled by the max correction.
+// At the end the threads sharing a V slice are summed (shuffles, then the
+// warps in shared memory, fixed order), and the block writes the output (one
+// chunk) or its partial state (m, l, acc) to scratch. The last block of a kv
+// head to finish (threadfence + counter) merges that head's chunks in chunk
+// order (the result does not depend on which block is last), writes the
+// output and zeroes the counter for the next launch (CUDA graph replays
+// included). The counters sit at the head of the attention scratch
+// (kFCounterBytes, zeroed when the backend allocates it); every partial
+// state, this path's and the general kernel's, lies after them.
+//
+// Launched with PDL: before pdl_wait a block reads only its parameters (the
+// chunk's range) and writes nothing.
+
+namespace {
+
+constexpr int kFThreads = 256;
+constexpr int kFWarps = kFThreads / 32;
+constexpr int kFTile16 = 64;          // keys per sub-tile with 16-bit K/V (fp32: 32)
+constexpr int kFRanges = 2 * kDecSegments;
+constexpr int kFMaxChunks = 256;      // chunks per kv head (the merge's shared weights)
+constexpr int kFMaxG = 8;
+constexpr int kFBlocksPerSm = 2;      // grid target (short contexts have fewer blocks)
+
+// A visible key range of one segment: rows [0, len) from k / v (row 0 is
+// the range's first row, kv head 0), cut into chunks of ckeys keys numbered
+// from chunk0.
+struct FRange {
+  const char* k;
+  const char* v;
+  int64_t len, ckeys;
+  int ld_k, ld_v;  // bytes between rows (< 2^31: fast_ok)
+  int chunk0;
+  int dt;  // 0 bf16, 1 f16, 2 fp32
+};
+
+struct FParams {
+  const float* q;
+  float* out;
+  float* part;          // acc [rows][dv], then m [rows], l [rows]; rows = n_kv * n_chunks * group
+  unsigned* counters;   // [n_kv], zero between launches
+  float scale;
+  int group;            // query heads per kv head (<= G)
+  int n_chunks;         // per kv head
+  int n_rg;
+  FRange rg[kFRanges];
+};
+
+template <DType DT>
+__host__ __device__ constexpr int f_elems() { return DT == DType::F32 ? 4 : 8; }  // elements per 16 bytes
+
+template <DType DT>
+__device__ __forceinline__ void f_unpack(const uint4 w, float (&x)[f_elems<DT>()]) {
+  if constexpr (DT == DType::F32) {
+    x[0] = __uint_as_float(w.x), x[1] = __uint_as_float(w.y);
+    x[2] = __uint_as_float(w.z), x[3] = __uint_as_float(w.w);
+  } else {
+    const uint32_t u[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {  // little-endian pairs: element 2k in the low half
+      if constexpr (DT == DType::BF16) {
+        x[2 * k] = __uint_as_float(u[k] << 16);
+        x[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
+      } else {
+        x[2 * k] = f16_bits_to_f32(uint16_t(u[k] & 0xffffu));
+        x[2 * k + 1] = f16_bits_to_f32(uint16_t(u[k] >> 16));
+      }
+    }
+  }
+}
+
+// The shared floats the union region needs: the score slices, the warps'
+// outputs, or the merge.
+template <int G, int DQ, int DV>
+__host__ __device__ constexpr int f_union_floats() {
+  const int part16 = G * kFTile16 * (DQ / 8 + 4), part32 = G * (kFTile16 / 2) * (DQ / 4 + 4);
+  const int red = kFWarps * G * DV;
+  const int merge = 2 * kFMaxChunks * G + 16 + 4 * kFThreads;
+  int m = part16 > part32 ? part16 : part32;
+  m = m > red ? m : red;
+  return m > merge ? m : merge;
+}
+
+// The n keys of a chunk (rows from kb / vb, already at the chunk's first
+// row, kv head g's columns) for the block: fills sQ, leaves the block's
+// state in sRed ([warp][G][DV] sums to take over the warps) and sFin (m
+// [G], l [G]).
+template <int G, int DQ, int DV, DType DT>
+__device__ __forceinline__ void f_chunk(const FParams& P, const char* kb, const char* vb, int ld_k, int ld_v,
+                                        int n, int g, float* sQ, float* sU, float* sP, float* sCorr,
+                                        float* sFin) {
+  constexpr int E = f_elems<DT>();
+  constexpr int BK = kFTile16 * E / 8;                        // keys per sub-tile
+  constexpr int SK = DQ / E, KPS = kFThreads / SK, NPK = BK / KPS, LDP = SK + 4;
+  constexpr int SV = DV / E, VPS = kFThreads / SV, NPV = BK / VPS;
+  static_assert(SK <= 32 && SV <= 32 && NPK >= 1 && NPV >= 1 && BK % KPS == 0 && BK % VPS == 0 && BK % 32 == 0,
+                "fast decode tiling");
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int ks = tid % SK, kj = tid / SK;
+  const int vs = tid % SV, vj = tid / SV;
+  constexpr int ES = E == 4 ? 4 : 2;
+  kb += int64_t(g) * DQ * ES + ks * 16;
+  vb += int64_t(g) * DV * ES + vs * 16;
+  float* sPart = sU;  // [G][BK][LDP]: score slices
+  float* sRed = sU;   // [warp][G][DV] at the end (sPart is dead by then)
+
+  uint4 kr[NPK], vr[NPV];
+  auto load_k = [&](int t0) {
+    const int nk = min(BK, n - t0);
+#pragma unroll
+    for (int i = 0; i < NPK; ++i) {
+      const int j = kj + i * KPS;
+      kr[i] = j < nk ? __ldg(reinterpret_cast<const uint4*>(kb + (long long)(t0 + j) * ld_k)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  auto load_v = [&](int t0) {
+    const int nk = min(BK, n - t0);
+#pragma unroll
+    for (int i = 0; i < NPV; ++i) {
+      const int j = vj + i * VPS;
+      vr[i] = j < nk ? __ldg(reinterpret_cast<const uint4*>(vb + (long long)(t0 + j) * ld_v)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  if (n > 0) {  // the first sub-tile's K/V loads go out before Q's
+    load_k(0);
+    load_v(0);
+  }
+  for (int i = tid; i < G * DQ; i += kFThreads) {
+    const int h = i / DQ;
+    sQ[i] = h < P.group ? P.q[int64_t(g * P.group + h) * DQ + i % DQ] * P.scale : 0.0f;
+  }
+  __syncthreads();
+
+  float acc[G][E];
+#pragma unroll
+  for (int h = 0; h < G; ++h)
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[h][e] = 0.0f;
+  float m_run = -INFINITY, l_run = 0.0f;  // warp h < G: head h's running state
+
+  for (int t0 = 0; t0 < n; t0 += BK) {
+    const int nk = min(BK, n - t0);
+    const bool more = t0 + BK < n;
+    // Score slices (head-major: one head's Q slice live at a time).
+    float xk[NPK][E];
+#pragma unroll
+    for (int i = 0; i < NPK; ++i) f_unpack<DT>(kr[i], xk[i]);
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      float qh[E];
+#pragma unroll
+      for (int e4 = 0; e4 < E / 4; ++e4) {
+        const float4 qq = reinterpret_cast<const float4*>(sQ + h * DQ + ks * E)[e4];
+        qh[4 * e4] = qq.x, qh[4 * e4 + 1] = qq.y, qh[4 * e4 + 2] = qq.z, qh[4 * e4 + 3] = qq.w;
+      }
+#pragma unroll
+      for (int i = 0; i < NPK; ++i) {
+        float d = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) d = fmaf(qh[e], xk[i][e], d);
+        sPart[(h * BK + kj + i * KPS) * LDP + ks] = d;
+      }
+    }
+    if (more) load_k(t0 + BK);
+    __syncthreads();
+
+    // Softmax: warp h, keys lane + 32 i.
+    if (warp < G) {
+      const int h = warp;
+      constexpr int KPL = BK / 32;
+      float sc[KPL];
+      float tmax = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < KPL; ++i) {
+        const int j = lane + 32 * i;
+        float v = -INFINITY;
+        if (j < nk) {
+          const float4* p4 = reinterpret_cast<const float4*>(sPart + (h * BK + j) * LDP);
+          v = 0.0f;
+#pragma unroll
+          for (int s4 = 0; s4 < SK / 4; ++s4) {
+            const float4 a = p4[s4];
+            v += a.x;
+            v += a.y;
+            v += a.z;
+            v += a.w;
+          }
+        }
+        sc[i] = v;
+        tmax = fmaxf(tmax, v);
+      }
+      tmax = warp_max(tmax);  // finite: the sub-tile has a key
+      const float m_new = fmaxf(m_run, tmax);
+      const float corr = expf(m_run - m_new);  // 0 while m_run is -inf (l, acc are 0)
+      float ps = 0.0f;
+#pragma unroll
+      for (int i = 0; i < KPL; ++i) {
+        const float p = expf(sc[i] - m_new);  // masked: 0
+        sP[h * BK + lane + 32 * i] = p;
+        ps += p;
+      }
+      l_run = fmaf(l_run, corr, warp_sum(ps));
+      m_run = m_new;
+      if (lane == 0) sCorr[h] = corr;
+    }
+    __syncthreads();
+
+    // P.V.
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      const float cr = sCorr[h];
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[h][e] *= cr;
+    }
+#pragma unroll
+    for (int i = 0; i < NPV; ++i) {
+      const int j = vj + i * VPS;
+      float x[E];
+      f_unpack<DT>(vr[i], x);
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        const float p = sP[h * BK + j];
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, x[e], acc[h][e]);
+      }
+    }
+    if (more) load_v(t0 + BK);
+  }
+
+  // Sum the lanes sharing a V slice, then leave the warp's sums in sRed.
+#pragma unroll
+  for (int o = SV; o < 32; o <<= 1)
+#pragma unroll
+    for (int h = 0; h < G; ++h)
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], o);
+  if (lane < SV) {
+#pragma unroll
+    for (int h = 0; h < G; ++h)
+#pragma unroll
+      for (int e4 = 0; e4 < E / 4; ++e4)
+        *reinterpret_cast<float4*>(sRed + (warp * G + h) * DV + vs * E + 4 * e4) =
+            make_float4(acc[h][4 * e4], acc[h][4 * e4 + 1], acc[h][4 * e4 + 2], acc[h][4 * e4 + 3]);
+  }
+  if (warp < G && lane == 0) sFin[warp] = m_run, sFin[G + warp] = l_run;
+}
+
+// grid: x = chunk, y = kv head. Two blocks per SM (<= 128 registers) where the accumulators allow.
+template <int G, int DQ, int DV>
+__global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? 2 : 1) decode_fast_kernel(const FParams P) {
+  static_assert(G <= kFMaxG && G <= kFWarps && (DQ == 64 || DQ == 128) && (DV == 64 || DV == 128),
+                "fast decode shapes");
+  constexpr int DV4 = DV / 4;
+  __shared__ __align__(16) float sQ[G * DQ];
+  __shared__ __align__(16) float sP[G * kFTile16];
+  __shared__ __align__(16) float sU[f_union_floats<G, DQ, DV>()];
+  __shared__ float sCorr[G], sFin[2 * G], sInv[G];
+  __shared__ int sLast;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int c = blockIdx.x, g = blockIdx.y;
+
+  // Parameters only until pdl_wait: this chunk's range (constant indices:
+  // the parameters stay in the constant bank).
+  FRange R = P.rg[0];
+#pragma unroll
+  for (int i = 1; i < kFRanges; ++i)
+    if (i < P.n_rg && P.rg[i].chunk0 <= c) R = P.rg[i];
+  const int64_t row0 = int64_t(c - R.chunk0) * R.ckeys;
+  const int n = int(max(int64_t(0), min(R.ckeys, R.len - row0)));
+  const char* kb = R.k + row0 * R.ld_k;
+  const char* vb = R.v + row0 * R.ld_v;
+
+  pdl_wait();
+  pdl_launch_dependents();
+
+  if (R.dt == 0) f_chunk<G, DQ, DV, DType::BF16>(P, kb, vb, R.ld_k, R.ld_v, n, g, sQ, sU, sP, sCorr, sFin);
+  else if (R.dt == 1) f_chunk<G, DQ, DV, DType::F16>(P, kb, vb, R.ld_k, R.ld_v, n, g, sQ, sU, sP, sCorr, sFin);
+  else f_chunk<G, DQ, DV, DType::F32>(P, kb, vb, R.ld_k, R.ld_v, n, g, sQ, sU, sP, sCorr, sFin);
+  __syncthreads();
+
+  const int group = P.group, nc = P.n_chunks;
+  const int ncol = group * DV4;  // <= kFThreads
+  const int64_t rows = int64_t(gridDim.y) * nc * group;
+  float* const part_acc = P.part;
+  float* const part_m = P.part + rows * DV;
+  float* const part_l = part_m + rows;
+  const float* sRed = sU;
+
+  // The block's state per (head, 4 dims): the warps in order.
+  if (tid < ncol) {
+    const int h = tid / DV4, d4 = tid % DV4;
+    float4 A = *reinterpret_cast<const float4*>(sRed + h * DV + 4 * d4);
+#pragma unroll
+    for (int w = 1; w < kFWarps; ++w) {
+      const float4 b = *reinterpret_cast<const float4*>(sRed + (w * G + h) * DV + 4 * d4);
+      A.x += b.x, A.y += b.y, A.z += b.z, A.w += b.w;
+    }
+    if (nc == 1) {
+      const float L = sFin[G + h];
+      const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+      float* o = P.out + int64_t(g * group + h) * DV + 4 * d4;  // (any alignment)
+      o[0] = A.x * inv, o[1] = A.y * inv, o[2] = A.z * inv, o[3] = A.w * inv;
+    } else {
+      const int64_t row = (int64_t(g) * nc + c) * group + h;
+      *reinterpret_cast<float4*>(part_acc + row * DV + 4 * d4) = A;
+      if (d4 == 0) part_m[row] = sFin[h], part_l[row] = sFin[G + h];
+    }
+  }
+  if (nc == 1) return;
+
+  // The last block of kv head g merges its chunks.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) sLast = atomicAdd(P.counters + g, 1u) == unsigned(nc - 1);
+  __syncthreads();
+  if (!sLast) return;
+  __threadfence();
+  if (tid == 0) P.counters[g] = 0;  // every block of this launch has counted
+
+  // Column (head, 4 dims) over the chunks, split between S thread groups
+  // (chunks part, part + S, ... in that order). The first kFPre loads of a
+  // thread need no weight: they go out with the m, l loads.
+  float* sW = sU;                         // [nc][group]: m, then the weights
+  float* sL = sU + kFMaxChunks * G;       // [nc][group]
+  float4* sM4 = reinterpret_cast<float4*>(sU + 2 * kFMaxChunks * G + 16);  // [S][ncol]
+  const int64_t prow = int64_t(g) * nc * group;
+  const int S = max(1, kFThreads / ncol);
+  const bool active = tid < S * ncol;
+  const int col = tid % ncol, part = tid / ncol;
+  const int h = col / DV4, d4 = col % DV4;
+  const float4* src = reinterpret_cast<const float4*>(part_acc + (prow + h) * DV) + d4;
+  const int64_t stride4 = int64_t(group) * DV4;  // float4s between chunks
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kFPre = 20;  // a 1152-key window layout's chunk count
+#else
+  constexpr int kFPre = 16;  // (sm_80 spills with 20)
+#endif
+  float4 pre[kFPre];
+#pragma unroll
+  for (int k = 0; k < kFPre; ++k) {
+    const int cc = part + k * S;
+    pre[k] = active && cc < nc ? __ldcg(src + cc * stride4) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  for (int i = tid; i < nc * group; i += kFThreads) {
+    sW[i] = __ldcg(part_m + prow + i);
+    sL[i] = __ldcg(part_l + prow + i);
+  }
+  __syncthreads();
+  if (warp < group) {
+    const int hh = warp;
+    float M = -INFINITY;
+    for (int cc = lane; cc < nc; cc += 32) M = fmaxf(M, sW[cc * group + hh]);
+    M = warp_max(M);
+    float ls = 0.0f;
+    for (int cc = lane; cc < nc; cc += 32) {
+      const float ms = sW[cc * group + hh];
+      const float w = ms == -INFINITY ? 0.0f : expf(ms - M);
+      sW[cc * group + hh] = w;
+      ls = fmaf(w, sL[cc * group + hh], ls);
+    }
+    ls = warp_sum(ls);
+    if (lane == 0) sInv[hh] = ls > 0.0f ? 1.0f / ls : 0.0f;
+  }
+  __syncthreads();
+  if (active) {
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int k = 0; k < kFPre; ++k) {
+      const int cc = part + k * S;
+      const float w = cc < nc ? sW[cc * group + h] : 0.0f;
+      a.x = fmaf(w, pre[k].x, a.x), a.y = fmaf(w, pre[k].y, a.y), a.z = fmaf(w, pre[k].z, a.z),
+      a.w = fmaf(w, pre[k].w, a.w);
+    }
+#pragma unroll 8
+    for (int cc = part + kFPre * S; cc < nc; cc += S) {
+      const float w = sW[cc * group + h];
+      const float4 x = __ldcg(src + cc * stride4);
+      a.x = fmaf(w, x.x, a.x), a.y = fmaf(w, x.y, a.y), a.z = fmaf(w, x.z, a.z), a.w = fmaf(w, x.w, a.w);
+    }
+    sM4[part * ncol + col] = a;
+  }
+  __syncthreads();
+  if (tid < ncol) {
+    const int h = tid / DV4, d4 = tid % DV4;
+    float4 a = sM4[tid];
+    for (int s = 1; s < S; ++s) {
+      const float4 b = sM4[s * ncol + tid];
+      a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
+    }
+    const float inv = sInv[h];
+    float* o = P.out + int64_t(g * group + h) * DV + 4 * d4;
+    o[0] = a.x * inv, o[1] = a.y * inv, o[2] = a.z * inv, o[3] = a.w * inv;
+  }
+}
+
+using FKernel = void (*)(FParams);
+
+// The kernel for padded group gp and head dims (nullptr: not taken).
+FKernel fast_kernel_for(int gp, int dq, int dv) {
+#define HYMBA_FDEC(G, Q, V) \
+  if (gp == G && dq == Q && dv == V) return decode_fast_kernel<G, Q, V>;
+  HYMBA_FDEC(1, 64, 64) HYMBA_FDEC(2, 64, 64) HYMBA_FDEC(4, 64, 64) HYMBA_FDEC(5, 64, 64) HYMBA_FDEC(8, 64, 64)
+  HYMBA_FDEC(1, 64, 128) HYMBA_FDEC(2, 64, 128) HYMBA_FDEC(4, 64, 128) HYMBA_FDEC(5, 64, 128) HYMBA_FDEC(8, 64, 128)
+  HYMBA_FDEC(1, 128, 64) HYMBA_FDEC(2, 128, 64) HYMBA_FDEC(4, 128, 64)
+  HYMBA_FDEC(1, 128, 128) HYMBA_FDEC(2, 128, 128) HYMBA_FDEC(4, 128, 128)
+#undef HYMBA_FDEC
+  return nullptr;
+}
+
+// Whether the fast path takes a: what the decode kernels take (dec_ok), a
+// counter per kv head, fewer than 2^31 keys per segment.
+// HYMBA_DECODE_FAST=0 in the environment turns it off (A/B timing against
+// decode_kernel + decode_merge_kernel).
+bool fast_ok(const AttentionArgs& a) {
+  static const bool on = [] {
+    const char* e = std::getenv("HYMBA_DECODE_FAST");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  if (!on || !dec_ok(a) || a.n_kv_heads > kFMaxKv) return false;
+  if (!fast_kernel_for(dec_padded_group(a.n_heads / a.n_kv_heads), a.head_dim_qk, a.head_dim_v)) return false;
+  for (int s = 0; s < a.n_segments; ++s) {
+    const KVSegment& sg = a.segments[s];
+    const int64_t es = int64_t(dtype_size(sg.dtype));
+    if (sg.count >= (int64_t(1) << 31) || sg.ld_k * es >= (int64_t(1) << 31) || sg.ld_v * es >= (int64_t(1) << 31))
+      return false;
+  }
+  return true;
+}
+
+// a's visible key ranges (for_each_range for its one query).
+struct FLayout {
+  SegDesc sd[kDecSegments];
+  int n = 0;
+  int seg[kFRanges];
+  int64_t first[kFRanges], len[kFRanges];
+};
+struct FCollect {  // (a functor, not a host lambda: for_each_range is __host__ __device__)
+  FLayout* l;
+  __host__ __device__ void operator()(int s, int64_t first, int64_t len) const {
+    l->seg[l->n] = s, l->first[l->n] = first, l->len[l->n] = len;
+    ++l->n;
+  }
+};
+void fast_layout(const AttentionArgs& a, FLayout& l) {
+  l.n = 0;
+  for (int s = 0; s < a.n_segments; ++s) {
+    const KVSegment& sg = a.segments[s];
+    l.sd[s] = {sg.k, sg.v, sg.ld_k, sg.ld_v, sg.pos0, sg.count, sg.dtype};
+  }
+  for_each_range(l.sd, a.n_segments, a.window, a.n_always_visible, a.q_pos0, a.q_pos0, FCollect{&l});
+}
+
+int64_t fast_base(const FLayout& l, int r) { return l.sd[l.seg[r]].dtype == DType::F32 ? kFTile16 / 2 : kFTile16; }
+
+// The ranges cut into chunks of `sub` sub-tiles; returns the chunk count
+// (>= 1: no visible key is one empty chunk) and, with p, fills p's ranges.
+int64_t fast_ranges(const FLayout& l, int64_t sub, FParams* p) {
+  int64_t nc = 0;
+  for (int r = 0; r < l.n; ++r) {
+    const SegDesc& sg = l.sd[l.seg[r]];
+    const int64_t ck = sub * fast_base(l, r);
+    if (p) {
+      const int64_t es = int64_t(dtype_size(sg.dtype));
+      FRange& f = p->rg[r];
+      f.k = static_cast<const char*>(sg.k) + l.first[r] * sg.ld_k * es;
+      f.v = static_cast<const char*>(sg.v) + l.first[r] * sg.ld_v * es;
+      f.ld_k = int(sg.ld_k * es), f.ld_v = int(sg.ld_v * es);
+      f.len = l.len[r], f.ckeys = ck;
+      f.chunk0 = int(std::min<int64_t>(nc, 0x7fffffff));
+      f.dt = sg.dtype == DType::BF16 ? 0 : sg.dtype == DType::F16 ? 1 : 2;
+    }
+    nc += (l.len[r] + ck - 1) / ck;
+  }
+  if (p) p->n_rg = l.n;
+  if (l.n == 0) {  // nothing visible: one chunk without keys writes zeros
+    if (p) p->rg[0] = FRange{nullptr, nullptr, 0, kFTile16, 0, 0, 0, 0}, p->n_rg = 1;
+    nc = 1;
+  }
+  return nc;
+}
+
+// The smallest chunk length `sub` in 1 .. (one chunk per range) whose chunk
+// count passes ok (monotone: counts only fall as sub grows); the largest
+// when none does.
+template <typename Ok>
+int64_t fast_sub(const FLayout& l, Ok ok) {
+  int64_t lo = 1, hi = 1;
+  for (int r = 0; r < l.n; ++r) hi = std::max(hi, (l.len[r] + fast_base(l, r) - 1) / fast_base(l, r));
+  if (!ok(fast_ranges(l, hi, nullptr))) return hi;
+  while (lo < hi) {  // ok at hi
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (ok(fast_ranges(l, mid, nullptr))) hi = mid;
+    else lo = mid + 1;
+  }
+  return hi;
+}
+
+// Chunks per kv head for the single-sequence launch: the shortest chunks
+// that keep the grid within kFBlocksPerSm blocks per SM (and the merge
+// within kFMaxChunks).
+int fast_chunks(const AttentionArgs& a, int sm_count) {
+  FLayout l;
+  fast_layout(a, l);
+  const int64_t target = int64_t(kFBlocksPerSm) * std::max(sm_count, 1);
+  const int64_t n_kv = a.n_kv_heads;
+  const int64_t sub =
+      fast_sub(l, [&](int64_t nc) { return nc <= kFMaxChunks && nc * n_kv <= std::max(target, n_kv); });
+  return int(fast_ranges(l, sub, nullptr));
+}
+
+// The single-sequence decode in one launch; `splits`: fast_chunks' count.
+void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
+  FParams p{};
+  FLayout l;
+  fast_layout(a, l);
+  const int64_t sub = fast_sub(l, [&](int64_t nc) { return nc <= std::max(splits, 1); });
+  const int64_t nc = fast_ranges(l, sub, &p);
+  check(nc <= std::max(splits, 1) && nc <= kFMaxChunks, "attention: decode chunks (", nc,
+        ") beyond the scratch's (", splits, ")");
+  p.q = a.q, p.out = a.out, p.scale = a.scale;
+  p.group = a.n_heads / a.n_kv_heads;
+  p.n_chunks = int(nc);
+  if (nc > 1) {
+    check(scratch != nullptr, "attention: split-key launch without scratch");
+    p.counters = static_cast<unsigned*>(scratch);
+    p.part = reinterpret_cast<float*>(static_cast<char*>(scratch) + kFCounterBytes);
+  }
+  const FKernel k = fast_kernel_for(dec_padded_group(p.group), a.head_dim_qk, a.head_dim_v);
+  check(k != nullptr, "attention: no decode kernel for these heads");
+  launch_pdl("attention_decode_fast", k, dim3(unsigned(nc), unsigned(a.n_kv_heads)), dim3(kFThreads), 0, stream, p);
+}
+
+}  // namespace
+
 int attention_splits(const AttentionArgs& a, int sm_count) {
   validate(a);
   if (a.n_q <= 0) return 1;
+  if (fast_ok(a)) return fast_chunks(a, sm_count);  // attention() then takes the fast decode kernel
   if (dec_ok(a)) {  // attention() then takes the decode kernels: their chunk count
     DecEntry d;
     return int(dec_single_chunks(dec_entry(a, d), a.n_kv_heads, sm_count));
@@ -1348,9 +1910,12 @@ int attention_splits(const AttentionArgs& a, int sm_count) {
   return int(std::max<int64_t>(1, std::min<int64_t>({want, most, 1024})));
 }
 
+// The fast decode's counters first (kFCounterBytes, left zero by every
+// launch), then the partial states of whichever kernel runs.
 size_t attention_scratch_bytes(const AttentionArgs& a, int splits) {
   if (splits <= 1) return 0;
-  return sizeof(float) * size_t(splits) * size_t(a.n_q) * size_t(a.n_heads) * size_t(a.head_dim_v + 2);
+  return kFCounterBytes +
+         sizeof(float) * size_t(splits) * size_t(a.n_q) * size_t(a.n_heads) * size_t(a.head_dim_v + 2);
 }
 
 // The launch shape of a's heads; q_rows for a single-sequence launch.
@@ -1371,6 +1936,10 @@ size_t smem_bytes(const Shape& sh) {
 void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
   validate(a);
   if (a.n_q <= 0) return;
+  if (fast_ok(a)) {  // one query: the fast decode kernel
+    attention_fast(a, splits, scratch, stream);
+    return;
+  }
   if (dec_ok(a)) {  // one query: the decode kernels
     attention_decode(a, splits, scratch, stream);
     return;
@@ -1396,7 +1965,7 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
   if (p.sh.splits > 1) {
     check(scratch != nullptr, "attention: split-key launch without scratch");
     const size_t rows = size_t(p.sh.splits) * size_t(a.n_q) * size_t(a.n_heads);
-    jb.part_m = static_cast<float*>(scratch);
+    jb.part_m = reinterpret_cast<float*>(static_cast<char*>(scratch) + kFCounterBytes);  // past the counters
     jb.part_l = jb.part_m + rows;
     jb.part_acc = jb.part_l + rows;
   }

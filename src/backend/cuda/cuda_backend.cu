@@ -196,6 +196,12 @@ class CudaBackend final : public Backend {
     if (n <= cuda::kGemvMaxRows &&
         cuda::norm_gemv_bf16(W, x, n, ldx, norm_w, eps, y, ldy, accumulate, stream_))
       return;
+    if (W.dtype == DType::BF16 && n > 0 && W.rows > 0 && W.cols > 0) {  // prefill / batches: norm into the operand
+      int64_t ld_b = 0;
+      const void* b = norm_packed(x, ldx, norm_w, nullptr, 0, nullptr, n, W.cols, eps, ld_b);
+      gemm(W, b, ld_b, n, y, ldy, accumulate);
+      return;
+    }
     Backend::norm_matmul(W, x, n, ldx, norm_w, eps, scratch, y, ldy, accumulate);
   }
   void fuse_branches_matmul(const MatrixView& W, float* a, int64_t lda, float* b, int64_t ldb, int64_t n,
@@ -205,6 +211,12 @@ class CudaBackend final : public Backend {
     if (n <= cuda::kGemvMaxRows &&
         cuda::fuse_branches_gemv_bf16(W, a, lda, b, ldb, n, wa, wb, eps, y, ldy, accumulate, stream_))
       return;
+    if (W.dtype == DType::BF16 && n > 0 && W.rows > 0 && W.cols > 0) {
+      int64_t ld_p = 0;
+      const void* p = norm_packed(a, lda, wa, b, ldb, wb, n, W.cols, eps, ld_p);
+      gemm(W, p, ld_p, n, y, ldy, accumulate);
+      return;
+    }
     Backend::fuse_branches_matmul(W, a, lda, b, ldb, n, wa, wb, eps, y, ldy, accumulate);
   }
   void norm_swiglu(const MatrixView& Wg, const MatrixView& Wu, const float* x, int64_t n, int64_t ldx,
@@ -213,6 +225,15 @@ class CudaBackend final : public Backend {
     if (n <= cuda::kGemvMaxRows &&
         cuda::norm_swiglu_gemv_bf16(Wg, Wu, x, n, ldx, norm_w, eps, out, ldo, stream_))
       return;
+    if (Wg.dtype == DType::BF16 && Wu.dtype == DType::BF16 && Wg.cols == Wu.cols && Wg.rows == Wu.rows && n > 0 &&
+        Wg.rows > 0 && Wg.cols > 0) {  // one packed operand for both products
+      int64_t ld_b = 0;
+      const void* b = norm_packed(x, ldx, norm_w, nullptr, 0, nullptr, n, Wg.cols, eps, ld_b);
+      gemm(Wg, b, ld_b, n, out, ldo, false);
+      gemm(Wu, b, ld_b, n, scratch_up, Wu.rows, false);
+      silu_mul(out, ldo, scratch_up, Wu.rows, n, Wg.rows, out, ldo);
+      return;
+    }
     Backend::norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, out, ldo);
   }
   void prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
@@ -330,6 +351,9 @@ class CudaBackend final : public Backend {
       const size_t want = std::max(bytes, s.bytes * 3 / 2);
       HYMBA_CUDA_CHECK(cudaMalloc(&s.ptr, want));
       s.bytes = want;
+      // The single-sequence decode keeps per-kv-head counters at the head of
+      // this buffer and expects them zero (its kernels leave them zero).
+      if (slot == kScratchAttention) HYMBA_CUDA_CHECK(cudaMemsetAsync(s.ptr, 0, want, stream_));
     }
     return s.ptr;
   }
@@ -372,6 +396,18 @@ class CudaBackend final : public Backend {
     h.stage = [this](const void* host, size_t bytes) { return stage(host, bytes); };
     h.scratch = [this](size_t bytes) { return scratch_at(kScratchBatchPartial, bytes); };
     return h;
+  }
+
+  // y (+)= B W^T with B already in W's type (cuBLASLt).
+  void gemm(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, float* y, int64_t ldy, bool accumulate);
+  // rmsnorm(a) (or the average of the rmsnorms of a and b) as a bf16 GEMM
+  // operand in scratch (dense rows of ld_b = cols rounded up to 8).
+  const void* norm_packed(const float* a, int64_t lda, const float* wa, const float* b, int64_t ldb, const float* wb,
+                          int64_t n, int64_t cols, float eps, int64_t& ld_b) {
+    ld_b = (cols + 7) / 8 * 8;
+    auto* packed = static_cast<uint16_t*>(scratch_at(kScratchX, size_t(n) * size_t(ld_b) * 2));
+    cuda::norm_pack_bf16(a, lda, wa, b, ldb, wb, n, cols, eps, packed, ld_b, stream_);
+    return packed;
   }
 
   // The cached plan for a shape and operand alignments; nullptr when
@@ -476,19 +512,27 @@ void CudaBackend::matmul(const MatrixView& W, const float* x, int64_t n, int64_t
     matmul(MatrixView{wide, DType::F32, rows, cols}, x, n, ldx, y, ldy, accumulate);
     return;
   }
-  const int64_t es = int64_t(dtype_size(W.dtype));
-  auto round8 = [](int64_t v) { return (v + 7) / 8 * 8; };
   // B operand: x itself for fp32 weights; for bf16 weights x rounded to bf16
   // into dense rows padded to 16 bytes (as the CPU kernel and a bf16 model
   // compute).
   const void* b = x;
   int64_t ld_b = ldx;
   if (W.dtype != DType::F32) {
-    ld_b = round8(cols);
+    ld_b = (cols + 7) / 8 * 8;
     void* packed = scratch_at(kScratchX, size_t(n) * size_t(ld_b) * 2);
     cuda::store_rows(x, ldx, n, cols, W.dtype, packed, ld_b, stream_);
     b = packed;
   }
+  gemm(W, b, ld_b, n, y, ldy, accumulate);
+}
+
+// y (+)= B W^T through cuBLASLt, B (n x W.cols, leading dimension ld_b)
+// already in W's type.
+void CudaBackend::gemm(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, float* y, int64_t ldy,
+                       bool accumulate) {
+  const int64_t rows = W.rows, cols = W.cols;
+  const int64_t es = int64_t(dtype_size(W.dtype));
+  auto round8 = [](int64_t v) { return (v + 7) / 8 * 8; };
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   const GemmPlan* p = plan(W.dtype, rows, n, cols, cols, ld_b, ldy, alignment_of(W.data, cols * es),
                            alignment_of(b, ld_b * es), alignment_of(y, ldy * 4));
@@ -507,7 +551,7 @@ void CudaBackend::matmul(const MatrixView& W, const float* x, int64_t n, int64_t
   const void* b2 = b;
   if (W.dtype == DType::F32) {
     void* xc = scratch_at(kScratchX, size_t(n) * size_t(ld_b2) * 4);
-    HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(xc, size_t(ld_b2 * 4), x, size_t(ldx * 4), size_t(cols * 4), size_t(n),
+    HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(xc, size_t(ld_b2 * 4), b, size_t(ld_b * 4), size_t(cols * 4), size_t(n),
                                        cudaMemcpyDeviceToDevice, stream_));
     b2 = xc;
   }

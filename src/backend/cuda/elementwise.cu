@@ -6,6 +6,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/launch.cuh"
 
 namespace hymba::cuda {
 
@@ -40,6 +41,8 @@ __global__ void rmsnorm_kernel(const float* x, int64_t d, int64_t ldx, const flo
 
 __global__ void rope_tables_kernel(int64_t pos0, int64_t n, const float* inv_freq, int half, float* c,
                                    float* s) {
+  pdl_launch_dependents();
+  pdl_wait();  // launched with launch_pdl: earlier kernels' writes first
   const int64_t total = n * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / half;
@@ -53,6 +56,8 @@ __global__ void rope_tables_kernel(int64_t pos0, int64_t n, const float* inv_fre
 // Rows at arbitrary positions (pos: device array), same arithmetic.
 __global__ void rope_tables_at_kernel(const int64_t* pos, int64_t n, const float* inv_freq, int half, float* c,
                                       float* s) {
+  pdl_launch_dependents();
+  pdl_wait();  // launched with launch_pdl: earlier kernels' writes first
   const int64_t total = n * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / half;
@@ -79,6 +84,34 @@ __global__ void rope_kernel(float* x, int64_t n, int64_t ldx, int n_heads, int h
     const float a = v[i], b = v[i + half];
     v[i] = __fmul_rn(a, cs) - __fmul_rn(b, sn);
     v[i + half] = __fmul_rn(b, cs) + __fmul_rn(a, sn);
+  }
+}
+
+// norm_pack: rmsnorm (or, `b` given, the average of two rmsnorms) rounded
+// to bf16 into a GEMM operand, one block per row: the arithmetic of
+// rmsnorm_kernel (and average_into) followed by store_rows, in one pass.
+__global__ void norm_pack_kernel(const float* a, int64_t lda, const float* wa, const float* b, int64_t ldb,
+                                 const float* wb, int64_t d, float eps, uint16_t* out, int64_t ldo) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const float* ar = a + int64_t(blockIdx.x) * lda;
+  const float* br = b ? b + int64_t(blockIdx.x) * ldb : nullptr;
+  uint16_t* orow = out + int64_t(blockIdx.x) * ldo;
+  double sa = 0.0, sb = 0.0;
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
+    sa += double(ar[i]) * double(ar[i]);
+    if (br) sb += double(br[i]) * double(br[i]);
+  }
+  sa = block_sum(sa);
+  __syncthreads();  // block_sum's shared sums are reused
+  if (br) sb = block_sum(sb);
+  const float inva = float(1.0 / sqrt(sa / double(d) + double(eps)));
+  const float invb = br ? float(1.0 / sqrt(sb / double(d) + double(eps))) : 0.0f;
+  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
+    // Explicit _rn operations: no contraction into fma (as the separate kernels).
+    float r = __fmul_rn(__fmul_rn(ar[i], inva), wa[i]);
+    if (br) r = __fmul_rn(__fadd_rn(r, __fmul_rn(__fmul_rn(br[i], invb), wb[i])), 0.5f);
+    orow[i] = f32_to_bf16_bits(r);
   }
 }
 
@@ -154,6 +187,8 @@ __device__ __forceinline__ void rotate_pair(float& a, float& b, float cs, float 
 }
 
 __global__ void prepare_qkv_kernel(const QkvParams p) {
+  pdl_launch_dependents();
+  pdl_wait();  // launched with launch_pdl: earlier kernels' writes first
   const int half = p.head_dim / 2;
   const bool rope = p.c != nullptr;
   const int64_t nq = rope ? int64_t(p.n_heads) * half : 0;
@@ -193,6 +228,8 @@ __global__ void prepare_qkv_kernel(const QkvParams p) {
 
 // grid.y = entry (of count), grid.x strides over the entry's n x d elements.
 __global__ void store_rows_batch_kernel(const StoreArgs* entries, int count) {
+  pdl_launch_dependents();
+  pdl_wait();  // launched with launch_pdl: earlier kernels' writes first
   for (int e = blockIdx.y; e < count; e += gridDim.y) {
     const StoreArgs a = entries[e];
     const int64_t total = a.n * a.d;
@@ -225,18 +262,26 @@ void rmsnorm(const float* x, int64_t n, int64_t d, int64_t ldx, const float* w, 
   HYMBA_CUDA_LAUNCHED("rmsnorm");
 }
 
+void norm_pack_bf16(const float* a, int64_t lda, const float* wa, const float* b, int64_t ldb, const float* wb,
+                    int64_t n, int64_t d, float eps, uint16_t* out, int64_t ldo, cudaStream_t stream) {
+  if (n <= 0) return;
+  check(n <= 0x7fffffff, "norm_pack: too many rows (", n, ")");
+  launch_pdl("norm_pack", norm_pack_kernel, dim3(unsigned(n)), dim3(kThreads), 0, stream, a, lda, wa, b, ldb, wb, d,
+             eps, out, ldo);
+}
+
 void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float* c, float* s,
                  cudaStream_t stream) {
   if (n <= 0 || half <= 0) return;
-  rope_tables_kernel<<<blocks_for(n * half, kThreads), kThreads, 0, stream>>>(pos0, n, inv_freq, half, c, s);
-  HYMBA_CUDA_LAUNCHED("rope_tables");
+  launch_pdl("rope_tables", rope_tables_kernel, dim3(blocks_for(n * half, kThreads)), dim3(kThreads), 0, stream, pos0,
+             n, inv_freq, half, c, s);
 }
 
 void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* c, float* s,
                     cudaStream_t stream) {
   if (n <= 0 || half <= 0) return;
-  rope_tables_at_kernel<<<blocks_for(n * half, kThreads), kThreads, 0, stream>>>(positions, n, inv_freq, half, c, s);
-  HYMBA_CUDA_LAUNCHED("rope_tables_at");
+  launch_pdl("rope_tables_at", rope_tables_at_kernel, dim3(blocks_for(n * half, kThreads)), dim3(kThreads), 0, stream,
+             positions, n, inv_freq, half, c, s);
 }
 
 void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c, const float* s,
@@ -294,16 +339,15 @@ bool prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n
   const int64_t per_token = (cos_t ? int64_t(n_heads) * half : 0) +
                             (k ? (cos_t ? int64_t(n_kv_heads) * half : k_width) + v_width : 0);
   if (per_token <= 0) return true;
-  prepare_qkv_kernel<<<blocks_for(n * per_token, kThreads), kThreads, 0, stream>>>(p);
-  HYMBA_CUDA_LAUNCHED("prepare_qkv");
+  launch_pdl("prepare_qkv", prepare_qkv_kernel, dim3(blocks_for(n * per_token, kThreads)), dim3(kThreads), 0, stream,
+             p);
   return true;
 }
 
 void store_rows_batch(const StoreArgs* entries, int count, int64_t most_elements, cudaStream_t stream) {
   if (count <= 0 || most_elements <= 0) return;
   const dim3 grid(blocks_for(most_elements, kThreads, 1024), unsigned(std::min(count, 65535)));
-  store_rows_batch_kernel<<<grid, kThreads, 0, stream>>>(entries, count);
-  HYMBA_CUDA_LAUNCHED("store_rows_batch");
+  launch_pdl("store_rows_batch", store_rows_batch_kernel, grid, dim3(kThreads), 0, stream, entries, count);
 }
 
 void widen_to_f32(const void* src, DType dt, int64_t count, float* dst, cudaStream_t stream) {

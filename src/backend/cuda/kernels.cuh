@@ -32,6 +32,11 @@ struct BatchHost {
 // ---- elementwise.cu
 void rmsnorm(const float* x, int64_t n, int64_t d, int64_t ldx, const float* w, float eps, float* y, int64_t ldy,
              cudaStream_t stream);
+// out[t, 0:d] = bf16(rmsnorm(a[t]; wa)), or with b given
+// bf16((rmsnorm(a[t]; wa) + rmsnorm(b[t]; wb)) / 2): bit-identical to
+// rmsnorm (+ average_into) + store_rows, in one launch (a GEMM operand).
+void norm_pack_bf16(const float* a, int64_t lda, const float* wa, const float* b, int64_t ldb, const float* wb,
+                    int64_t n, int64_t d, float eps, uint16_t* out, int64_t ldo, cudaStream_t stream);
 void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float* cos_out, float* sin_out,
                  cudaStream_t stream);
 void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* cos_t, const float* sin_t,
@@ -87,8 +92,11 @@ void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, s
 // Scratch the split-key path needs for its partial softmax states, in bytes
 // (0 when the launch needs none); `splits` is chosen by attention_splits.
 // Decode (n_q == 1, group <= 8, head dims 64/128, <= 8 segments with
-// 16-byte-aligned rows) runs the decode kernels: `splits` is then their
-// chunk count (~4 blocks per SM over the kv heads) plus a merge launch.
+// 16-byte-aligned rows) runs one kernel over (key chunk, kv head) whose last
+// block per kv head merges the chunks: `splits` is then its chunk count
+// (~2 blocks per SM). The scratch starts with that kernel's counters, which
+// must be zero when the scratch is new (the backend zeroes it) and are left
+// zero by every launch.
 int attention_splits(const AttentionArgs& a, int sm_count);
 size_t attention_scratch_bytes(const AttentionArgs& a, int splits);
 // Prefill (n_q >= 16) with bf16 K/V segments (fp32 segments alongside, i.e.
