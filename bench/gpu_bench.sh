@@ -13,9 +13,12 @@
 #   5. compute-sanitizer memcheck on the model-level GPU tests and the
 #      matmul test; (PARTS=racecheck) racecheck on the attention and scan tests.
 #   6. (PARTS=profile) `hymba bench --profile`: per-op GPU time of decode,
-#      8K prefill and the 32-sequence batched decode (each op synchronised).
+#      8K prefill and the 32-sequence batched decode (each op synchronised);
+#      PROFILE_RUNS='ARGS;ARGS' replaces those runs.
 #   7. (PARTS=micro) the kernel timing tests (DISABLED_*Timing* in
 #      tests/cuda): GEMV bandwidth, attention, scan, sampling.
+#   9. (PARTS=ncu) Nsight Compute: each kernel's time and DRAM bytes in a
+#      short 1K-context decode (NCU_STEPS steps), as CSV.
 # TORCH_MODES picks the PyTorch decode modes (default eager,graph,compile).
 # PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
 # Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.tar.gz.
@@ -102,7 +105,7 @@ fi
 if want memcheck; then
 echo "== 5. memcheck (model-level tests, matmul)"
 timeout 280 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" --gtest_color=no \
-  --gtest_filter='CudaModel.FixtureTinyA:CudaModel.BatchedDecodeEqualsDecodingAlone:CudaVsCpu.Matmul:GemvTest.*:DecodeAttention*:CudaMamba.NormedSelectiveScanStep:CudaMamba.SelectiveScanChunked:CudaAttentionTc.MaskProbeExact:Sampling.GreedyTiesAndLargeVocabInChunks:CudaVsCpu.StoreRowsBatchIsBitExact:CudaVsCpu.PrepareQkvIsBitExact' \
+  --gtest_filter='CudaModel.FixtureTinyA:CudaModel.BatchedDecodeEqualsDecodingAlone:CudaVsCpu.Matmul:GemvTest.*:DecodeAttention*:CudaMamba.NormedSelectiveScanStep:CudaMamba.SelectiveScanChunked:CudaAttentionTc.MaskProbeExact:Sampling.GreedyTiesAndLargeVocabInChunks:CudaVsCpu.StoreRowsBatchIsBitExact:CudaVsCpu.PrepareQkvIsBitExact:CudaVsCpu.FusedProductsForLargeNMatchTheComposition' \
   >"$out/memcheck_model.log" 2>&1
 echo "rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_model.log" | tail -1)"
 fi
@@ -117,8 +120,8 @@ fi
 if want profile; then
 echo "== 6. decode profile"
 make_model
-for args in "--prompt-len 1024 --gen-len 32" "--prompt-len 8192 --gen-len 2" \
-            "--prompt-len 2048 --gen-len 8 --batch 32 --batch-fill replicate"; do
+IFS=';' read -ra profile_runs <<<"${PROFILE_RUNS:---prompt-len 1024 --gen-len 32;--prompt-len 8192 --gen-len 2;--prompt-len 2048 --gen-len 8 --batch 32 --batch-fill replicate}"
+for args in "${profile_runs[@]}"; do
   echo "-- profile: $args"
   timeout 120 "$hymba" bench -m "$model" --device cuda $args --profile >>"$out/profile.log" 2>&1
   echo "rc=$?"
@@ -159,6 +162,17 @@ for b in blocks:
 PY
   done
 fi
+fi
+
+if want ncu; then
+echo "== 9. ncu: per-kernel GPU time and DRAM bytes of a 1K-context decode (isolated kernels, clocks and caches untouched)"
+make_model
+nc=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+timeout 400 "$nc" --clock-control none --cache-control none --csv --print-units base \
+  --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
+  --log-file "$out/ncu_decode.csv" "$hymba" bench -m "$model" --device cuda --prompt-len 1024 --gen-len ${NCU_STEPS:-4} \
+  --no-warmup >"$out/ncu_bench.log" 2>&1
+echo "rc=$? $(wc -l <"$out/ncu_decode.csv") lines"
 fi
 
 if want micro; then
