@@ -75,6 +75,7 @@ struct GemvArgs {
   int kw = 1;           // warps per group
   int64_t groups = 0;   // groups with work
   int64_t cols_pad = 0;  // staged x row pitch (bf16 elements), a multiple of 8
+  int x_vec4 = 0;         // stage_x_async: x rows (and b's) 16-byte aligned: 16-byte copies
 };
 
 // A chunk of VEC bf16 values as 32-bit words (VEC = 1: low half of word 0).
@@ -291,6 +292,120 @@ __device__ __forceinline__ void stage_x(const GemvArgs& a, uint16_t* xs, double*
   }
 }
 
+// ---- One-round staging (up to kAsyncTokens tokens): the rows of x (and
+// b) and the norm weights are copied into shared memory as fp32 with
+// cp.async (no registers held, every copy in flight at once), so staging
+// costs one L2 round trip whatever the width; the norm weights, which no
+// kernel writes, are copied before the PDL wait. Then the sums of squares,
+// normalisation and bf16 rounding run out of shared memory.
+// Shared memory after xs (NT x cols_pad bf16): xf [NS][NT][cols] fp32, then
+// (norm modes) wf [NS][cols] fp32. Sum of squares per token: thread i over
+// the 4-column groups i, i + 256, ... in order, then the xor butterfly and
+// the warps in order (fixed, independent of n: batch invariant).
+constexpr int kAsyncTokens = 4;
+
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  if (bytes == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+  else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
+
+// Copies `cols` floats from src into dst (both 16-byte aligned when vec4).
+__device__ __forceinline__ void copy_row_async(float* dst, const float* src, int cols, bool vec4) {
+  const int tid = int(threadIdx.x);
+  if (vec4) {
+    for (int i = tid; i < cols / 4; i += kThreads) cp_async(dst + 4 * i, src + 4 * i, 16);
+    for (int c = cols / 4 * 4 + tid; c < cols; c += kThreads) cp_async(dst + c, src + c, 4);
+  } else {
+    for (int c = tid; c < cols; c += kThreads) cp_async(dst + c, src + c, 4);
+  }
+}
+
+// The weights' part: the norm weights into wf (before the PDL wait).
+template <int MODE>
+__device__ __forceinline__ void stage_weights_async(const GemvArgs& a, float* wf) {
+  if constexpr (MODE != kPlain) {
+    const int cols = int(a.cols);
+    const bool v4 = cols % 4 == 0 && (reinterpret_cast<uintptr_t>(a.nw) % 16 == 0) &&
+                    (MODE != kFuse || reinterpret_cast<uintptr_t>(a.nw2) % 16 == 0);
+    copy_row_async(wf, a.nw, cols, v4);
+    if constexpr (MODE == kFuse) copy_row_async(wf + cols, a.nw2, cols, v4);
+  }
+}
+
+template <int NT, int MODE>
+__device__ __forceinline__ void stage_x_async(const GemvArgs& a, uint16_t* xs, float* xf, const float* wf,
+                                              double* red) {
+  constexpr int NS = MODE == kFuse ? 2 : 1;
+  const int cols = int(a.cols);
+  const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+      copy_row_async(xf + (s * NT + t) * cols, s == 0 ? a.x + t * a.ldx : a.x2 + t * a.ldx2, cols, a.x_vec4 != 0);
+  }
+  cp_async_wait_all();  // this thread's copies (x, and the norm weights)
+  __syncthreads();      // everyone's
+  const int g4 = (cols + 3) / 4;  // 4-column groups (the last may be partial)
+  if constexpr (MODE == kPlain) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+      for (int c = tid; c < cols; c += kThreads) xs[t * a.cols_pad + c] = f32_to_bf16_bits(xf[t * cols + c]);
+    return;
+  } else {
+    float inv[NS][NT];
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float* xr = xf + (s * NT + t) * cols;
+        double ss = 0.0;
+        for (int i = tid; i < g4; i += kThreads) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const int c = 4 * i + j;
+            const double d = c < cols ? xr[c] : 0.0f;
+            ss += d * d;
+          }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[(s * NT + t) * kWarps + warp] = ss;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        double total = 0.0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += red[(s * NT + t) * kWarps + w];
+        inv[s][t] = float(1.0 / sqrt(total / double(a.cols) + double(a.eps)));
+      }
+    }
+    // Normalise, round, store (the arithmetic of cuda::rmsnorm / average_into).
+    for (int c = tid; c < cols; c += kThreads) {
+      const float w0 = wf[c];
+      const float w1 = MODE == kFuse ? wf[cols + c] : 0.0f;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        float r = __fmul_rn(__fmul_rn(xf[t * cols + c], inv[0][t]), w0);
+        if constexpr (MODE == kFuse) {
+          const float rb = __fmul_rn(__fmul_rn(xf[(NT + t) * cols + c], inv[NS - 1][t]), w1);
+          r = __fmul_rn(__fadd_rn(r, rb), 0.5f);
+        }
+        xs[t * a.cols_pad + c] = f32_to_bf16_bits(r);
+      }
+    }
+  }
+}
+
 // Blocks per SM the register allocation must allow: 4 (<= 64 registers)
 // up to 4 tokens, so that a kernel's blocks and its PDL successor's share
 // the SMs; 2 beyond (more accumulators).
@@ -362,12 +477,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const Ge
   };
 
   // Weights first: they don't depend on earlier kernels.
+  constexpr bool kAsync = NT <= kAsyncTokens;
+  float* xf = reinterpret_cast<float*>(xs + NT * a.cols_pad);  // stage_x_async's fp32 rows
+  float* wf = xf + NS * NT * a.cols;                            // and norm weights
+  if constexpr (kAsync) stage_weights_async<MODE>(a, wf);
   load_batch(0, group < a.groups);
   if (group < a.groups) prefetch_group(group, step);
   prefetch_group((task + gridDim.x) * gpb + warp / kw, 0);
   pdl_launch_dependents();
   pdl_wait();  // from here on, earlier kernels' results are visible
-  stage_x<NT, MODE>(a, xs, red);
+  if constexpr (kAsync) stage_x_async<NT, MODE>(a, xs, xf, wf, red);
+  else stage_x<NT, MODE>(a, xs, red);
   __syncthreads();
 
   for (bool first = true; task < n_tasks; task += gridDim.x, first = false) {
@@ -565,7 +685,13 @@ bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
   if (a.cols / vec > 0x3fffffff) return false;  // chunk indices (plus a batch) are int
   const int dev = current_device();
   a.cols_pad = (a.cols + 7) / 8 * 8;
-  const size_t smem = size_t(n) * size_t(a.cols_pad) * sizeof(uint16_t);
+  size_t smem = size_t(n) * size_t(a.cols_pad) * sizeof(uint16_t);
+  if (n <= kAsyncTokens) {  // stage_x_async's fp32 rows and norm weights
+    const size_t ns = mode == kFuse ? 2 : 1;
+    smem += sizeof(float) * size_t(a.cols) * (ns * size_t(n) + (mode == kPlain ? 0 : ns));
+    auto al = [](const float* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 4 == 0; };
+    a.x_vec4 = al(a.x, a.ldx) && (mode != kFuse || al(a.x2, a.ldx2)) && a.cols % 4 == 0 ? 1 : 0;
+  }
   if (smem > size_t(max_dynamic_smem(dev))) return false;
   const bool swiglu = a.w1 != nullptr;
   a.groups = swiglu ? a.rows : (a.rows + 1) / 2;
