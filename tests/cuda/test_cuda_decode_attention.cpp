@@ -4,8 +4,9 @@
 // pieces of a sliding window, a linear global cache, the current token as an
 // fp32 segment) and at the edges of AttentionArgs' masking rules. Outputs
 // start poisoned with NaN (see cuda_test_util.h). A batched entry's result
-// must not depend on the rest of the batch: each entry of a batch is
-// compared bit for bit with the same entry alone (attention_batch, count 1).
+// must not depend on the rest of the batch or on the path: each entry of a
+// batch is compared bit for bit with the same entry alone (attention_batch,
+// count 1) and through the single-sequence op.
 // Without a CUDA build or a GPU every test skips.
 #include <cstring>
 
@@ -268,7 +269,11 @@ class DecodeAttentionBatch : public DecodeAttention {
     return c;
   }
 
-  void run(const std::string& name, const std::vector<DCase>& cs) {
+  // The batch against the CPU backend; each decode-kernel entry (aligned
+  // rows, <= 8 segments) bit for bit against the same entry alone in a
+  // batch of one, through the single-sequence op (attention()), and (with
+  // `reversed`) in the same batch in reverse order.
+  void run(const std::string& name, const std::vector<DCase>& cs, bool reversed = false) {
     SCOPED_TRACE(name);
     Built b = build(cs);
     const size_t n = cs.size();
@@ -276,6 +281,8 @@ class DecodeAttentionBatch : public DecodeAttention {
     const std::vector<float> poison(b.out_size, kNaN);
     float* d_batch = up(poison);
     float* d_alone = up(poison);
+    float* d_single = up(poison);
+    float* d_rev = up(poison);
     std::vector<AttentionArgs> a = b.da;
     for (size_t i = 0; i < n; ++i) a[i].out = d_batch + b.ooff[i];
     gpu_->attention_batch(a.data(), int(n));
@@ -283,8 +290,19 @@ class DecodeAttentionBatch : public DecodeAttention {
       AttentionArgs one = b.da[i];
       one.out = d_alone + b.ooff[i];
       gpu_->attention_batch(&one, 1);
+      one.out = d_single + b.ooff[i];
+      gpu_->attention(one);
+    }
+    if (reversed) {
+      std::vector<AttentionArgs> r;
+      for (size_t i = n; i-- > 0;) {
+        r.push_back(b.da[i]);
+        r.back().out = d_rev + b.ooff[i];
+      }
+      gpu_->attention_batch(r.data(), int(n));
     }
     const std::vector<float> ob = down(d_batch, b.out_size), oa = down(d_alone, b.out_size);
+    const std::vector<float> os = down(d_single, b.out_size), orv = down(d_rev, b.out_size);
     expect_close("decode_attention_batch", name + " (" + std::to_string(n) + " entries)", ob, oc, 1e-5);
     for (size_t i = 0; i < n; ++i) {
       const size_t lo = b.ooff[i], len = b.olen[i];
@@ -304,11 +322,17 @@ class DecodeAttentionBatch : public DecodeAttention {
                                                               << seed_ << ")";
       // Batch invariance (the decode kernels: aligned entries; the general
       // batched kernel promises 1e-7 only).
-      bool aligned = true;
+      bool aligned = cs[i].segs.size() <= 8;
       for (const DSeg& s : cs[i].segs) aligned &= s.pad == 0;
       if (aligned) {
         EXPECT_EQ(0, std::memcmp(ob.data() + lo, oa.data() + lo, len * sizeof(float)))
             << "entry " << i << " differs from the same entry alone: " << cs[i].name;
+        EXPECT_EQ(0, std::memcmp(ob.data() + lo, os.data() + lo, len * sizeof(float)))
+            << "entry " << i << " differs from the single-sequence op (attention()): " << cs[i].name;
+        if (reversed) {
+          EXPECT_EQ(0, std::memcmp(ob.data() + lo, orv.data() + lo, len * sizeof(float)))
+              << "entry " << i << " differs in the reversed batch: " << cs[i].name;
+        }
       }
     }
   }
@@ -342,6 +366,50 @@ TEST_F(DecodeAttentionBatch, VsCpuAndInvariant) {
         {"global 12000", 25, 5, 64, 128, 11999, -1, 0, global_layout(11999)},
     };
     run("edges", cs);
+  }
+}
+
+// The paper's batch shapes mixed: 1153-key window layouts (meta 128 + a
+// wrapped ring + the token: 64-key chunks, several per block in a big
+// batch), 8K global contexts (multi-sub-tile chunks), short entries, an fp32
+// cache (the fast kernel's fp32 path) and entries the decode kernel does not
+// take (unaligned rows: the general batched kernel; nine segments: the
+// single op), in one batch and reversed. Batch sizes around the point where
+// blocks start to take spans of several chunks (~4 waves of blocks).
+TEST_F(DecodeAttentionBatch, MixedPaperShapes) {
+  const DType B = DType::BF16, F = DType::F32, H = DType::F16;
+  auto window = [&](int64_t p, int64_t wrap, DType dt = DType::BF16) {
+    return DCase{"w1024 meta128 p=" + std::to_string(p) + " wrap=" + std::to_string(wrap) + " " + dtype_name(dt),
+                 25, 5, 64, 128, p, 1024, 128, window_layout(p, 128, 1024, wrap, dt)};
+  };
+  auto global = [&](int64_t p, DType dt = DType::BF16) {
+    return DCase{"global p=" + std::to_string(p) + " " + dtype_name(dt), 25, 5, 64, 128, p, -1, 0,
+                 global_layout(p, dt)};
+  };
+  for (int n_window : {1, 6, 40}) {
+    std::vector<DCase> cs;
+    for (int i = 0; i < n_window; ++i) cs.push_back(window(8320 + 37 * i, pick(0, 1023)));
+    cs.push_back(global(8320));
+    cs.push_back(global(8191 + pick(0, 200)));
+    cs.push_back(global(pick(0, 3)));
+    cs.push_back(global(pick(4, 200)));
+    cs.push_back(window(pick(129, 1100), pick(0, 500)));  // before the ring fills
+    cs.push_back(global(pick(1000, 3000), F));            // fp32 cache
+    cs.push_back(window(pick(2000, 5000), pick(0, 1023), H));
+    {
+      DCase u = global(pick(500, 1500), F);  // unaligned fp32 rows: the general batched kernel
+      u.segs[0].pad = 1;
+      u.name = "unaligned fp32 " + u.name;
+      cs.push_back(u);
+    }
+    {
+      DCase m{"nine segments (the single op)", 25, 5, 64, 128, 800, -1, 0, {}};
+      for (int64_t k = 0; k < 8; ++k) m.segs.push_back({100 * k, 100, B});
+      m.segs.push_back({800, 1, F});
+      cs.push_back(m);
+    }
+    run("mixed, " + std::to_string(n_window) + " window entries", cs, true);
+    TearDown();
   }
 }
 

@@ -1329,18 +1329,21 @@ void attention_decode(const AttentionArgs& a, int splits, void* scratch, cudaStr
 
 }  // namespace
 
-// ---------------------------------------------------------------- fast single-sequence decode
+// ---------------------------------------------------------------- fast decode (single and batched)
 //
-// The single-sequence decode (Backend::attention, n_q == 1) in one launch:
-// grid (chunk, kv head), kFThreads threads. The visible key ranges
-// (for_each_range) are cut into chunks, never across a range, so a block's
-// keys come from one segment and one dtype (the block picks its code path
-// once). A chunk is `sub` sub-tiles of kFTile16 keys (16-bit K/V) or
-// kFTile16 / 2 (fp32: the same bytes); `sub` grows with the context so the
-// grid stays near 2 blocks per SM. Per sub-tile:
+// The decode (n_q == 1) of one sequence (Backend::attention) or of a batch
+// (attention_batch) in one launch: grid (block job, kv head[, nothing]),
+// kFThreads threads. The visible key ranges (for_each_range) are cut into
+// chunks, never across a range, so a block's keys come from one segment and
+// one dtype (the block picks its code path once). A chunk is `sub`
+// sub-tiles of kFTile16 keys (16-bit K/V) or kFTile16 / 2 (fp32: the same
+// bytes); `sub` comes from the entry's own layout only (fast_entry_sub:
+// <= kFChunkCap chunks per kv head, more only past kFChunkCap x
+// kFCapKeys keys), so an entry's chunks, and so its bits, are the same
+// alone and in any batch. Per sub-tile:
 //  * every thread issues its 16-byte K and V loads at once (the next
 //    sub-tile's K loads go out as soon as the scores are done, its V loads
-//    after P.V: the loads of a long chunk overlap the math);
+//    after P.V: the loads of a long span overlap the math);
 //  * scores: thread (key, 16-byte slice of the K row) dots its slice with
 //    the G query heads (Q scaled, in shared memory); the slice sums go
 //    through shared memory;
@@ -1349,18 +1352,24 @@ void attention_decode(const AttentionArgs& a, int splits, void* scratch, cudaStr
 //    the probabilities in shared memory;
 //  * P.V: thread (key subset, 16-byte slice of the V row) accumulates G x
 //    (slice) outputs in registers, rescaled by the max correction.
-// At the end the threads sharing a V slice are summed (shuffles, then the
-// warps in shared memory, fixed order), and the block writes the output (one
-// chunk) or its partial state (m, l, acc) to scratch. The last block of a kv
-// head to finish (threadfence + counter) merges that head's chunks in chunk
-// order (the result does not depend on which block is last), writes the
-// output and zeroes the counter for the next launch (CUDA graph replays
-// included). The counters sit at the head of the attention scratch
-// (kFCounterBytes, zeroed when the backend allocates it); every partial
-// state, this path's and the general kernel's, lies after them.
+// At the end of each chunk the threads sharing a V slice are summed
+// (shuffles, then the warps in shared memory, fixed order), and the block
+// writes the output (one chunk) or the chunk's partial state (m, l, acc) to
+// scratch. A block runs a span of consecutive chunks of one range (the
+// single launch: one chunk; a batch: a few, fewer blocks with longer load
+// streams); each chunk's state is computed from scratch whatever the span,
+// so the span changes no bit. The last block of an (entry, kv head) to
+// finish (threadfence + counter) merges its chunks in chunk order (the
+// result does not depend on which block is last), writes the output and
+// zeroes the counter (CUDA graph replays included). The single launch's
+// counters sit at the head of the attention scratch (kFCounterBytes,
+// zeroed when the backend allocates it; every partial state, this path's
+// and the general kernel's, lies after them); a batch's sit at the head of
+// its scratch, zeroed before the launch (that scratch is shared).
 //
 // Launched with PDL: before pdl_wait a block reads only its parameters (the
-// chunk's range) and writes nothing.
+// single launch: the chunk's range) and writes nothing; a batch's block
+// reads its job (staged by a copy) after the wait.
 
 namespace {
 
@@ -1370,7 +1379,17 @@ constexpr int kFTile16 = 64;          // keys per sub-tile with 16-bit K/V (fp32
 constexpr int kFRanges = 2 * kDecSegments;
 constexpr int kFMaxChunks = 256;      // chunks per kv head (the merge's shared weights)
 constexpr int kFMaxG = 8;
-constexpr int kFBlocksPerSm = 2;      // grid target (short contexts have fewer blocks)
+// Chunking (per entry): at most kFChunkCap chunks per kv head, or one per
+// kFCapKeys visible keys where that is more (<= kFMaxChunks). A 1152-key
+// window layout (meta 128 + ring in two pieces + the token: <= 20 chunks)
+// gets 64-key chunks (~100 blocks alone); 8K keys 320-key chunks (27).
+constexpr int kFChunkCap = 32;
+constexpr int kFCapKeys = 1024;
+// A batch launch's blocks: spans of ~kFSpanSubTiles sub-tiles where the
+// batch has the work for that (fewer, longer blocks: less per-block
+// overhead), else one chunk each.
+constexpr int kFSpanSubTiles = 8;
+constexpr int kFBlocksPerSm = 2;      // resident blocks per SM (launch bounds, register budget)
 
 // A visible key range of one segment: rows [0, len) from k / v (row 0 is
 // the range's first row, kv head 0), cut into chunks of ckeys keys numbered
@@ -1384,7 +1403,27 @@ struct FRange {
   int dt;  // 0 bf16, 1 f16, 2 fp32
 };
 
+// A block's work: a span of n keys (rows from k / v, kv head 0's columns)
+// cut into chunks of ckeys keys (the span's first chunk is chunk c0 of the
+// entry), and the entry it belongs to. The batch launch stages one per block.
+struct alignas(16) FJob {
+  const char* k;
+  const char* v;
+  const float* q;
+  float* out;
+  float* part;         // acc [rows][dv], then m [rows], l [rows]; rows = n_kv * nc * group
+  unsigned* counters;  // [n_kv], zero between launches
+  int n, ckeys;
+  int ld_k, ld_v;
+  int c0;
+  int nc;    // the entry's chunks per kv head
+  int nblk;  // the entry's blocks per kv head (counter target)
+  int dt;    // 0 bf16, 1 f16, 2 fp32
+  float scale;
+};
+
 struct FParams {
+  const FJob* jobs;     // batch launch: one per blockIdx.x (device); nullptr: the single launch below
   const float* q;
   float* out;
   float* part;          // acc [rows][dv], then m [rows], l [rows]; rows = n_kv * n_chunks * group
@@ -1431,14 +1470,46 @@ __host__ __device__ constexpr int f_union_floats() {
   return m > merge ? m : merge;
 }
 
-// The n keys of a chunk (rows from kb / vb, already at the chunk's first
-// row, kv head g's columns) for the block: fills sQ, leaves the block's
-// state in sRed ([warp][G][DV] sums to take over the warps) and sFin (m
-// [G], l [G]).
+// A chunk's state (the warps' sums in sRed [warp][G][DV], m and l in sFin)
+// written for chunk c of kv head g: the output (the entry's only chunk) or
+// the chunk's partial rows.
+template <int G, int DV>
+__device__ __forceinline__ void f_store(const FJob& J, int group, int g, int c, const float* sRed,
+                                        const float* sFin) {
+  constexpr int DV4 = DV / 4;
+  const int tid = threadIdx.x, nc = J.nc;
+  const int ncol = group * DV4;  // <= kFThreads
+  if (tid >= ncol) return;
+  // The block's state per (head, 4 dims): the warps in order.
+  const int h = tid / DV4, d4 = tid % DV4;
+  float4 A = *reinterpret_cast<const float4*>(sRed + h * DV + 4 * d4);
+#pragma unroll
+  for (int w = 1; w < kFWarps; ++w) {
+    const float4 b = *reinterpret_cast<const float4*>(sRed + (w * G + h) * DV + 4 * d4);
+    A.x += b.x, A.y += b.y, A.z += b.z, A.w += b.w;
+  }
+  if (nc == 1) {
+    const float L = sFin[G + h];
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    float* o = J.out + int64_t(g * group + h) * DV + 4 * d4;  // (any alignment)
+    o[0] = A.x * inv, o[1] = A.y * inv, o[2] = A.z * inv, o[3] = A.w * inv;
+  } else {
+    const int64_t rows = int64_t(gridDim.y) * nc * group;
+    float* const part_m = J.part + rows * DV;
+    const int64_t row = (int64_t(g) * nc + c) * group + h;
+    *reinterpret_cast<float4*>(J.part + row * DV + 4 * d4) = A;
+    if (d4 == 0) part_m[row] = sFin[h], part_m[rows + row] = sFin[G + h];
+  }
+}
+
+// The block's span for kv head g: J.n keys from J.k / J.v (kv head 0's
+// columns) in chunks of J.ckeys (a multiple of the sub-tile), the first
+// being chunk J.c0. Fills sQ, then computes each chunk's state from zero
+// (so a chunk's bits do not depend on the span) and stores it (f_store);
+// the loads run ahead across chunk boundaries.
 template <int G, int DQ, int DV, DType DT>
-__device__ __forceinline__ void f_chunk(const FParams& P, const char* kb, const char* vb, int ld_k, int ld_v,
-                                        int n, int g, float* sQ, float* sU, float* sP, float* sCorr,
-                                        float* sFin) {
+__device__ __forceinline__ void f_span(const FJob& J, int group, int g, float* sQ, float* sU, float* sP,
+                                       float* sCorr, float* sFin) {
   constexpr int E = f_elems<DT>();
   constexpr int BK = kFTile16 * E / 8;                        // keys per sub-tile
   constexpr int SK = DQ / E, KPS = kFThreads / SK, NPK = BK / KPS, LDP = SK + 4;
@@ -1449,12 +1520,17 @@ __device__ __forceinline__ void f_chunk(const FParams& P, const char* kb, const 
   const int ks = tid % SK, kj = tid / SK;
   const int vs = tid % SV, vj = tid / SV;
   constexpr int ES = E == 4 ? 4 : 2;
-  kb += int64_t(g) * DQ * ES + ks * 16;
-  vb += int64_t(g) * DV * ES + vs * 16;
+  // (J lives in shared memory: what a chunk's end needs is read there when
+  // needed; the span's base, strides and length are held in registers.)
   float* sPart = sU;  // [G][BK][LDP]: score slices
-  float* sRed = sU;   // [warp][G][DV] at the end (sPart is dead by then)
+  float* sRed = sU;   // [warp][G][DV] at a chunk's end (sPart is dead by then)
 
+  // (Sub-tile t0's rows past the span are zeros; chunk ends are sub-tile
+  // ends, so a sub-tile never straddles two chunks.)
   uint4 kr[NPK], vr[NPV];
+  const char* const kb = J.k + int64_t(g) * DQ * ES + ks * 16;
+  const char* const vb = J.v + int64_t(g) * DV * ES + vs * 16;
+  const int n = J.n, ld_k = J.ld_k, ld_v = J.ld_v;
   auto load_k = [&](int t0) {
     const int nk = min(BK, n - t0);
 #pragma unroll
@@ -1477,127 +1553,138 @@ __device__ __forceinline__ void f_chunk(const FParams& P, const char* kb, const 
   }
   for (int i = tid; i < G * DQ; i += kFThreads) {
     const int h = i / DQ;
-    sQ[i] = h < P.group ? P.q[int64_t(g * P.group + h) * DQ + i % DQ] * P.scale : 0.0f;
+    sQ[i] = h < group ? J.q[int64_t(g * group + h) * DQ + i % DQ] * J.scale : 0.0f;
   }
   __syncthreads();
 
-  float acc[G][E];
+  // Chunk by chunk (t0: the next sub-tile's first key; no keys: one empty
+  // chunk, zeros). Few live registers: t0, the chunk's end, n.
+  int t0 = 0;
+  do {
+    const int ce = min(n, t0 + J.ckeys);
+    float acc[G][E];
 #pragma unroll
-  for (int h = 0; h < G; ++h)
+    for (int h = 0; h < G; ++h)
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[h][e] = 0.0f;
-  float m_run = -INFINITY, l_run = 0.0f;  // warp h < G: head h's running state
+      for (int e = 0; e < E; ++e) acc[h][e] = 0.0f;
+    float m_run = -INFINITY, l_run = 0.0f;  // warp h < G: head h's running state
 
-  for (int t0 = 0; t0 < n; t0 += BK) {
-    const int nk = min(BK, n - t0);
-    const bool more = t0 + BK < n;
-    // Score slices (head-major: one head's Q slice live at a time).
-    float xk[NPK][E];
+    for (; t0 < ce; t0 += BK) {
+      const int nk = min(BK, ce - t0);
+      const bool more = t0 + BK < n;  // (the next sub-tile may be the next chunk's first)
+      // Score slices (head-major: one head's Q slice live at a time).
+      float xk[NPK][E];
 #pragma unroll
-    for (int i = 0; i < NPK; ++i) f_unpack<DT>(kr[i], xk[i]);
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      float qh[E];
-#pragma unroll
-      for (int e4 = 0; e4 < E / 4; ++e4) {
-        const float4 qq = reinterpret_cast<const float4*>(sQ + h * DQ + ks * E)[e4];
-        qh[4 * e4] = qq.x, qh[4 * e4 + 1] = qq.y, qh[4 * e4 + 2] = qq.z, qh[4 * e4 + 3] = qq.w;
-      }
-#pragma unroll
-      for (int i = 0; i < NPK; ++i) {
-        float d = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) d = fmaf(qh[e], xk[i][e], d);
-        sPart[(h * BK + kj + i * KPS) * LDP + ks] = d;
-      }
-    }
-    if (more) load_k(t0 + BK);
-    __syncthreads();
-
-    // Softmax: warp h, keys lane + 32 i.
-    if (warp < G) {
-      const int h = warp;
-      constexpr int KPL = BK / 32;
-      float sc[KPL];
-      float tmax = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < KPL; ++i) {
-        const int j = lane + 32 * i;
-        float v = -INFINITY;
-        if (j < nk) {
-          const float4* p4 = reinterpret_cast<const float4*>(sPart + (h * BK + j) * LDP);
-          v = 0.0f;
-#pragma unroll
-          for (int s4 = 0; s4 < SK / 4; ++s4) {
-            const float4 a = p4[s4];
-            v += a.x;
-            v += a.y;
-            v += a.z;
-            v += a.w;
-          }
-        }
-        sc[i] = v;
-        tmax = fmaxf(tmax, v);
-      }
-      tmax = warp_max(tmax);  // finite: the sub-tile has a key
-      const float m_new = fmaxf(m_run, tmax);
-      const float corr = expf(m_run - m_new);  // 0 while m_run is -inf (l, acc are 0)
-      float ps = 0.0f;
-#pragma unroll
-      for (int i = 0; i < KPL; ++i) {
-        const float p = expf(sc[i] - m_new);  // masked: 0
-        sP[h * BK + lane + 32 * i] = p;
-        ps += p;
-      }
-      l_run = fmaf(l_run, corr, warp_sum(ps));
-      m_run = m_new;
-      if (lane == 0) sCorr[h] = corr;
-    }
-    __syncthreads();
-
-    // P.V.
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      const float cr = sCorr[h];
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[h][e] *= cr;
-    }
-#pragma unroll
-    for (int i = 0; i < NPV; ++i) {
-      const int j = vj + i * VPS;
-      float x[E];
-      f_unpack<DT>(vr[i], x);
+      for (int i = 0; i < NPK; ++i) f_unpack<DT>(kr[i], xk[i]);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
-        const float p = sP[h * BK + j];
+        float qh[E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, x[e], acc[h][e]);
+        for (int e4 = 0; e4 < E / 4; ++e4) {
+          const float4 qq = reinterpret_cast<const float4*>(sQ + h * DQ + ks * E)[e4];
+          qh[4 * e4] = qq.x, qh[4 * e4 + 1] = qq.y, qh[4 * e4 + 2] = qq.z, qh[4 * e4 + 3] = qq.w;
+        }
+#pragma unroll
+        for (int i = 0; i < NPK; ++i) {
+          float d = 0.0f;
+#pragma unroll
+          for (int e = 0; e < E; ++e) d = fmaf(qh[e], xk[i][e], d);
+          sPart[(h * BK + kj + i * KPS) * LDP + ks] = d;
+        }
       }
-    }
-    if (more) load_v(t0 + BK);
-  }
+      if (more) load_k(t0 + BK);
+      __syncthreads();
 
-  // Sum the lanes sharing a V slice, then leave the warp's sums in sRed.
+      // Softmax: warp h, keys lane + 32 i.
+      if (warp < G) {
+        const int h = warp;
+        constexpr int KPL = BK / 32;
+        float sc[KPL];
+        float tmax = -INFINITY;
 #pragma unroll
-  for (int o = SV; o < 32; o <<= 1)
+        for (int i = 0; i < KPL; ++i) {
+          const int j = lane + 32 * i;
+          float v = -INFINITY;
+          if (j < nk) {
+            const float4* p4 = reinterpret_cast<const float4*>(sPart + (h * BK + j) * LDP);
+            v = 0.0f;
 #pragma unroll
-    for (int h = 0; h < G; ++h)
+            for (int s4 = 0; s4 < SK / 4; ++s4) {
+              const float4 a = p4[s4];
+              v += a.x;
+              v += a.y;
+              v += a.z;
+              v += a.w;
+            }
+          }
+          sc[i] = v;
+          tmax = fmaxf(tmax, v);
+        }
+        tmax = warp_max(tmax);  // finite: the sub-tile has a key
+        const float m_new = fmaxf(m_run, tmax);
+        const float corr = expf(m_run - m_new);  // 0 while m_run is -inf (l, acc are 0)
+        float ps = 0.0f;
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], o);
-  if (lane < SV) {
+        for (int i = 0; i < KPL; ++i) {
+          const float p = expf(sc[i] - m_new);  // masked: 0
+          sP[h * BK + lane + 32 * i] = p;
+          ps += p;
+        }
+        l_run = fmaf(l_run, corr, warp_sum(ps));
+        m_run = m_new;
+        if (lane == 0) sCorr[h] = corr;
+      }
+      __syncthreads();
+
+      // P.V.
 #pragma unroll
-    for (int h = 0; h < G; ++h)
+      for (int h = 0; h < G; ++h) {
+        const float cr = sCorr[h];
 #pragma unroll
-      for (int e4 = 0; e4 < E / 4; ++e4)
-        *reinterpret_cast<float4*>(sRed + (warp * G + h) * DV + vs * E + 4 * e4) =
-            make_float4(acc[h][4 * e4], acc[h][4 * e4 + 1], acc[h][4 * e4 + 2], acc[h][4 * e4 + 3]);
-  }
-  if (warp < G && lane == 0) sFin[warp] = m_run, sFin[G + warp] = l_run;
+        for (int e = 0; e < E; ++e) acc[h][e] *= cr;
+      }
+#pragma unroll
+      for (int i = 0; i < NPV; ++i) {
+        const int j = vj + i * VPS;
+        float x[E];
+        f_unpack<DT>(vr[i], x);
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+          const float p = sP[h * BK + j];
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, x[e], acc[h][e]);
+        }
+      }
+      if (more) load_v(t0 + BK);
+    }
+
+    // Sum the lanes sharing a V slice, then leave the warp's sums in sRed.
+#pragma unroll
+    for (int o = SV; o < 32; o <<= 1)
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], o);
+    if (lane < SV) {
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+#pragma unroll
+        for (int e4 = 0; e4 < E / 4; ++e4)
+          *reinterpret_cast<float4*>(sRed + (warp * G + h) * DV + vs * E + 4 * e4) =
+              make_float4(acc[h][4 * e4], acc[h][4 * e4 + 1], acc[h][4 * e4 + 2], acc[h][4 * e4 + 3]);
+    }
+    if (warp < G && lane == 0) sFin[warp] = m_run, sFin[G + warp] = l_run;
+    __syncthreads();
+    f_store<G, DV>(J, group, g, J.c0 + max(ce - 1, 0) / J.ckeys, sRed, sFin);
+    __syncthreads();  // sU (and sFin) are rewritten by the next chunk or the merge
+  } while (t0 < n);  // (t0 == ce here: chunk ends are sub-tile ends)
 }
 
-// grid: x = chunk, y = kv head. Two blocks per SM (<= 128 registers) where the accumulators allow.
+// grid: x = chunk (single launch) or job (batch launch), y = kv head. Two
+// blocks per SM (<= 128 registers) where the accumulators allow.
 template <int G, int DQ, int DV>
-__global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? 2 : 1) decode_fast_kernel(const FParams P) {
+__global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? kFBlocksPerSm : 1)
+    decode_fast_kernel(const FParams P) {
   static_assert(G <= kFMaxG && G <= kFWarps && (DQ == 64 || DQ == 128) && (DV == 64 || DV == 128),
                 "fast decode shapes");
   constexpr int DV4 = DV / 4;
@@ -1608,65 +1695,65 @@ __global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? 2 : 1) decode_
   __shared__ int sLast;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int c = blockIdx.x, g = blockIdx.y;
+  const int g = blockIdx.y;
 
-  // Parameters only until pdl_wait: this chunk's range (constant indices:
-  // the parameters stay in the constant bank).
-  FRange R = P.rg[0];
+  // The block's job, in shared memory (read where used: no registers held
+  // across the chunk loop). The single launch builds it from the parameters
+  // before pdl_wait; a batch's was staged by a copy, read after the wait.
+  // Either way the code below is the same (an entry's bits do not depend on
+  // the launch).
+  __shared__ FJob sJ;
+  if (P.jobs == nullptr) {
+    if (tid == 0) {
+      const int c = blockIdx.x;
+      FRange R = P.rg[0];
 #pragma unroll
-  for (int i = 1; i < kFRanges; ++i)
-    if (i < P.n_rg && P.rg[i].chunk0 <= c) R = P.rg[i];
-  const int64_t row0 = int64_t(c - R.chunk0) * R.ckeys;
-  const int n = int(max(int64_t(0), min(R.ckeys, R.len - row0)));
-  const char* kb = R.k + row0 * R.ld_k;
-  const char* vb = R.v + row0 * R.ld_v;
-
-  pdl_wait();
+      for (int i = 1; i < kFRanges; ++i)
+        if (i < P.n_rg && P.rg[i].chunk0 <= c) R = P.rg[i];
+      const int64_t row0 = int64_t(c - R.chunk0) * R.ckeys;
+      FJob J;
+      J.k = R.k + row0 * R.ld_k;
+      J.v = R.v + row0 * R.ld_v;
+      J.q = P.q, J.out = P.out, J.part = P.part, J.counters = P.counters;
+      J.n = int(max(int64_t(0), min(R.ckeys, R.len - row0)));
+      J.ckeys = int(R.ckeys);
+      J.ld_k = R.ld_k, J.ld_v = R.ld_v;
+      J.c0 = c, J.nc = P.n_chunks, J.nblk = P.n_chunks, J.dt = R.dt;
+      J.scale = P.scale;
+      sJ = J;
+    }
+    pdl_wait();
+  } else {
+    pdl_wait();
+    static_assert(sizeof(FJob) % 16 == 0 && sizeof(FJob) / 16 <= kFThreads, "FJob copy");
+    if (tid < int(sizeof(FJob) / 16))
+      reinterpret_cast<uint4*>(&sJ)[tid] = reinterpret_cast<const uint4*>(P.jobs + blockIdx.x)[tid];
+  }
   pdl_launch_dependents();
-
-  if (R.dt == 0) f_chunk<G, DQ, DV, DType::BF16>(P, kb, vb, R.ld_k, R.ld_v, n, g, sQ, sU, sP, sCorr, sFin);
-  else if (R.dt == 1) f_chunk<G, DQ, DV, DType::F16>(P, kb, vb, R.ld_k, R.ld_v, n, g, sQ, sU, sP, sCorr, sFin);
-  else f_chunk<G, DQ, DV, DType::F32>(P, kb, vb, R.ld_k, R.ld_v, n, g, sQ, sU, sP, sCorr, sFin);
   __syncthreads();
+  const FJob& J = sJ;
 
-  const int group = P.group, nc = P.n_chunks;
+  const int group = P.group;
+  if (J.dt == 0) f_span<G, DQ, DV, DType::BF16>(J, group, g, sQ, sU, sP, sCorr, sFin);
+  else if (J.dt == 1) f_span<G, DQ, DV, DType::F16>(J, group, g, sQ, sU, sP, sCorr, sFin);
+  else f_span<G, DQ, DV, DType::F32>(J, group, g, sQ, sU, sP, sCorr, sFin);
+
+  const int nc = J.nc;
+  if (nc == 1) return;  // written directly
   const int ncol = group * DV4;  // <= kFThreads
   const int64_t rows = int64_t(gridDim.y) * nc * group;
-  float* const part_acc = P.part;
-  float* const part_m = P.part + rows * DV;
+  float* const part_acc = J.part;
+  float* const part_m = J.part + rows * DV;
   float* const part_l = part_m + rows;
-  const float* sRed = sU;
 
-  // The block's state per (head, 4 dims): the warps in order.
-  if (tid < ncol) {
-    const int h = tid / DV4, d4 = tid % DV4;
-    float4 A = *reinterpret_cast<const float4*>(sRed + h * DV + 4 * d4);
-#pragma unroll
-    for (int w = 1; w < kFWarps; ++w) {
-      const float4 b = *reinterpret_cast<const float4*>(sRed + (w * G + h) * DV + 4 * d4);
-      A.x += b.x, A.y += b.y, A.z += b.z, A.w += b.w;
-    }
-    if (nc == 1) {
-      const float L = sFin[G + h];
-      const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-      float* o = P.out + int64_t(g * group + h) * DV + 4 * d4;  // (any alignment)
-      o[0] = A.x * inv, o[1] = A.y * inv, o[2] = A.z * inv, o[3] = A.w * inv;
-    } else {
-      const int64_t row = (int64_t(g) * nc + c) * group + h;
-      *reinterpret_cast<float4*>(part_acc + row * DV + 4 * d4) = A;
-      if (d4 == 0) part_m[row] = sFin[h], part_l[row] = sFin[G + h];
-    }
-  }
-  if (nc == 1) return;
-
-  // The last block of kv head g merges its chunks.
+  // The last block of (entry, kv head g) merges its chunks.
   __threadfence();
   __syncthreads();
-  if (tid == 0) sLast = atomicAdd(P.counters + g, 1u) == unsigned(nc - 1);
+  if (tid == 0) sLast = atomicAdd(J.counters + g, 1u) == unsigned(J.nblk - 1);
   __syncthreads();
   if (!sLast) return;
   __threadfence();
-  if (tid == 0) P.counters[g] = 0;  // every block of this launch has counted
+  if (tid == 0) J.counters[g] = 0;  // every block of this (entry, kv head) has counted
 
   // Column (head, 4 dims) over the chunks, split between S thread groups
   // (chunks part, part + S, ... in that order). The first kFPre loads of a
@@ -1681,11 +1768,7 @@ __global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? 2 : 1) decode_
   const int h = col / DV4, d4 = col % DV4;
   const float4* src = reinterpret_cast<const float4*>(part_acc + (prow + h) * DV) + d4;
   const int64_t stride4 = int64_t(group) * DV4;  // float4s between chunks
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int kFPre = 20;  // a 1152-key window layout's chunk count
-#else
-  constexpr int kFPre = 16;  // (sm_80 spills with 20)
-#endif
+  constexpr int kFPre = 16;  // (more spills: the merge's registers beside the block's)
   float4 pre[kFPre];
 #pragma unroll
   for (int k = 0; k < kFPre; ++k) {
@@ -1739,7 +1822,7 @@ __global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? 2 : 1) decode_
       a.x += b.x, a.y += b.y, a.z += b.z, a.w += b.w;
     }
     const float inv = sInv[h];
-    float* o = P.out + int64_t(g * group + h) * DV + 4 * d4;
+    float* o = J.out + int64_t(g * group + h) * DV + 4 * d4;
     o[0] = a.x * inv, o[1] = a.y * inv, o[2] = a.z * inv, o[3] = a.w * inv;
   }
 }
@@ -1846,28 +1929,51 @@ int64_t fast_sub(const FLayout& l, Ok ok) {
   return hi;
 }
 
-// Chunks per kv head for the single-sequence launch: the shortest chunks
-// that keep the grid within kFBlocksPerSm blocks per SM (and the merge
-// within kFMaxChunks).
-int fast_chunks(const AttentionArgs& a, int sm_count) {
-  FLayout l;
-  fast_layout(a, l);
-  const int64_t target = int64_t(kFBlocksPerSm) * std::max(sm_count, 1);
-  const int64_t n_kv = a.n_kv_heads;
-  const int64_t sub =
-      fast_sub(l, [&](int64_t nc) { return nc <= kFMaxChunks && nc * n_kv <= std::max(target, n_kv); });
-  return int(fast_ranges(l, sub, nullptr));
+// The chunk length (sub-tiles) of a layout, from the layout alone (batch
+// invariance: the single launch and every batch cut an entry the same
+// way): the shortest chunks that give at most kFChunkCap chunks per kv
+// head, or one per kFCapKeys visible keys where that is more (at most
+// kFMaxChunks: the merge's shared weights).
+int64_t fast_entry_sub(const FLayout& l) {
+  int64_t vis = 0;
+  for (int r = 0; r < l.n; ++r) vis += l.len[r];
+  const int64_t cap = std::min<int64_t>(kFMaxChunks, std::max<int64_t>(kFChunkCap, vis / kFCapKeys));
+  return fast_sub(l, [&](int64_t nc) { return nc <= cap; });
 }
 
-// The single-sequence decode in one launch; `splits`: fast_chunks' count.
-void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
-  FParams p{};
+// a's ranges cut by fast_entry_sub (p filled); returns the chunk count and
+// sets sub.
+int64_t fast_entry(const AttentionArgs& a, FParams& p, int64_t& sub) {
   FLayout l;
   fast_layout(a, l);
-  const int64_t sub = fast_sub(l, [&](int64_t nc) { return nc <= std::max(splits, 1); });
+  sub = fast_entry_sub(l);
+  p = FParams{};
   const int64_t nc = fast_ranges(l, sub, &p);
-  check(nc <= std::max(splits, 1) && nc <= kFMaxChunks, "attention: decode chunks (", nc,
-        ") beyond the scratch's (", splits, ")");
+  check(nc <= kFMaxChunks && sub * kFTile16 < (int64_t(1) << 31), "attention: decode chunks (", nc, ")");
+  return nc;
+}
+
+// Chunks per kv head of a (its scratch's split count).
+int fast_chunks(const AttentionArgs& a) {
+  FLayout l;
+  fast_layout(a, l);
+  return int(fast_ranges(l, fast_entry_sub(l), nullptr));
+}
+
+FKernel fast_kernel_checked(const AttentionArgs& a) {
+  const FKernel k = fast_kernel_for(dec_padded_group(a.n_heads / a.n_kv_heads), a.head_dim_qk, a.head_dim_v);
+  check(k != nullptr, "attention: no decode kernel for these heads");
+  return k;
+}
+
+// The single-sequence decode in one launch, one chunk per block; `splits`:
+// fast_chunks' count (sizes the scratch).
+void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStream_t stream) {
+  FParams p;
+  int64_t sub = 0;
+  const int64_t nc = fast_entry(a, p, sub);
+  check(nc <= std::max(splits, 1), "attention: decode chunks (", nc, ") beyond the scratch's (", splits, ")");
+  p.jobs = nullptr;
   p.q = a.q, p.out = a.out, p.scale = a.scale;
   p.group = a.n_heads / a.n_kv_heads;
   p.n_chunks = int(nc);
@@ -1876,9 +1982,8 @@ void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStrea
     p.counters = static_cast<unsigned*>(scratch);
     p.part = reinterpret_cast<float*>(static_cast<char*>(scratch) + kFCounterBytes);
   }
-  const FKernel k = fast_kernel_for(dec_padded_group(p.group), a.head_dim_qk, a.head_dim_v);
-  check(k != nullptr, "attention: no decode kernel for these heads");
-  launch_pdl("attention_decode_fast", k, dim3(unsigned(nc), unsigned(a.n_kv_heads)), dim3(kFThreads), 0, stream, p);
+  launch_pdl("attention_decode_fast", fast_kernel_checked(a), dim3(unsigned(nc), unsigned(a.n_kv_heads)),
+             dim3(kFThreads), 0, stream, p);
 }
 
 }  // namespace
@@ -1886,7 +1991,7 @@ void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStrea
 int attention_splits(const AttentionArgs& a, int sm_count) {
   validate(a);
   if (a.n_q <= 0) return 1;
-  if (fast_ok(a)) return fast_chunks(a, sm_count);  // attention() then takes the fast decode kernel
+  if (fast_ok(a)) return fast_chunks(a);  // attention() then takes the fast decode kernel (chunks from a alone)
   if (dec_ok(a)) {  // attention() then takes the decode kernels: their chunk count
     DecEntry d;
     return int(dec_single_chunks(dec_entry(a, d), a.n_kv_heads, sm_count));
@@ -2012,6 +2117,84 @@ bool batchable(const AttentionArgs& a) {
 bool same_heads(const AttentionArgs& a, const AttentionArgs& b) {
   return a.n_heads == b.n_heads && a.n_kv_heads == b.n_kv_heads && a.head_dim_qk == b.head_dim_qk &&
          a.head_dim_v == b.head_dim_v;
+}
+
+// The entries `take` (all fast_ok, one shape) in one launch of the fast
+// decode kernel: each entry cut exactly as attention() cuts it alone
+// (fast_entry: from its own layout), so its bits do not depend on the batch
+// or on the path; blocks take spans of up to kFSpanSubTiles sub-tiles of
+// one range where the batch has ~4 waves of blocks (a span changes no bit);
+// the last block of each (entry, kv head) merges its chunks. Counters
+// (zeroed here: the batch scratch is shared) then each entry's partial
+// states in the batch scratch.
+void attention_batch_fast(const AttentionArgs* a, const std::vector<int>& take, const BatchHost& host) {
+  const AttentionArgs& ref = a[take[0]];
+  const size_t n = take.size();
+  const int n_kv = ref.n_kv_heads, group = ref.n_heads / ref.n_kv_heads, dv = ref.head_dim_v;
+  thread_local std::vector<FParams> ent;  // reused: no allocation per call once grown
+  thread_local std::vector<int64_t> subs;
+  thread_local std::vector<FJob> jobs;
+  ent.resize(n), subs.resize(n);
+  int64_t tiles = 0;  // sub-tiles per kv head over the batch
+  size_t part_floats = 0;
+  for (size_t k = 0; k < n; ++k) {
+    FParams& e = ent[k];
+    e.n_chunks = int(fast_entry(a[take[k]], e, subs[k]));
+    for (int r = 0; r < e.n_rg; ++r) {
+      const int64_t base = e.rg[r].dt == 2 ? kFTile16 / 2 : kFTile16;
+      tiles += std::max<int64_t>(1, (e.rg[r].len + base - 1) / base);
+    }
+    if (e.n_chunks > 1) part_floats += (size_t(n_kv) * size_t(e.n_chunks) * size_t(group) * size_t(dv + 2) + 3) / 4 * 4;
+  }
+  const int64_t slots = int64_t(kFBlocksPerSm) * std::max(host.sm_count, 1);
+  const int64_t span = std::clamp<int64_t>(tiles * n_kv / (4 * slots), 1, kFSpanSubTiles);
+
+  const size_t counter_bytes = (n * size_t(n_kv) * sizeof(unsigned) + 255) / 256 * 256;
+  char* scratch = nullptr;
+  if (part_floats > 0) {
+    scratch = static_cast<char*>(host.scratch(counter_bytes + sizeof(float) * part_floats));
+    HYMBA_CUDA_CHECK(cudaMemsetAsync(scratch, 0, counter_bytes, host.stream));
+  }
+  float* part = scratch ? reinterpret_cast<float*>(scratch + counter_bytes) : nullptr;
+  jobs.clear();
+  for (size_t k = 0; k < n; ++k) {
+    const AttentionArgs& x = a[take[k]];
+    const FParams& e = ent[k];
+    const size_t first = jobs.size();
+    float* const ep = e.n_chunks > 1 ? part : nullptr;
+    if (ep) part += (size_t(n_kv) * size_t(e.n_chunks) * size_t(group) * size_t(dv + 2) + 3) / 4 * 4;
+    const int64_t per = std::max<int64_t>(1, span / subs[k]);  // chunks per block (at most)
+    for (int r = 0; r < e.n_rg; ++r) {
+      const FRange& R = e.rg[r];
+      const int64_t nr = std::max<int64_t>(1, (R.len + R.ckeys - 1) / R.ckeys);
+      const int64_t nb = (nr + per - 1) / per;
+      const int64_t cpb = (nr + nb - 1) / nb;  // balanced spans
+      for (int64_t c = 0; c < nr; c += cpb) {
+        FJob j{};
+        const int64_t row0 = c * R.ckeys;
+        j.k = R.k ? R.k + row0 * R.ld_k : nullptr;
+        j.v = R.v ? R.v + row0 * R.ld_v : nullptr;
+        j.q = x.q, j.out = x.out, j.part = ep;
+        j.counters = scratch ? reinterpret_cast<unsigned*>(scratch) + k * size_t(n_kv) : nullptr;
+        j.n = int(std::max<int64_t>(0, std::min(R.len - row0, cpb * R.ckeys)));
+        j.ckeys = int(R.ckeys);
+        j.ld_k = R.ld_k, j.ld_v = R.ld_v;
+        j.c0 = R.chunk0 + int(c);
+        j.nc = e.n_chunks;
+        j.dt = R.dt;
+        j.scale = x.scale;
+        jobs.push_back(j);
+      }
+    }
+    const int nblk = int(jobs.size() - first);
+    for (size_t i = first; i < jobs.size(); ++i) jobs[i].nblk = nblk;
+  }
+  check(jobs.size() <= 0x7fffffffu, "attention_batch: too many decode blocks");
+  FParams p{};
+  p.jobs = static_cast<const FJob*>(host.stage(jobs.data(), jobs.size() * sizeof(FJob)));
+  p.group = group;
+  launch_pdl("attention_batch_decode_fast", fast_kernel_checked(ref), dim3(unsigned(jobs.size()), unsigned(n_kv)),
+             dim3(kFThreads), 0, host.stream, p);
 }
 
 // The entries `take` (all dec_ok, one shape) in one decode launch (plus the
@@ -2142,17 +2325,27 @@ void attention_batch_simt(const AttentionArgs* a, const std::vector<int>& take, 
 }  // namespace
 
 void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
-  // Entries the decode kernels take (with the first such entry's heads) in
-  // one decode launch; other one-query entries (with the first such entry's
+  // Entries the fast decode kernel takes (with the first such entry's heads)
+  // in one launch of it; entries only the older decode kernels take
+  // (HYMBA_DECODE_FAST=0, more than kFMaxKv kv heads, ...) in one decode
+  // launch; other one-query entries (with the first such entry's
   // heads) in the general batched launch; the rest one by one.
-  std::vector<int> dec, take;
+  std::vector<int> fast, dec, take;
   for (int i = 0; i < count; ++i) {
-    if (dec_ok(a[i]) && (dec.empty() || same_heads(a[dec[0]], a[i])) && dec.size() < 65535) dec.push_back(i);
-    else if (batchable(a[i]) && (take.empty() || same_heads(a[take[0]], a[i]))) take.push_back(i);
-    else rest.push_back(i);  // (n_q <= 0 included: the single op validates and returns)
+    if (fast_ok(a[i])) {  // the fast decode kernel, as attention() runs it alone
+      if (fast.empty() || same_heads(a[fast[0]], a[i])) fast.push_back(i);
+      else rest.push_back(i);  // (the single op: the same kernel, the same bits)
+    } else if (dec_ok(a[i]) && (dec.empty() || same_heads(a[dec[0]], a[i])) && dec.size() < 65535) {
+      dec.push_back(i);
+    } else if (batchable(a[i]) && (take.empty() || same_heads(a[take[0]], a[i]))) {
+      take.push_back(i);
+    } else {
+      rest.push_back(i);  // (n_q <= 0 included: the single op validates and returns)
+    }
   }
-  // Both launches are stream-ordered: the second's scratch() / stage() reuse
-  // the buffers only after the first's kernels (scratch growth synchronises).
+  // The launches are stream-ordered: a later one's scratch() / stage() reuse
+  // the buffers only after the earlier kernels (scratch growth synchronises).
+  if (!fast.empty()) attention_batch_fast(a, fast, host);
   if (!dec.empty()) attention_batch_decode(a, dec, host);
   if (!take.empty()) attention_batch_simt(a, take, host, rest);
 }
