@@ -168,6 +168,50 @@ class Backend {
   virtual void selective_scan_batch(const ScanArgs* a, int count) {
     for (int i = 0; i < count; ++i) selective_scan(a[i]);
   }
+  // normed_selective_scan over many sequences (the Mamba branch of a batched
+  // decode step): entry i is normed_selective_scan(a[i], in_i), where in_i is
+  // `in` with dt_raw advanced by r_i rows (ld_dt) and dt_scratch by r_i rows
+  // (rank): the entries' dt rows are consecutive rows of in.dt_raw, in order
+  // (r_i = the sum of a[j].n over j < i, entries with n <= 0 counting 0), and
+  // in.dt_scratch is [sum of n, rank], dense. dt_proj, the norm weights and
+  // eps are shared; each entry has its own state, inputs and outputs. Scratch
+  // (a[i].delta, B, C, dt_scratch) as in normed_selective_scan. The default
+  // runs the norms and dt_proj over all rows at once when the entries' delta,
+  // B and C rows are consecutive rows of one matrix each (the model's layout;
+  // rows are independent, so this equals the per-entry composition), else
+  // entry by entry; then selective_scan_batch.
+  virtual void normed_selective_scan_batch(const ScanArgs* a, int count, const ScanInputNorms& in) {
+    if (count <= 0) return;
+    const int64_t rank = in.dt_proj.cols;
+    const ScanArgs& f = a[0];
+    int64_t rows = 0;
+    bool joint = true;
+    for (int i = 0; i < count && joint; ++i) {
+      const ScanArgs& e = a[i];
+      joint = e.ld_delta == f.ld_delta && e.ldb == f.ldb && e.ldc == f.ldc && e.d_state == f.d_state &&
+              e.channels == f.channels && (e.n <= 0 || (e.delta == f.delta + rows * f.ld_delta &&
+                                                         e.B == f.B + rows * f.ldb && e.C == f.C + rows * f.ldc));
+      if (e.n > 0) rows += e.n;
+    }
+    if (joint) {
+      if (rows <= 0) return;
+      rmsnorm(in.dt_raw, rows, rank, in.ld_dt, in.dt_norm_w, in.eps, in.dt_scratch, rank);
+      rmsnorm(f.B, rows, f.d_state, f.ldb, in.B_norm_w, in.eps, const_cast<float*>(f.B), f.ldb);
+      rmsnorm(f.C, rows, f.d_state, f.ldc, in.C_norm_w, in.eps, const_cast<float*>(f.C), f.ldc);
+      matmul(in.dt_proj, in.dt_scratch, rows, rank, const_cast<float*>(f.delta), f.ld_delta, false);
+      selective_scan_batch(a, count);
+      return;
+    }
+    int64_t r = 0;
+    for (int i = 0; i < count; ++i) {
+      if (a[i].n <= 0) continue;
+      ScanInputNorms ni = in;
+      ni.dt_raw += r * in.ld_dt;
+      ni.dt_scratch += r * rank;
+      normed_selective_scan(a[i], ni);
+      r += a[i].n;
+    }
+  }
   // rope_tables for rows at arbitrary positions: row i of cos_out/sin_out
   // (half values each) for position positions[i] (host memory), n rows; the
   // batched decode step's one row per sequence.

@@ -405,18 +405,14 @@ void HymbaModel::layer_rest(const LayerPlan& lp, const LayerWeights& w, const Ro
     sa.channels = Di;
     sa.d_state = N;
   }
-  // dt/B/C norms and dt_proj, then the scan: one fused op for one
-  // sequence; for a batch, the norms and dt_proj run over all rows at once.
+  // dt/B/C norms and dt_proj, then the scan: one fused op (for a batch, the
+  // spans' rows of xdbc are consecutive, as the op's contract wants).
   const ScanInputNorms norms{ws.xdbc.data(), XD,          w.dt_proj,        w.dt_norm.data(), w.B_norm.data(),
                              w.C_norm.data(), eps,        ws.dtn.data()};
   if (n_spans == 1) {
     be.normed_selective_scan(ws.scan_args[0], norms);
   } else {
-    be.rmsnorm(ws.xdbc.data(), n, R, XD, w.dt_norm.data(), eps, ws.dtn.data(), R);
-    be.rmsnorm(ws.xdbc.data() + R, n, N, XD, w.B_norm.data(), eps, ws.xdbc.data() + R, XD);
-    be.rmsnorm(ws.xdbc.data() + R + N, n, N, XD, w.C_norm.data(), eps, ws.xdbc.data() + R + N, XD);
-    be.matmul(w.dt_proj, ws.dtn.data(), n, R, ws.delta.data(), Di, false);
-    be.selective_scan_batch(ws.scan_args.data(), n_spans);
+    be.normed_selective_scan_batch(ws.scan_args.data(), n_spans, norms);
   }
 
   // ---- fuse the branches: normalise each, average, project, residual

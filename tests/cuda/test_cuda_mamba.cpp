@@ -6,6 +6,10 @@
 // (cuda_test_util.h): fresh random inputs (the seed is printed), NaN-poisoned
 // outputs, relative L2 error. Without a CUDA build or a GPU every test skips.
 //
+// Batched decode: normed_selective_scan_batch (the GPU op against the CPU's
+// default, and bit for bit against the single-sequence op per entry) and the
+// one-token path of causal_conv_silu_batch.
+//
 // Timing (not a correctness test):
 //   hymba_cuda_tests --gtest_also_run_disabled_tests --gtest_filter='*MambaTiming*'
 #include <gtest/gtest.h>
@@ -16,6 +20,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -148,6 +153,229 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
       expect_close("normed_scan_y", what, down(dy, yc.size()), yc, 2e-5);
       expect_close("normed_scan_state", what, down(p.d_state, p.state.size()), p.state, 2e-5);
       if (HasFailure()) return;  // later steps would only repeat the first failure
+    }
+  }
+}
+
+// ---------------------------------------------------------------- batched fused decode step
+
+// Elements whose bits differ (NaN poison included: it must match too).
+size_t bit_mismatches(const std::vector<float>& a, const std::vector<float>& b, size_t& first) {
+  size_t bad = 0;
+  first = SIZE_MAX;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) {
+      if (first == SIZE_MAX) first = i;
+      ++bad;
+    }
+  return bad + (a.size() > b.size() ? a.size() - b.size() : b.size() - a.size());
+}
+
+struct BatchStepCase {
+  int count;
+  int64_t C, R, N;
+  DType wt;
+  bool misalign;     // states 4 bytes off 16-byte alignment (the kernel's scalar path)
+  bool mixed;        // an empty entry, a two-token entry and one with its own A/D/dt_bias (all fall back)
+  const char* note;
+};
+
+// normed_selective_scan_batch: the GPU op against the CPU backend (whose
+// default composes rmsnorm x 3, dt_proj and selective_scan_batch over all
+// rows), and each entry against the GPU's single-sequence op for that
+// entry alone, which must give the same bits (batch invariance). Entries are
+// laid out as the model lays them out: consecutive rows of x_proj's output
+// [dt | B | C | pad] and of u | delta | z, each with its own state. Two
+// rounds: the states carry over.
+TEST_F(CudaMamba, NormedSelectiveScanBatch) {
+  const std::vector<BatchStepCase> cases = {
+      {128, 3200, 100, 16, DType::BF16, false, false, "Hymba-1.5B, 128 sequences"},
+      {7, 3200, 100, 16, DType::F32, false, true, "fp32 dt_proj"},
+      {6, 3200, 100, 16, DType::BF16, true, false, "unaligned states"},
+      {9, 37, 5, 16, DType::BF16, false, true, "odd sizes"},
+      {5, 37, 5, 8, DType::F32, false, false, "d_state 8"},
+      {6, 50, 128, 5, DType::F16, false, true, "rank 128, d_state 5"},
+      {3, 40, 7, 40, DType::BF16, false, false, "d_state > 16: single op per entry"},
+      {4, 33, 130, 16, DType::BF16, false, false, "rank > 128: single op (default) per entry"},
+      {1, 65, 9, 16, DType::BF16, false, false, "one entry"},
+  };
+  const float eps = 1e-6f;
+  for (const BatchStepCase& bc : cases) {
+    const int count = bc.count;
+    const int64_t C = bc.C, R = bc.R, N = bc.N;
+    const ScanParams p = params(C, N);
+    const ScanParams other = params(C, N);  // the odd entry's own parameters (mixed)
+    const std::vector<uint8_t> W = store_as(randn(size_t(C * R), 0.0f, 1.0f / std::sqrt(float(R))), bc.wt);
+    const std::vector<float> dt_w = uniform(size_t(R), 0.5f, 1.5f);
+    const std::vector<float> B_w = uniform(size_t(N), 0.5f, 1.5f);
+    const std::vector<float> C_w = uniform(size_t(N), 0.5f, 1.5f);
+    const uint8_t* dW = up(W);
+    const float* d_dt_w = up(dt_w);
+    const float* d_B_w = up(B_w);
+    const float* d_C_w = up(C_w);
+    auto own = [&](int i) { return bc.mixed && i == count - 1; };
+
+    // States: one pool, entry i at soff[i] (+1 float: unaligned).
+    std::vector<size_t> soff(static_cast<size_t>(count));
+    size_t pool = bc.misalign ? 1 : 0;
+    for (int i = 0; i < count; ++i) soff[size_t(i)] = pool, pool += size_t(C * N);
+    std::vector<float> sc = noise(pool, 0.0f, 0.5f);
+    float* ds_batch = up(sc);
+    float* ds_single = up(sc);
+
+    for (int round = 0; round < 2; ++round) {
+      std::vector<int64_t> ns(static_cast<size_t>(count), 1);
+      if (bc.mixed) ns[1] = 0, ns[2] = 2;
+      std::vector<int64_t> row(static_cast<size_t>(count));
+      int64_t rows = 0;
+      for (int i = 0; i < count; ++i) row[size_t(i)] = rows, rows += ns[size_t(i)];
+      const int64_t ld_x = R + 2 * N + 3, ld_in = 3 * C + 1, ldy = C + 2;
+      const std::vector<float> x = randn(size_t(rows * ld_x));
+      const std::vector<float> in = randn(size_t(rows * ld_in));
+      const std::vector<float> poison(size_t(rows * ldy), kNaN);
+      // The CPU's copies (it normalises B and C in place and writes delta).
+      std::vector<float> xc = x, in_cpu = in, yc = poison, dtn(size_t(rows * R), kNaN);
+      float* dx_b = up(x);
+      float* dx_s = up(x);
+      float* din = up(in);
+      float* din_s = up(in);
+      float* dy_b = up(poison);
+      float* dy_s = up(poison);
+      float* ddtn_b = up(dtn);
+      float* ddtn_s = up(dtn);
+
+      std::vector<ScanArgs> ac(static_cast<size_t>(count)), ab(static_cast<size_t>(count)), as(static_cast<size_t>(count));
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        const ScanParams& q = own(i) ? other : p;
+        ScanArgs a = scan_case(ns[k], C, N, ld_in, ld_x, ldy);
+        point_scan_inputs(a, in_cpu.data() + row[k] * ld_in, xc.data() + row[k] * ld_x + R);
+        a.dt_bias = q.dt_bias.data(), a.A = q.A.data(), a.D = q.D.data(), a.state = sc.data() + soff[k];
+        a.y = yc.data() + row[k] * ldy;
+        ac[k] = a;
+        point_scan_inputs(a, din + row[k] * ld_in, dx_b + row[k] * ld_x + R);
+        a.dt_bias = q.d_bias, a.A = q.dA, a.D = q.dD, a.state = ds_batch + soff[k];
+        a.y = dy_b + row[k] * ldy;
+        ab[k] = a;
+        point_scan_inputs(a, din_s + row[k] * ld_in, dx_s + row[k] * ld_x + R);
+        a.state = ds_single + soff[k], a.y = dy_s + row[k] * ldy;
+        as[k] = a;
+      }
+      ScanInputNorms ni;
+      ni.ld_dt = ld_x;
+      ni.eps = eps;
+      ni.dt_raw = xc.data();
+      ni.dt_proj = MatrixView{W.data(), bc.wt, C, R};
+      ni.dt_norm_w = dt_w.data(), ni.B_norm_w = B_w.data(), ni.C_norm_w = C_w.data();
+      ni.dt_scratch = dtn.data();
+      cpu_->normed_selective_scan_batch(ac.data(), count, ni);
+
+      ni.dt_raw = dx_b;
+      ni.dt_proj = MatrixView{dW, bc.wt, C, R};
+      ni.dt_norm_w = d_dt_w, ni.B_norm_w = d_B_w, ni.C_norm_w = d_C_w;
+      ni.dt_scratch = ddtn_b;
+      gpu_->normed_selective_scan_batch(ab.data(), count, ni);
+      // Each entry alone through the single-sequence op (its own copies of the inputs).
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        ScanInputNorms n1 = ni;
+        n1.dt_raw = dx_s + row[k] * ld_x;
+        n1.dt_scratch = ddtn_s + row[k] * R;
+        gpu_->normed_selective_scan(as[k], n1);
+      }
+
+      const std::string what = std::to_string(count) + "x " + dtype_name(bc.wt) + " C=" + std::to_string(C) +
+                               " R=" + std::to_string(R) + " N=" + std::to_string(N) + " round " +
+                               std::to_string(round) + " (" + bc.note + ")";
+      const std::vector<float> yb = down(dy_b, yc.size()), sb = down(ds_batch, sc.size());
+      expect_close("normed_scan_batch_y", what, yb, yc, 2e-5);
+      expect_close("normed_scan_batch_state", what, sb, sc, 2e-5);
+      size_t first = 0;
+      const size_t bad_y = bit_mismatches(yb, down(dy_s, yc.size()), first);
+      EXPECT_EQ(bad_y, 0u) << what << ": y differs from the single-sequence op, first at " << first << " (seed "
+                           << seed_ << ")";
+      const size_t bad_s = bit_mismatches(sb, down(ds_single, sc.size()), first);
+      EXPECT_EQ(bad_s, 0u) << what << ": state differs from the single-sequence op, first at " << first
+                           << " (seed " << seed_ << ")";
+      if (HasFailure()) return;
+    }
+  }
+}
+
+// causal_conv_silu_batch in decode (entries of one token: a launch of their
+// own, 16-byte accesses where an entry's rows allow) against the CPU backend
+// and, bit for bit, against the GPU's single-sequence op per entry. Entries
+// as the model lays them out (x in rows of in_proj's output, y dense, a
+// state block each); unaligned rows (the scalar path); mixed in, an entry of
+// three tokens and one of another width (the general batched kernel).
+TEST_F(CudaMamba, ConvSiluBatchOneToken) {
+  struct Case {
+    int count;
+    int64_t C, ldx_pad;
+    int kw;
+    bool mixed;
+    const char* note;
+  };
+  const std::vector<Case> cases = {
+      {128, 3200, 0, 4, false, "Hymba-1.5B, 128 sequences"},
+      {33, 3200, 1, 4, false, "unaligned x rows"},
+      {9, 37, 0, 3, true, "odd channels, mixed"},
+      {5, 64, 0, 1, false, "width 1 (no state)"},
+      {6, 40, 4, 2, true, "width 2, mixed"},
+  };
+  for (const Case& cs : cases) {
+    const int count = cs.count;
+    const int64_t C = cs.C, ldx = 2 * C + cs.ldx_pad;
+    const int kw2 = cs.kw == 4 ? 2 : 4;
+    auto odd = [&](int i) { return cs.mixed && i == count - 1; };  // the other width
+    auto width = [&](int i) { return odd(i) ? kw2 : cs.kw; };
+    const std::vector<float> w = randn(size_t(cs.kw * C), 0.0f, 0.5f), b = randn(size_t(C));
+    const std::vector<float> w2 = randn(size_t(kw2 * C), 0.0f, 0.5f);
+    const float* dw = up(w);
+    const float* dw2 = up(w2);
+    const float* db = up(b);
+    std::vector<size_t> soff(static_cast<size_t>(count));
+    size_t state_size = 0;
+    for (int i = 0; i < count; ++i) soff[size_t(i)] = state_size, state_size += size_t(std::max(1, width(i) - 1) * C);
+    std::vector<float> sc = noise(state_size);
+    float* ds_b = up(sc);
+    float* ds_s = up(sc);
+    for (int round = 0; round < 2; ++round) {
+      std::vector<int64_t> ns(static_cast<size_t>(count), 1), row(static_cast<size_t>(count));
+      if (cs.mixed) ns[2] = 3;
+      int64_t rows = 0;
+      for (int i = 0; i < count; ++i) row[size_t(i)] = rows, rows += ns[size_t(i)];
+      const std::vector<float> x = noise(size_t(rows * ldx));
+      const std::vector<float> poison(size_t(rows * C), kNaN);
+      std::vector<float> yc = poison;
+      const float* dx = up(x);
+      float* dy_b = up(poison);
+      float* dy_s = up(poison);
+      std::vector<ConvArgs> da(static_cast<size_t>(count));
+      for (int i = 0; i < count; ++i) {
+        const size_t k = size_t(i);
+        cpu_->causal_conv_silu(x.data() + row[k] * ldx, ns[k], ldx, C, (odd(i) ? w2 : w).data(), b.data(), width(i),
+                               sc.data() + soff[k], yc.data() + row[k] * C, C);
+        da[k] = ConvArgs{dx + row[k] * ldx, ldx, ns[k], C, odd(i) ? dw2 : dw, db, width(i), ds_b + soff[k],
+                         dy_b + row[k] * C, C};
+      }
+      gpu_->causal_conv_silu_batch(da.data(), count);
+      for (int i = 0; i < count; ++i) {
+        const ConvArgs& a = da[size_t(i)];
+        gpu_->causal_conv_silu(a.x, a.n, a.ldx, a.channels, a.weight, a.bias, a.k_width, ds_s + soff[size_t(i)],
+                               dy_s + row[size_t(i)] * C, a.ldy);
+      }
+      const std::string what = std::to_string(count) + "x C=" + std::to_string(C) + " k=" + std::to_string(cs.kw) +
+                               " round " + std::to_string(round) + " (" + cs.note + ")";
+      const std::vector<float> yb = down(dy_b, yc.size()), sb = down(ds_b, sc.size());
+      expect_close("conv_batch1_y", what, yb, yc, 1e-5);
+      expect_close("conv_batch1_state", what, sb, sc, 0.0);
+      size_t first = 0;
+      EXPECT_EQ(bit_mismatches(yb, down(dy_s, yc.size()), first), 0u)
+          << what << ": y differs from the single-sequence op, first at " << first << " (seed " << seed_ << ")";
+      EXPECT_EQ(bit_mismatches(sb, down(ds_s, sc.size()), first), 0u)
+          << what << ": state differs from the single-sequence op, first at " << first << " (seed " << seed_ << ")";
+      if (HasFailure()) return;
     }
   }
 }
@@ -330,6 +558,50 @@ TEST_F(CudaMamba, DISABLED_MambaTiming) {
     const float* b = up(randn(size_t(C)));
     report("causal_conv_silu prefill 2048 x 3200",
            time_ms(g, [&] { g.causal_conv_silu(in, n, ld_in, C, w, b, 4, st, y, C); }, 20));
+  }
+  // Batched decode, 128 sequences of one token (the model's layout): the
+  // fused op against its default (rmsnorm x 3, dt_proj, selective_scan_batch),
+  // and the one-token conv. GB/s: the states' bytes (read + written) per call.
+  {
+    const int count = 128;
+    const int64_t ld_x = R + 2 * N, ld_in = 3 * C;
+    float* x = up(randn(size_t(count * ld_x)));
+    float* in = up(randn(size_t(count * ld_in)));
+    float* y = up(std::vector<float>(size_t(count * C)));
+    float* dtn = up(std::vector<float>(size_t(count * R)));
+    float* states = up(noise(size_t(count * C * N), 0.0f, 0.5f));
+    const uint8_t* W = up(store_as(randn(size_t(C * R), 0.0f, 0.1f), DType::BF16));
+    const float* nw = up(uniform(size_t(R), 0.5f, 1.5f));
+    std::vector<ScanArgs> e(static_cast<size_t>(count));
+    for (int i = 0; i < count; ++i) {
+      ScanArgs& a = e[size_t(i)];
+      a.u = in + i * ld_in, a.delta = a.u + C, a.z = a.u + 2 * C, a.ldu = a.ld_delta = a.ldz = ld_in;
+      a.B = x + i * ld_x + R, a.C = a.B + N, a.ldb = a.ldc = ld_x;
+      a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD, a.state = states + int64_t(i) * C * N;
+      a.y = y + i * C, a.ldy = C;
+      a.n = 1, a.channels = C, a.d_state = N;
+    }
+    const ScanInputNorms ni{x, ld_x, MatrixView{W, DType::BF16, C, R}, nw, nw, nw, 1e-6f, dtn};
+    const double gb = 2.0 * double(count * C * N) * 4 / 1e9;
+    char buf[160];
+    double ms = time_ms(g, [&] { g.normed_selective_scan_batch(e.data(), count, ni); }, 50);
+    std::snprintf(buf, sizeof buf, "normed_selective_scan_batch 128 x 3200 x 16 (fused, %.0f GB/s of state)",
+                  gb / ms * 1e3);
+    report(buf, ms);
+    ms = time_ms(g, [&] { g.Backend::normed_selective_scan_batch(e.data(), count, ni); }, 50);
+    std::snprintf(buf, sizeof buf, "normed_selective_scan_batch (default: 5 launches, %.0f GB/s of state)",
+                  gb / ms * 1e3);
+    report(buf, ms);
+    float* cst = up(noise(size_t(count * 3 * C)));
+    const float* w = up(randn(size_t(4 * C)));
+    const float* b = up(randn(size_t(C)));
+    std::vector<ConvArgs> ca(static_cast<size_t>(count));
+    for (int i = 0; i < count; ++i)
+      ca[size_t(i)] = ConvArgs{in + i * ld_in, ld_in, 1, C, w, b, 4, cst + int64_t(i) * 3 * C, y + i * C, C};
+    const double conv_gb = double(count * C) * 4 * (2 * 3 + 2) / 1e9;  // state both ways, x, y
+    ms = time_ms(g, [&] { g.causal_conv_silu_batch(ca.data(), count); }, 50);
+    std::snprintf(buf, sizeof buf, "causal_conv_silu_batch 128 x 3200, one token (%.0f GB/s)", conv_gb / ms * 1e3);
+    report(buf, ms);
   }
 }
 

@@ -74,6 +74,12 @@ class ProfilingBackend final : public Backend {
   void selective_scan_batch(const ScanArgs* a, int count) override {
     timed("selective_scan", 0, [&] { inner_->selective_scan_batch(a, count); });
   }
+  void normed_selective_scan_batch(const ScanArgs* a, int count, const ScanInputNorms& in) override {
+    int64_t rows = 0;
+    for (int i = 0; i < count; ++i) rows += a[i].n > 0 ? a[i].n : 0;
+    timed("normed_scan", 2.0 * double(rows) * double(in.dt_proj.rows) * double(in.dt_proj.cols),
+          [&] { inner_->normed_selective_scan_batch(a, count, in); });
+  }
   void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* c,
                       float* s) override {
     timed("rope", 0, [&] { inner_->rope_tables_at(positions, n, inv_freq, half, c, s); });

@@ -275,6 +275,20 @@ class CudaBackend final : public Backend {
     cuda::selective_scan_batch(a, count, batch_host(), rest);
     for (int i : rest) selective_scan(a[i]);
   }
+  void normed_selective_scan_batch(const ScanArgs* a, int count, const ScanInputNorms& in) override {
+    if (count <= 0) return;
+    std::vector<int> rest;
+    cuda::normed_selective_scan_batch(a, count, in, batch_host(), rest);
+    if (rest.empty()) return;
+    std::vector<int64_t> row(size_t(count), 0);  // each entry's first row of in.dt_raw
+    for (int i = 1; i < count; ++i) row[size_t(i)] = row[size_t(i - 1)] + std::max<int64_t>(a[i - 1].n, 0);
+    for (int i : rest) {
+      ScanInputNorms ni = in;
+      ni.dt_raw += row[size_t(i)] * in.ld_dt;
+      ni.dt_scratch += row[size_t(i)] * in.dt_proj.cols;
+      normed_selective_scan(a[i], ni);
+    }
+  }
   void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* c,
                       float* s) override {
     if (n <= 0) return;

@@ -84,19 +84,30 @@ void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t
 // d_state > 256, dt_proj rows != channels): the caller runs the default.
 bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cudaStream_t stream);
 // Batched: one launch over (entry, channel block). Every entry has its own
-// pointers, sizes and state; conv takes entries of up to 64 tokens.
+// pointers, sizes and state; conv takes entries of up to 64 tokens (those of
+// one token and one k_width <= 4, the decode step, in a launch of their own).
 void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
 void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
+// Backend::normed_selective_scan_batch for the entries of one token with
+// d_state <= 16, rank <= 128 and the first such entry's A, D and dt_bias,
+// in one launch over (entry group, channel block): per entry bit-identical
+// to normed_selective_scan_step for that entry alone; a.delta/B/C and
+// in.dt_scratch are not written. The others (n > 1, other shapes) go to
+// `rest`, for the caller's single-sequence op (entry i's dt rows start at
+// row r_i of in.dt_raw, as the contract in backend.h says).
+void normed_selective_scan_batch(const ScanArgs* a, int count, const ScanInputNorms& in, const BatchHost& host,
+                                 std::vector<int>& rest);
 
 // ---- attention.cu
 // Scratch the split-key path needs for its partial softmax states, in bytes
 // (0 when the launch needs none); `splits` is chosen by attention_splits.
 // Decode (n_q == 1, group <= 8, head dims 64/128, <= 8 segments with
 // 16-byte-aligned rows) runs one kernel over (key chunk, kv head) whose last
-// block per kv head merges the chunks: `splits` is then its chunk count
-// (~2 blocks per SM). The scratch starts with that kernel's counters, which
-// must be zero when the scratch is new (the backend zeroes it) and are left
-// zero by every launch.
+// block per kv head merges the chunks: `splits` is then its chunk count,
+// chosen from a's own visible keys (not the SM count), the same cut
+// attention_batch makes. The scratch starts with that kernel's counters,
+// which must be zero when the scratch is new (the backend zeroes it) and
+// are left zero by every launch.
 int attention_splits(const AttentionArgs& a, int sm_count);
 size_t attention_scratch_bytes(const AttentionArgs& a, int splits);
 // Prefill (n_q >= 16) with bf16 K/V segments (fp32 segments alongside, i.e.
@@ -108,12 +119,14 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
 // of its launches so far.
 void set_attention_tc_mode(int mode);
 long long attention_tc_launches();
-// Batched decode: the entries the decode kernels take (see above; the heads
-// of the first such entry) in one launch over (key chunk, kv head, entry)
-// plus a merge of the chunks, each entry chunked from its own keys only (a
-// result does not depend on the batch); then the other entries with n_q ==
-// 1, head_dim_v <= 128, at most 8 segments and the heads/dims of the first
-// of them in the general batched launch (key splits plus a merge).
+// Batched decode: the entries the decode kernel takes (see above; the heads
+// of the first such entry) in one launch of that kernel over (span of key
+// chunks, kv head), each entry chunked as attention() chunks it alone, so
+// its output is bit-identical alone, in any batch and through attention();
+// the chunks merged in-kernel per (entry, kv head) (counters at the head of
+// host.scratch, zeroed before the launch). Then the other entries with n_q
+// == 1, head_dim_v <= 128, at most 8 segments and the heads/dims of the
+// first of them in the general batched launch (key splits plus a merge).
 void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
 
 // ---- gemv.cu

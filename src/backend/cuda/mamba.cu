@@ -1,7 +1,9 @@
-// The Mamba-head ops: depthwise causal conv + SiLU; the selective scan
-// (chunked-parallel over time for d_state <= 16, else sequential over time
-// per channel); the batched scan of decode; and the fused decode step of the
-// Mamba branch (dt/B/C norms, dt_proj and the scan in one kernel).
+// The Mamba-head ops: depthwise causal conv + SiLU (and its one-token
+// batched form); the selective scan (chunked-parallel over time for
+// d_state <= 16, else sequential over time per channel); the batched scan of
+// decode; and the fused decode step of the Mamba branch (dt/B/C norms,
+// dt_proj and the scan in one kernel), for one sequence and for a batch
+// (bit-identical per sequence).
 #include <algorithm>
 #include <cstdlib>
 
@@ -83,6 +85,81 @@ __global__ void conv_silu_batch_kernel(const ConvArgs* entries, int64_t channel_
   if (c < a.channels) conv_channel(a, c);
 }
 
+// Batched decode (entries of one token, k_width KW <= 4): one thread per 4
+// consecutive channels of an entry, threads over (entry, channel quad)
+// flattened so that no block idles. Every load of the step (bias, taps,
+// state rows, x) is issued before any use, as 16-byte loads where the
+// entry's rows are aligned; the state shift is register moves. The
+// arithmetic is conv_channel's (tap by tap, no FMA contraction).
+constexpr int kConvOneThreads = 256;
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <int KW>
+__global__ void __launch_bounds__(kConvOneThreads) conv_silu_one_kernel(const ConvArgs* entries, unsigned quads,
+                                                                        unsigned total) {
+  constexpr int hist = KW - 1;
+  const unsigned tid = blockIdx.x * unsigned(kConvOneThreads) + threadIdx.x;
+  if (tid >= total) return;
+  const unsigned e = tid / quads;
+  const ConvArgs& a = entries[e];
+  const int64_t C = a.channels, c0 = int64_t(tid - e * quads) * 4;
+  if (c0 >= C) return;
+  const float* x = a.x;
+  float* st = a.state;
+  float* y = a.y;
+  float b[4], w[KW][4], in[KW][4];  // in[k]: tap k's input (state rows, then x)
+  const bool vec = C % 4 == 0 && aligned16(x) && aligned16(a.weight) && aligned16(a.bias) && aligned16(st) &&
+                   aligned16(y);
+  if (vec) {
+    const float4 b4 = *reinterpret_cast<const float4*>(a.bias + c0);
+    b[0] = b4.x, b[1] = b4.y, b[2] = b4.z, b[3] = b4.w;
+#pragma unroll
+    for (int k = 0; k < KW; ++k) {
+      const float4 w4 = *reinterpret_cast<const float4*>(a.weight + k * C + c0);
+      const float4 i4 = *reinterpret_cast<const float4*>(k < hist ? st + k * C + c0 : x + c0);
+      w[k][0] = w4.x, w[k][1] = w4.y, w[k][2] = w4.z, w[k][3] = w4.w;
+      in[k][0] = i4.x, in[k][1] = i4.y, in[k][2] = i4.z, in[k][3] = i4.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = c0 + i;
+      const bool ok = c < C;
+      b[i] = ok ? a.bias[c] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < KW; ++k) {
+        w[k][i] = ok ? a.weight[k * C + c] : 0.0f;
+        in[k][i] = ok ? (k < hist ? st[k * C + c] : x[c]) : 0.0f;
+      }
+    }
+  }
+  float out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float acc = b[i];
+#pragma unroll
+    for (int k = 0; k < KW; ++k) acc = __fadd_rn(acc, __fmul_rn(w[k][i], in[k][i]));
+    out[i] = silu_f(acc);
+  }
+  // The new state: row j = old row j + 1, the last row = x.
+  if (vec) {
+    *reinterpret_cast<float4*>(y + c0) = make_float4(out[0], out[1], out[2], out[3]);
+#pragma unroll
+    for (int j = 0; j < hist; ++j)
+      *reinterpret_cast<float4*>(st + j * C + c0) = make_float4(in[j + 1][0], in[j + 1][1], in[j + 1][2], in[j + 1][3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t c = c0 + i;
+      if (c >= C) break;
+      y[c] = out[i];
+#pragma unroll
+      for (int j = 0; j < hist; ++j) st[j * C + c] = in[j + 1][i];
+    }
+  }
+}
+
 // A short chunk of one sequence (decode): one launch instead of conv + state.
 __global__ void conv_silu_short_kernel(const ConvArgs a) {
   pdl_launch_dependents();
@@ -141,8 +218,21 @@ __device__ __forceinline__ void store_lane_states(const ScanArgs& a, int64_t c, 
   }
 }
 
+// One state's step, h = exp(dt A) h + du B, with the roundings spelled out
+// (the contraction the compiler picks for the plain expression), so that
+// every kernel using it (the single and the batched fused steps) gives the
+// same bits for the same inputs.
+__device__ __forceinline__ float state_step(float h, float A, float dt, float du, float B) {
+  return __fmaf_rn(expf(__fmul_rn(dt, A)), h, __fmul_rn(du, B));
+}
+// y of a channel from its C.h sum: (C.h + D u) silu(z), roundings spelled out.
+__device__ __forceinline__ float scan_out(float ch, float D, float u, float z) {
+  return __fmul_rn(__fmaf_rn(D, u, ch), silu_f(z));
+}
+
 // One time step of this lane's states: h = exp(dt A) h + du B; returns the
-// lane's part of C.h (lane_sum gives the channel's).
+// lane's part of C.h (lane_sum gives the channel's), summed from +0 in
+// order of k.
 __device__ __forceinline__ float lane_step(float (&h)[kMaxK], const float (&A)[kMaxK], int64_t N, int lane,
                                            float dt, float du, const float* Brow, const float* Crow) {
   const int nk = int((N + kLanes - 1) / kLanes);
@@ -151,8 +241,8 @@ __device__ __forceinline__ float lane_step(float (&h)[kMaxK], const float (&A)[k
   for (int k = 0; k < kMaxK; ++k) {
     const int64_t s = lane + int64_t(k) * kLanes;
     if (k < nk && s < N) {
-      h[k] = expf(dt * A[k]) * h[k] + du * Brow[s];
-      part += Crow[s] * h[k];
+      h[k] = state_step(h[k], A[k], dt, du, Brow[s]);
+      part = __fmaf_rn(Crow[s], h[k], part);
     }
   }
   return part;
@@ -245,6 +335,15 @@ __device__ __forceinline__ float warp_rms_scale(const float* x, int64_t d, float
   return float(1.0 / sqrt(ss / double(d) + double(eps)));
 }
 
+// Element x of a row normalised with scale inv and weight w, as the fused
+// steps stage it: rmsnorm's product, and for dt (is_dt) with bf16 weights
+// the matmul's input rounding (CudaBackend::matmul / the CPU's packing).
+template <DType WT>
+__device__ __forceinline__ float normed_value(float x, float inv, float w, bool is_dt) {
+  const float v = __fmul_rn(x, inv) * w;
+  return is_dt && WT == DType::BF16 ? round_f32(v, DType::BF16) : v;
+}
+
 template <DType WT>
 __global__ void __launch_bounds__(kScanThreads) normed_scan_step_kernel(ScanArgs a, ScanInputNorms in) {
   extern __shared__ float smem[];
@@ -298,11 +397,7 @@ __global__ void __launch_bounds__(kScanThreads) normed_scan_step_kernel(ScanArgs
     float* out = kind == 0 ? sDtn + t * R : kind == 1 ? sB + t * N : sC + t * N;
     const int64_t d = kind == 0 ? R : N;
     const float inv = warp_rms_scale(x, d, in.eps);
-    for (int64_t i = threadIdx.x % 32; i < d; i += 32) {
-      const float v = __fmul_rn(x[i], inv) * wn[i];
-      // The matmul's input rounding (CudaBackend::matmul / the CPU's packing).
-      out[i] = kind == 0 && WT == DType::BF16 ? round_f32(v, DType::BF16) : v;
-    }
+    for (int64_t i = threadIdx.x % 32; i < d; i += 32) out[i] = normed_value<WT>(x[i], inv, wn[i], kind == 0);
   }
   __syncthreads();
 
@@ -325,12 +420,186 @@ __global__ void __launch_bounds__(kScanThreads) normed_scan_step_kernel(ScanArgs
   for (int t = 0; t < kFusedMaxTokens; ++t) {
     if (t < n) {  // uniform over the block: the shuffles below see the whole warp
       const float delta = lane_sum(acc[t]);
-      const float dt = softplus_f(delta + bias);
-      const float part = lane_sum(lane_step(h, A, N, lane, dt, dt * u[t], sB + t * N, sC + t * N));
-      if (lane == 0 && live) a.y[t * a.ldy + c] = (part + D * u[t]) * silu_f(z[t]);
+      const float dt = softplus_f(__fadd_rn(delta, bias));
+      const float part = lane_sum(lane_step(h, A, N, lane, dt, __fmul_rn(dt, u[t]), sB + t * N, sC + t * N));
+      if (lane == 0 && live) a.y[t * a.ldy + c] = scan_out(part, D, u[t], z[t]);
     }
   }
   store_lane_states(a, c, live, lane, h);
+}
+
+// ---------------------------------------------------------------- batched fused decode step
+// Backend::normed_selective_scan_batch for entries of one token with
+// d_state <= 16 (the model's batched decode): per entry, bit for bit what
+// normed_scan_step_kernel computes for that sequence alone (the same
+// helpers, its 16-lane sums rebuilt as the same trees; see quad_lane_sum).
+// Bandwidth-bound (128 x 3200 x 16 fp32 states are 26 MB each way), hence
+// another thread layout: 4 threads per channel, thread q owning states
+// 4q..4q+3 (one float4; a warp moves 8 channels = 512 contiguous bytes),
+// 64 channels per block, and kNsbEntries entries per block sharing the
+// block's weights (dt_proj rows, A, dt_bias, D loaded once), their state
+// loads all issued before the norms. grid (entry groups, channel blocks):
+// consecutive blocks share their weights in L2.
+constexpr int kNsbQuads = 4;
+constexpr int kNsbThreads = 256;
+constexpr int kNsbChannels = kNsbThreads / kNsbQuads;
+constexpr int kNsbEntries = 4;
+constexpr int kNsbMaxState = 16;
+constexpr int kNsbMaxRank = kLanes * kFusedWPerLane;  // the single kernel's limit
+
+// One entry's token: its rows (n == 1, so no leading dimensions).
+struct NormedScanEntry {
+  const float* dt_raw;
+  const float* B;
+  const float* C;
+  const float* u;
+  const float* z;
+  float* state;
+  float* y;
+};
+constexpr int kNsbEntryWords = int(sizeof(NormedScanEntry) / sizeof(unsigned long long));
+
+// What the entries share (the host checks that they do).
+struct NormedScanShared {
+  const void* dt_proj;  // [channels, R]
+  const float *dt_norm_w, *B_norm_w, *C_norm_w;
+  const float *dt_bias, *A, *D;
+  int channels, N, R, count;
+  float eps;
+};
+
+// The single kernel's lane_sum (butterfly xor 8, 4, 2, 1 over 16 lane
+// values v_L) where this thread holds v_{4q+i}, i < 4, of its channel: xor
+// 8 and 4 are xor 2 and 1 of q (shuffles), xor 2 and 1 pair values inside
+// the thread: (v_0 + v_2) + (v_1 + v_3). Every add pairs the same two
+// values as the butterfly does (fp addition is commutative): same bits.
+// The whole warp must call it.
+__device__ __forceinline__ float quad_lane_sum(float (&v)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = __fadd_rn(v[i], __shfl_xor_sync(0xffffffffu, v[i], 2));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = __fadd_rn(v[i], __shfl_xor_sync(0xffffffffu, v[i], 1));
+  return __fadd_rn(__fadd_rn(v[0], v[2]), __fadd_rn(v[1], v[3]));
+}
+
+// kVec: d_state == 16 and 16-byte aligned states and A (float4 accesses).
+template <DType WT, bool kVec>
+__global__ void __launch_bounds__(kNsbThreads, 2) normed_scan_batch_kernel(const NormedScanEntry* entries,
+                                                                        NormedScanShared p) {
+  __shared__ NormedScanEntry sEnt[kNsbEntries];
+  __shared__ __align__(16) float sDtn[kNsbEntries][kNsbMaxRank];  // zero-padded to a multiple of 16
+  __shared__ __align__(16) float sB[kNsbEntries][kNsbMaxState];   // zero-padded to 16
+  __shared__ __align__(16) float sC[kNsbEntries][kNsbMaxState];
+
+  const int q = threadIdx.x % kNsbQuads;
+  const int64_t c = int64_t(blockIdx.y) * kNsbChannels + threadIdx.x / kNsbQuads;
+  const bool live = c < p.channels;
+  const int e0 = blockIdx.x * kNsbEntries;
+  const int ne = min(kNsbEntries, p.count - e0);  // >= 1 (grid)
+  const int N = p.N, R = p.R;
+
+  if (threadIdx.x < ne * kNsbEntryWords)
+    reinterpret_cast<unsigned long long*>(sEnt)[threadIdx.x] =
+        reinterpret_cast<const unsigned long long*>(entries + e0)[threadIdx.x];
+
+  // The weights. Value i of this thread stands for the single kernel's
+  // lane 4q + i, whose dt_proj columns are 4q + i + 16j.
+  float w[4][kFusedWPerLane];
+#pragma unroll
+  for (int j = 0; j < kFusedWPerLane; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int k = 4 * q + i + 16 * j;
+      w[i][j] = live && k < R ? load_as_f32(p.dt_proj, WT, c * R + k) : 0.0f;
+    }
+  float A[4];
+  if (kVec) {
+    const float4 a4 = live ? reinterpret_cast<const float4*>(p.A + c * kNsbMaxState)[q] : float4{};
+    A[0] = a4.x, A[1] = a4.y, A[2] = a4.z, A[3] = a4.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) A[i] = live && 4 * q + i < N ? p.A[c * N + 4 * q + i] : 0.0f;
+  }
+  const float bias = live ? p.dt_bias[c] : 0.0f, D = live ? p.D[c] : 0.0f;
+  __syncthreads();  // sEnt
+
+  // Every entry's state, u and z, in flight together (and during the norms).
+  float h[kNsbEntries][4], u[kNsbEntries], z[kNsbEntries];
+#pragma unroll
+  for (int e = 0; e < kNsbEntries; ++e) {
+    const bool on = live && e < ne;
+    const NormedScanEntry& en = sEnt[e];
+    if (kVec) {
+      // Streaming (evict-first): a state is touched once per step, the weights of the other entries' blocks are not.
+      const float4 h4 = on ? __ldcs(reinterpret_cast<const float4*>(en.state + c * kNsbMaxState) + q) : float4{};
+      h[e][0] = h4.x, h[e][1] = h4.y, h[e][2] = h4.z, h[e][3] = h4.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) h[e][i] = on && 4 * q + i < N ? en.state[c * N + 4 * q + i] : 0.0f;
+    }
+    u[e] = on ? en.u[c] : 0.0f;
+    z[e] = on ? en.z[c] : 0.0f;
+  }
+
+  // The norms: one warp per row (dt, B and C of each entry).
+  const int Rp = (R + 15) / 16 * 16;
+  for (int r = threadIdx.x / 32; r < 3 * ne; r += kNsbThreads / 32) {
+    const int e = r / 3, kind = r % 3;
+    const NormedScanEntry& en = sEnt[e];
+    const float* x = kind == 0 ? en.dt_raw : kind == 1 ? en.B : en.C;
+    const float* wn = kind == 0 ? p.dt_norm_w : kind == 1 ? p.B_norm_w : p.C_norm_w;
+    float* out = kind == 0 ? sDtn[e] : kind == 1 ? sB[e] : sC[e];
+    const int d = kind == 0 ? R : N, dp = kind == 0 ? Rp : kNsbMaxState;
+    const float inv = warp_rms_scale(x, d, p.eps);
+    for (int i = threadIdx.x % 32; i < dp; i += 32) out[i] = i < d ? normed_value<WT>(x[i], inv, wn[i], kind == 0) : 0.0f;
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int e = 0; e < kNsbEntries; ++e) {
+    if (e >= ne) break;  // uniform over the block (the shuffles need whole warps)
+    // delta: the single kernel's lane sums, fma by fma. Past R both w and
+    // dtn are +0, and fmaf(+0, +0, acc) == acc (acc, summed from +0, is
+    // never -0), so the padded columns change no bit.
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < kFusedWPerLane; ++j) {
+      if (16 * j < R) {
+        const float4 d4 = reinterpret_cast<const float4*>(sDtn[e] + 16 * j)[q];
+        acc[0] = fmaf(w[0][j], d4.x, acc[0]);
+        acc[1] = fmaf(w[1][j], d4.y, acc[1]);
+        acc[2] = fmaf(w[2][j], d4.z, acc[2]);
+        acc[3] = fmaf(w[3][j], d4.w, acc[3]);
+      }
+    }
+    const float delta = quad_lane_sum(acc);
+    const float dt = softplus_f(__fadd_rn(delta, bias));
+    const float du = __fmul_rn(dt, u[e]);
+    const float4 b4 = reinterpret_cast<const float4*>(sB[e])[q];
+    const float4 c4 = reinterpret_cast<const float4*>(sC[e])[q];
+    const float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
+    float part[4];  // the single kernel's lane parts: fma(C, h, +0), +0 where a lane owns no state
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      part[i] = 0.0f;
+      if (kVec || 4 * q + i < N) {
+        h[e][i] = state_step(h[e][i], A[i], dt, du, bv[i]);
+        part[i] = __fmaf_rn(cv[i], h[e][i], 0.0f);
+      }
+    }
+    const float ch = quad_lane_sum(part);
+    const NormedScanEntry& en = sEnt[e];
+    if (live) {
+      if (q == 0) en.y[c] = scan_out(ch, D, u[e], z[e]);
+      if (kVec) {
+        __stcs(reinterpret_cast<float4*>(en.state + c * kNsbMaxState) + q, make_float4(h[e][0], h[e][1], h[e][2], h[e][3]));
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (4 * q + i < N) en.state[c * N + 4 * q + i] = h[e][i];
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------- chunked scan
@@ -748,16 +1017,37 @@ bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cud
 }
 
 void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
-  std::vector<ConvArgs> take;
-  int64_t max_channels = 0;
+  std::vector<ConvArgs> take, one;  // one: one-token entries of one k_width <= 4 (conv_silu_one_kernel)
+  int64_t max_channels = 0, max_one = 0;
+  int one_kw = 0;
   for (int i = 0; i < count; ++i) {
     const ConvArgs& e = a[i];
     if (e.k_width < 1) rest.push_back(i);  // the single op reports it
     else if (e.n <= 0 || e.channels <= 0) continue;  // nothing to do (as the single op)
-    else if (e.n > kConvBatchMaxTokens) rest.push_back(i);
+    else if (e.n == 1 && e.k_width <= 4 && (one_kw == 0 || e.k_width == one_kw)) {
+      one_kw = e.k_width;
+      one.push_back(e);
+      max_one = std::max(max_one, e.channels);
+    } else if (e.n > kConvBatchMaxTokens) rest.push_back(i);
     else {
       take.push_back(e);
       max_channels = std::max(max_channels, e.channels);
+    }
+  }
+  if (!one.empty()) {
+    const int64_t quads = (max_one + 3) / 4, total = int64_t(one.size()) * quads;
+    if (total > 0x7fffff00) {  // (beyond any real batch) the general kernel
+      take.insert(take.end(), one.begin(), one.end());
+      max_channels = std::max(max_channels, max_one);
+    } else {
+      const auto* d = static_cast<const ConvArgs*>(host.stage(one.data(), one.size() * sizeof(ConvArgs)));
+      const unsigned blocks = unsigned((total + kConvOneThreads - 1) / kConvOneThreads);
+      auto* k = one_kw == 1   ? conv_silu_one_kernel<1>
+                : one_kw == 2 ? conv_silu_one_kernel<2>
+                : one_kw == 3 ? conv_silu_one_kernel<3>
+                              : conv_silu_one_kernel<4>;
+      k<<<blocks, kConvOneThreads, 0, host.stream>>>(d, unsigned(quads), unsigned(total));
+      HYMBA_CUDA_LAUNCHED("conv_silu_batch (one token)");
     }
   }
   if (take.empty()) return;
@@ -801,6 +1091,53 @@ void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, s
   const auto* d = static_cast<const ScanArgs*>(host.stage(take.data(), take.size() * sizeof(ScanArgs)));
   selective_scan_batch_kernel<<<unsigned(blocks), kScanThreads, smem, host.stream>>>(d, channel_blocks);
   HYMBA_CUDA_LAUNCHED("selective_scan_batch");
+}
+
+void normed_selective_scan_batch(const ScanArgs* a, int count, const ScanInputNorms& in, const BatchHost& host,
+                                 std::vector<int>& rest) {
+  const int64_t R = in.dt_proj.cols;
+  const DType wt = in.dt_proj.dtype;
+  const bool shape_ok = R >= 1 && R <= kNsbMaxRank && in.dt_proj.rows >= 1 && in.dt_proj.rows <= 0x7fffffff &&
+                        (in.dt_proj.rows + kNsbChannels - 1) / kNsbChannels <= 65535 &&
+                        (wt == DType::F32 || wt == DType::BF16 || wt == DType::F16);
+  std::vector<NormedScanEntry> take;
+  const ScanArgs* first = nullptr;
+  bool vec = true;
+  int64_t row = 0;  // the entry's first row of in.dt_raw
+  for (int i = 0; i < count; ++i) {
+    const ScanArgs& e = a[i];
+    if (e.n <= 0) continue;  // nothing to do (as the single op)
+    const int64_t r = row;
+    row += e.n;
+    // One token, the model's shapes, and the first taken entry's parameters
+    // (the kernel loads them once per block for all its entries).
+    const bool ok = shape_ok && e.n == 1 && e.channels == in.dt_proj.rows && e.d_state >= 1 &&
+                    e.d_state <= kNsbMaxState &&
+                    (!first || (e.A == first->A && e.D == first->D && e.dt_bias == first->dt_bias &&
+                                e.d_state == first->d_state));
+    if (!ok) {
+      rest.push_back(i);
+      continue;
+    }
+    if (!first) first = &e;
+    take.push_back(NormedScanEntry{in.dt_raw + r * in.ld_dt, e.B, e.C, e.u, e.z, e.state, e.y});
+    vec = vec && (reinterpret_cast<uintptr_t>(e.state) & 15) == 0;
+  }
+  if (take.empty()) return;
+  vec = vec && first->d_state == kNsbMaxState && (reinterpret_cast<uintptr_t>(first->A) & 15) == 0;
+  const auto* d = static_cast<const NormedScanEntry*>(host.stage(take.data(), take.size() * sizeof(NormedScanEntry)));
+  const NormedScanShared p{in.dt_proj.data, in.dt_norm_w, in.B_norm_w, in.C_norm_w, first->dt_bias, first->A,
+                           first->D, int(first->channels), int(first->d_state), int(R), int(take.size()), in.eps};
+  // x: entry groups (consecutive blocks share their weights), y: channel blocks.
+  const dim3 grid(unsigned((take.size() + kNsbEntries - 1) / kNsbEntries),
+                  unsigned((first->channels + kNsbChannels - 1) / kNsbChannels));
+  auto launch = [&](auto kernel) { kernel<<<grid, kNsbThreads, 0, host.stream>>>(d, p); };
+  if (wt == DType::F32) vec ? launch(normed_scan_batch_kernel<DType::F32, true>)
+                            : launch(normed_scan_batch_kernel<DType::F32, false>);
+  else if (wt == DType::BF16) vec ? launch(normed_scan_batch_kernel<DType::BF16, true>)
+                                  : launch(normed_scan_batch_kernel<DType::BF16, false>);
+  else vec ? launch(normed_scan_batch_kernel<DType::F16, true>) : launch(normed_scan_batch_kernel<DType::F16, false>);
+  HYMBA_CUDA_LAUNCHED("normed_scan_batch");
 }
 
 }  // namespace hymba::cuda
