@@ -12,16 +12,16 @@
 // chunks i, i+G, i+2G, ... A "batch" is U = kUnroll chunks per row per
 // thread, loaded into registers before any is used; the batch after it is
 // prefetched into L2 at the same time. A block's unit of work (a "task") is
-// its 8/KW groups; the grid holds at most 2 blocks per SM (so the next
-// kernel's blocks fit beside them, see PDL below) and each block loops over
+// its 8/KW groups; the grid holds at most 3 blocks per SM (so a block of the
+// next kernel fits beside them, see PDL below) and each block loops over
 // tasks, prefetching the next task's weights into L2 while it computes the
 // current one: weights are requested a task ahead whatever the matrix size.
 //
 // Per-kernel latency (a decode step is ~200 short products back to back):
 // * The weights never depend on earlier kernels, so the first batch (and the
-//   L2 prefetch of the second) is issued before anything else, then x is
-//   staged: x's load latency and the rmsnorm's sum of squares overlap the
-//   weight stream. Staging loads up to 16 values per thread before using any.
+//   L2 prefetch of the rest), and the norm weights, are requested before
+//   anything else; then x is staged (stage_x_async: one round of cp.async
+//   for up to 4 tokens), so x's latency and the norm overlap the stream.
 // * Programmatic Dependent Launch (launch.cuh): a kernel may start while
 //   the previous one is finishing; it issues its weight loads, allows its
 //   own successor to launch, and only then waits for the previous grid
@@ -456,8 +456,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const Ge
   };
 
   // A block takes tasks blockIdx.x, + gridDim.x, ... (a task: gpb groups);
-  // the grid is at most ~2 blocks per SM so that the next kernel's blocks
-  // fit beside this one's (PDL), and every task's weights are requested one
+  // the grid is at most ~3 blocks per SM so that a block of the next kernel
+  // fits beside this one's (PDL), and every task's weights are requested one
   // task ahead (into L2) so the stream never drains between tasks.
   Chunk<VEC> wa[kUnroll], wb[kUnroll];
   int64_t task = blockIdx.x;
@@ -583,6 +583,18 @@ int warps_per_group(int64_t groups, int64_t nchunks) {
   return kw;
 }
 
+// Resident blocks per SM the grid aims at for up to 4 tokens: 3 (H100, 1K
+// decode: 2.60 ms/step against 2.70 with 2, 2.63 with 4, 2.87 with 1), or
+// HYMBA_GEMV_BLOCKS_PER_SM (1-4; read once) for tuning.
+int blocks_per_sm() {
+  static const int v = [] {
+    const char* e = std::getenv("HYMBA_GEMV_BLOCKS_PER_SM");
+    const int b = e ? std::atoi(e) : 0;
+    return b >= 1 && b <= 4 ? b : 3;
+  }();
+  return v;
+}
+
 int current_device() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
@@ -698,10 +710,10 @@ bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
   a.kw = warps_per_group(a.groups, a.cols / vec);
   const int64_t per_block = kWarps / a.kw;
   const int64_t tasks = (a.groups + per_block - 1) / per_block;
-  // At most 2 blocks per SM (1 beyond 4 tokens: twice the registers), so
-  // that the next kernel's blocks fit beside them (PDL); the blocks loop
+  // At most 3 blocks per SM (1 beyond 4 tokens: twice the registers), so
+  // that a block of the next kernel fits beside them (PDL); the blocks loop
   // over the tasks. (A row's result does not depend on the grid.)
-  const int64_t resident = int64_t(sm_count(dev)) * (n <= 4 ? 2 : 1);
+  const int64_t resident = int64_t(sm_count(dev)) * (n <= 4 ? blocks_per_sm() : 1);
   const int64_t blocks = tasks < resident ? tasks : resident;
   const Launch l{unsigned(blocks), smem, dev, stream};
   if (swiglu) launch_n<kNorm, true>(a, n, vec, l);
