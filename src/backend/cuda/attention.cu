@@ -1206,13 +1206,17 @@ __global__ void __launch_bounds__(kDecThreads) decode_merge_kernel(const DecPara
 using DecKernel = void (*)(DecParams);
 
 // The kernel for padded group gp and head dims (nullptr: not taken).
+// The (padded group, qk dim, v dim) shapes both decode kernels are built
+// for: X(G, DQ, DV) for each.
+#define HYMBA_DECODE_SHAPES(X)                                                                    \
+  X(1, 64, 64) X(2, 64, 64) X(4, 64, 64) X(5, 64, 64) X(8, 64, 64) X(1, 64, 128) X(2, 64, 128) \
+  X(4, 64, 128) X(5, 64, 128) X(8, 64, 128) X(1, 128, 64) X(2, 128, 64) X(4, 128, 64)          \
+  X(1, 128, 128) X(2, 128, 128) X(4, 128, 128)
+
 DecKernel dec_kernel_for(int gp, int dq, int dv) {
 #define HYMBA_DEC(G, Q, V) \
   if (gp == G && dq == Q && dv == V) return decode_kernel<G, Q, V>;
-  HYMBA_DEC(1, 64, 64) HYMBA_DEC(2, 64, 64) HYMBA_DEC(4, 64, 64) HYMBA_DEC(5, 64, 64) HYMBA_DEC(8, 64, 64)
-  HYMBA_DEC(1, 64, 128) HYMBA_DEC(2, 64, 128) HYMBA_DEC(4, 64, 128) HYMBA_DEC(5, 64, 128) HYMBA_DEC(8, 64, 128)
-  HYMBA_DEC(1, 128, 64) HYMBA_DEC(2, 128, 64) HYMBA_DEC(4, 128, 64)
-  HYMBA_DEC(1, 128, 128) HYMBA_DEC(2, 128, 128) HYMBA_DEC(4, 128, 128)
+  HYMBA_DECODE_SHAPES(HYMBA_DEC)
 #undef HYMBA_DEC
   return nullptr;
 }
@@ -1833,10 +1837,7 @@ using FKernel = void (*)(FParams);
 FKernel fast_kernel_for(int gp, int dq, int dv) {
 #define HYMBA_FDEC(G, Q, V) \
   if (gp == G && dq == Q && dv == V) return decode_fast_kernel<G, Q, V>;
-  HYMBA_FDEC(1, 64, 64) HYMBA_FDEC(2, 64, 64) HYMBA_FDEC(4, 64, 64) HYMBA_FDEC(5, 64, 64) HYMBA_FDEC(8, 64, 64)
-  HYMBA_FDEC(1, 64, 128) HYMBA_FDEC(2, 64, 128) HYMBA_FDEC(4, 64, 128) HYMBA_FDEC(5, 64, 128) HYMBA_FDEC(8, 64, 128)
-  HYMBA_FDEC(1, 128, 64) HYMBA_FDEC(2, 128, 64) HYMBA_FDEC(4, 128, 64)
-  HYMBA_FDEC(1, 128, 128) HYMBA_FDEC(2, 128, 128) HYMBA_FDEC(4, 128, 128)
+  HYMBA_DECODE_SHAPES(HYMBA_FDEC)
 #undef HYMBA_FDEC
   return nullptr;
 }

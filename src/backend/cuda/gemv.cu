@@ -148,6 +148,35 @@ __device__ __forceinline__ float dot_chunk(const Chunk<VEC>& w, const Chunk<VEC>
   }
 }
 
+// The per-token norm scales from each thread's sums of squares: an xor
+// butterfly in each warp, then the warps in order (red: NS x NT x kWarps
+// doubles of shared memory).
+template <int NS, int NT>
+__device__ __forceinline__ void norm_scales(double (&ss)[NS][NT], double* red, const GemvArgs& a,
+                                            float (&inv)[NS][NT]) {
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss[s][t] += __shfl_xor_sync(0xffffffffu, ss[s][t], o);
+      if (lane == 0) red[(s * NT + t) * kWarps + warp] = ss[s][t];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      double total = 0.0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) total += red[(s * NT + t) * kWarps + w];
+      inv[s][t] = float(1.0 / sqrt(total / double(a.cols) + double(a.eps)));
+    }
+  }
+}
+
 // xs[t][c] = the matrix input of token t as bf16 bits (see Mode), for all NT
 // tokens. Each thread takes columns c = tid + 256 k. Loads come in rounds of
 // XB columns x NT tokens x sources (about 8 values), all issued before any
@@ -244,28 +273,8 @@ __device__ __forceinline__ void stage_x(const GemvArgs& a, uint16_t* xs, double*
         }
       }
     }
-    const int warp = tid / 32, lane = tid % 32;
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss[s][t] += __shfl_xor_sync(0xffffffffu, ss[s][t], o);
-        if (lane == 0) red[(s * NT + t) * kWarps + warp] = ss[s][t];
-      }
-    }
-    __syncthreads();
     float inv[NS][NT];
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        double total = 0.0;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) total += red[(s * NT + t) * kWarps + w];
-        inv[s][t] = float(1.0 / sqrt(total / double(a.cols) + double(a.eps)));
-      }
-    }
+    norm_scales<NS, NT>(ss, red, a, inv);
     // Pass 2: normalise, round, store.
 #pragma unroll 1  // a round is already unrolled: keep the register count
     for (int c0 = tid; c0 < cols; c0 += kStep) {
@@ -342,7 +351,7 @@ __device__ __forceinline__ void stage_x_async(const GemvArgs& a, uint16_t* xs, f
                                               double* red) {
   constexpr int NS = MODE == kFuse ? 2 : 1;
   const int cols = int(a.cols);
-  const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int tid = int(threadIdx.x);
 #pragma unroll
   for (int s = 0; s < NS; ++s) {
 #pragma unroll
@@ -358,37 +367,25 @@ __device__ __forceinline__ void stage_x_async(const GemvArgs& a, uint16_t* xs, f
       for (int c = tid; c < cols; c += kThreads) xs[t * a.cols_pad + c] = f32_to_bf16_bits(xf[t * cols + c]);
     return;
   } else {
-    float inv[NS][NT];
+    double ss[NS][NT];
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         const float* xr = xf + (s * NT + t) * cols;
-        double ss = 0.0;
+        ss[s][t] = 0.0;
         for (int i = tid; i < g4; i += kThreads) {
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int c = 4 * i + j;
             const double d = c < cols ? xr[c] : 0.0f;
-            ss += d * d;
+            ss[s][t] += d * d;
           }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[(s * NT + t) * kWarps + warp] = ss;
       }
     }
-    __syncthreads();
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        double total = 0.0;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) total += red[(s * NT + t) * kWarps + w];
-        inv[s][t] = float(1.0 / sqrt(total / double(a.cols) + double(a.eps)));
-      }
-    }
+    float inv[NS][NT];
+    norm_scales<NS, NT>(ss, red, a, inv);
     // Normalise, round, store (the arithmetic of cuda::rmsnorm / average_into).
     for (int c = tid; c < cols; c += kThreads) {
       const float w0 = wf[c];
