@@ -64,8 +64,35 @@ struct ScanParams {
   float* d_state = nullptr;
 };
 
+// dt_proj and the dt/B/C norm weights of the fused scan, host and device copies.
+struct ScanNormWeights {
+  DType wt = DType::F32;
+  int64_t C = 0, R = 0;
+  std::vector<uint8_t> W;
+  std::vector<float> dt_w, B_w, C_w;
+  const uint8_t* dW = nullptr;
+  const float *d_dt_w = nullptr, *d_B_w = nullptr, *d_C_w = nullptr;
+  // ni's weights: the host copies (CPU backend) or the device ones.
+  void point(ScanInputNorms& ni, bool device) const {
+    ni.dt_proj = MatrixView{device ? static_cast<const void*>(dW) : W.data(), wt, C, R};
+    ni.dt_norm_w = device ? d_dt_w : dt_w.data();
+    ni.B_norm_w = device ? d_B_w : B_w.data();
+    ni.C_norm_w = device ? d_C_w : C_w.data();
+  }
+};
+
 class CudaMamba : public CudaVsCpu {
  protected:
+  ScanNormWeights norm_weights(int64_t C, int64_t R, int64_t N, DType wt) {
+    ScanNormWeights w;
+    w.wt = wt, w.C = C, w.R = R;
+    w.W = store_as(randn(size_t(C * R), 0.0f, 1.0f / std::sqrt(float(R))), wt);
+    w.dt_w = uniform(size_t(R), 0.5f, 1.5f);
+    w.B_w = uniform(size_t(N), 0.5f, 1.5f);
+    w.C_w = uniform(size_t(N), 0.5f, 1.5f);
+    w.dW = up(w.W), w.d_dt_w = up(w.dt_w), w.d_B_w = up(w.B_w), w.d_C_w = up(w.C_w);
+    return w;
+  }
   ScanParams params(int64_t C, int64_t N, bool long_memory = false) {
     ScanParams p;
     p.C = C, p.N = N;
@@ -101,14 +128,7 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
   for (const StepCase& sc : cases) {
     const int64_t C = sc.C, R = sc.R, N = sc.N;
     ScanParams p = params(C, N);
-    const std::vector<uint8_t> W = store_as(randn(size_t(C * R), 0.0f, 1.0f / std::sqrt(float(R))), sc.wt);
-    const std::vector<float> dt_w = uniform(size_t(R), 0.5f, 1.5f);
-    const std::vector<float> B_w = uniform(size_t(N), 0.5f, 1.5f);
-    const std::vector<float> C_w = uniform(size_t(N), 0.5f, 1.5f);
-    const uint8_t* dW = up(W);
-    const float* d_dt_w = up(dt_w);
-    const float* d_B_w = up(B_w);
-    const float* d_C_w = up(C_w);
+    const ScanNormWeights nw = norm_weights(C, R, N, sc.wt);
     // Successive calls carry the state (n = 5: the default composition, between fused steps).
     for (int64_t n : {1, 2, 3, 1, 4, 5, 1}) {
       // As the model lays them out: x_proj's output rows [dt | B | C | pad],
@@ -132,8 +152,7 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
       a.dt_bias = p.dt_bias.data(), a.A = p.A.data(), a.D = p.D.data(), a.state = p.state.data();
       a.y = yc.data();
       ni.dt_raw = x.data();
-      ni.dt_proj = MatrixView{W.data(), sc.wt, C, R};
-      ni.dt_norm_w = dt_w.data(), ni.B_norm_w = B_w.data(), ni.C_norm_w = C_w.data();
+      nw.point(ni, false);
       ni.dt_scratch = dtn.data();
       cpu_->normed_selective_scan(a, ni);
       // GPU
@@ -141,8 +160,7 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
       a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD, a.state = p.d_state;
       a.y = dy;
       ni.dt_raw = dx;
-      ni.dt_proj = MatrixView{dW, sc.wt, C, R};
-      ni.dt_norm_w = d_dt_w, ni.B_norm_w = d_B_w, ni.C_norm_w = d_C_w;
+      nw.point(ni, true);
       ni.dt_scratch = ddtn;
       gpu_->normed_selective_scan(a, ni);
 
@@ -205,14 +223,7 @@ TEST_F(CudaMamba, NormedSelectiveScanBatch) {
     const int64_t C = bc.C, R = bc.R, N = bc.N;
     const ScanParams p = params(C, N);
     const ScanParams other = params(C, N);  // the odd entry's own parameters (mixed)
-    const std::vector<uint8_t> W = store_as(randn(size_t(C * R), 0.0f, 1.0f / std::sqrt(float(R))), bc.wt);
-    const std::vector<float> dt_w = uniform(size_t(R), 0.5f, 1.5f);
-    const std::vector<float> B_w = uniform(size_t(N), 0.5f, 1.5f);
-    const std::vector<float> C_w = uniform(size_t(N), 0.5f, 1.5f);
-    const uint8_t* dW = up(W);
-    const float* d_dt_w = up(dt_w);
-    const float* d_B_w = up(B_w);
-    const float* d_C_w = up(C_w);
+    const ScanNormWeights nw = norm_weights(C, R, N, bc.wt);
     auto own = [&](int i) { return bc.mixed && i == count - 1; };
 
     // States: one pool, entry i at soff[i] (+1 float: unaligned).
@@ -265,14 +276,12 @@ TEST_F(CudaMamba, NormedSelectiveScanBatch) {
       ni.ld_dt = ld_x;
       ni.eps = eps;
       ni.dt_raw = xc.data();
-      ni.dt_proj = MatrixView{W.data(), bc.wt, C, R};
-      ni.dt_norm_w = dt_w.data(), ni.B_norm_w = B_w.data(), ni.C_norm_w = C_w.data();
+      nw.point(ni, false);
       ni.dt_scratch = dtn.data();
       cpu_->normed_selective_scan_batch(ac.data(), count, ni);
 
       ni.dt_raw = dx_b;
-      ni.dt_proj = MatrixView{dW, bc.wt, C, R};
-      ni.dt_norm_w = d_dt_w, ni.B_norm_w = d_B_w, ni.C_norm_w = d_C_w;
+      nw.point(ni, true);
       ni.dt_scratch = ddtn_b;
       gpu_->normed_selective_scan_batch(ab.data(), count, ni);
       // Each entry alone through the single-sequence op (its own copies of the inputs).

@@ -601,38 +601,30 @@ int current_device() {
   return dev;
 }
 
-// Dynamic shared memory a block may use on the current device (cached).
-int max_dynamic_smem(int dev) {
+// Device attribute `attr` of device dev, cached per device (slot: one
+// cache per attribute); `fallback` when it cannot be read.
+template <int slot>
+int cached_attribute(int dev, cudaDeviceAttr attr, int fallback) {
   static std::atomic<int> cache[kMaxDevices];  // 0: not asked yet
   if (dev >= 0 && dev < kMaxDevices) {
     const int c = cache[dev].load(std::memory_order_relaxed);
     if (c > 0) return c;
   }
   int v = 0;
-  if (dev < 0 || cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+  if (dev < 0 || cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess || v <= 0) {
     (void)cudaGetLastError();
-    return 48 << 10;
+    return fallback;
   }
-  v -= 2048;  // leave room for the kernel's static shared memory
   if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
   return v;
 }
 
-// Multiprocessors of device dev (cached).
-int sm_count(int dev) {
-  static std::atomic<int> cache[kMaxDevices];  // 0: not asked yet
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int v = 0;
-  if (dev < 0 || cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
-    (void)cudaGetLastError();
-    return 132;
-  }
-  if (dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
+// Dynamic shared memory a block may use (room left for the kernel's static
+// shared memory).
+int max_dynamic_smem(int dev) {
+  return cached_attribute<0>(dev, cudaDevAttrMaxSharedMemoryPerBlockOptin, (48 << 10) + 2048) - 2048;
 }
+int sm_count(int dev) { return cached_attribute<1>(dev, cudaDevAttrMultiProcessorCount, 132); }
 
 template <int NT, int VEC, int MODE, bool SWIGLU>
 void launch_t(const GemvArgs& a, unsigned blocks, size_t smem, int dev, cudaStream_t stream) {
