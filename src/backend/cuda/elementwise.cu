@@ -39,30 +39,16 @@ __global__ void rmsnorm_kernel(const float* x, int64_t d, int64_t ldx, const flo
   for (int64_t i = threadIdx.x; i < d; i += kThreads) yr[i] = __fmul_rn(xr[i], inv) * w[i];
 }
 
-__global__ void rope_tables_kernel(int64_t pos0, int64_t n, const float* inv_freq, int half, float* c,
-                                   float* s) {
+// Row t is position pos[t] (pos: a device array) or, without pos, pos0 + t.
+__global__ void rope_tables_kernel(int64_t pos0, const int64_t* pos, int64_t n, const float* inv_freq, int half,
+                                   float* c, float* s) {
   pdl_launch_dependents();
   pdl_wait();  // launched with launch_pdl: earlier kernels' writes first
   const int64_t total = n * half;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / half;
     const int j = int(i % half);
-    const float angle = __fmul_rn(float(pos0 + t), inv_freq[j]);  // the fp32 product, as the reference
-    c[i] = float(cos(double(angle)));
-    s[i] = float(sin(double(angle)));
-  }
-}
-
-// Rows at arbitrary positions (pos: device array), same arithmetic.
-__global__ void rope_tables_at_kernel(const int64_t* pos, int64_t n, const float* inv_freq, int half, float* c,
-                                      float* s) {
-  pdl_launch_dependents();
-  pdl_wait();  // launched with launch_pdl: earlier kernels' writes first
-  const int64_t total = n * half;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / half;
-    const int j = int(i % half);
-    const float angle = __fmul_rn(float(pos[t]), inv_freq[j]);
+    const float angle = __fmul_rn(float(pos ? pos[t] : pos0 + t), inv_freq[j]);  // the fp32 product, as the reference
     c[i] = float(cos(double(angle)));
     s[i] = float(sin(double(angle)));
   }
@@ -274,14 +260,14 @@ void rope_tables(int64_t pos0, int64_t n, const float* inv_freq, int half, float
                  cudaStream_t stream) {
   if (n <= 0 || half <= 0) return;
   launch_pdl("rope_tables", rope_tables_kernel, dim3(blocks_for(n * half, kThreads)), dim3(kThreads), 0, stream, pos0,
-             n, inv_freq, half, c, s);
+             static_cast<const int64_t*>(nullptr), n, inv_freq, half, c, s);
 }
 
 void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, int half, float* c, float* s,
                     cudaStream_t stream) {
   if (n <= 0 || half <= 0) return;
-  launch_pdl("rope_tables_at", rope_tables_at_kernel, dim3(blocks_for(n * half, kThreads)), dim3(kThreads), 0, stream,
-             positions, n, inv_freq, half, c, s);
+  launch_pdl("rope_tables_at", rope_tables_kernel, dim3(blocks_for(n * half, kThreads)), dim3(kThreads), 0, stream,
+             int64_t(0), positions, n, inv_freq, half, c, s);
 }
 
 void rope(float* x, int64_t n, int64_t ldx, int n_heads, int head_dim, const float* c, const float* s,
