@@ -19,6 +19,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -218,6 +219,20 @@ inline AttentionArgs attention_case(int n_heads, int n_kv_heads, int dq, int dv,
 // (leading dimension ld_in), B | C of another (ld_bc), y with ldy. The
 // pointers are set by point_scan_inputs (host or device buffers) and the
 // caller (parameters, state, y).
+// One K/V segment whose K and V start at `off` (K, V byte offsets) in a
+// pool with a host copy and a device copy: its host view appended to hsegs,
+// its device view to dsegs.
+inline void add_pool_segment(DType dt, int64_t ld_k, int64_t ld_v, int64_t pos0, int64_t count,
+                             const uint8_t* host_pool, const uint8_t* dev_pool, std::pair<size_t, size_t> off,
+                             std::vector<KVSegment>& hsegs, std::vector<KVSegment>& dsegs) {
+  KVSegment seg;
+  seg.dtype = dt, seg.ld_k = ld_k, seg.ld_v = ld_v, seg.pos0 = pos0, seg.count = count;
+  seg.k = host_pool + off.first, seg.v = host_pool + off.second;
+  hsegs.push_back(seg);
+  seg.k = dev_pool + off.first, seg.v = dev_pool + off.second;
+  dsegs.push_back(seg);
+}
+
 inline ScanArgs scan_case(int64_t n, int64_t C, int64_t N, int64_t ld_in, int64_t ld_bc, int64_t ldy) {
   ScanArgs a;
   a.ldu = a.ld_delta = a.ldz = ld_in;

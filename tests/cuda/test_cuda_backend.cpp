@@ -711,18 +711,8 @@ class CudaBatch : public CudaVsCpu {
       const int64_t kv_k = int64_t(e.hd.n_kv) * e.hd.dq, kv_v = int64_t(e.hd.n_kv) * e.hd.dv;
       for (size_t j = 0; j < e.segs.size(); ++j) {
         const SegSpec& s = e.segs[j];
-        KVSegment seg;
-        seg.dtype = s.dtype;
-        seg.ld_k = kv_k + s.pad;
-        seg.ld_v = kv_v + 2 * s.pad;
-        seg.pos0 = s.pos0;
-        seg.count = s.count;
-        seg.k = pool.data() + offs[i][j].first;
-        seg.v = pool.data() + offs[i][j].second;
-        hsegs[i].push_back(seg);
-        seg.k = dpool + offs[i][j].first;
-        seg.v = dpool + offs[i][j].second;
-        dsegs[i].push_back(seg);
+        add_pool_segment(s.dtype, kv_k + s.pad, kv_v + 2 * s.pad, s.pos0, s.count, pool.data(), dpool, offs[i][j],
+                         hsegs[i], dsegs[i]);
       }
       const AttentionArgs a = attention_case(e.hd.n_heads, e.hd.n_kv, e.hd.dq, e.hd.dv, e.n_q, e.q_pos0, e.window,
                                              e.nav, int(e.segs.size()), ldq[i], ldo[i]);

@@ -120,18 +120,8 @@ class DecodeAttention : public CudaVsCpu {
       const int64_t kv_k = int64_t(c.n_kv) * c.dq, kv_v = int64_t(c.n_kv) * c.dv;
       for (size_t j = 0; j < c.segs.size(); ++j) {
         const DSeg& s = c.segs[j];
-        KVSegment seg;
-        seg.dtype = s.dtype;
-        seg.ld_k = kv_k + s.pad;
-        seg.ld_v = kv_v + 2 * s.pad;
-        seg.pos0 = s.pos0;
-        seg.count = s.count;
-        seg.k = b.pool.data() + offs[i][j].first;
-        seg.v = b.pool.data() + offs[i][j].second;
-        b.hsegs[i].push_back(seg);
-        seg.k = b.dpool + offs[i][j].first;
-        seg.v = b.dpool + offs[i][j].second;
-        b.dsegs[i].push_back(seg);
+        add_pool_segment(s.dtype, kv_k + s.pad, kv_v + 2 * s.pad, s.pos0, s.count, b.pool.data(), b.dpool,
+                         offs[i][j], b.hsegs[i], b.dsegs[i]);
       }
       const AttentionArgs a = attention_case(c.n_heads, c.n_kv, c.dq, c.dv, 1, c.pos, c.window, c.nav,
                                              int(c.segs.size()), int64_t(c.n_heads) * c.dq + 3,
