@@ -410,9 +410,7 @@ std::vector<SegDesc> descs(const AttentionArgs& a) {
 // the cache is bf16, since the model rounds the chunk's K/V to the cache
 // precision before attention.
 namespace tc {
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kBM = 16 * kWarps;  // (query, head) rows per block: one m16 tile per warp
+constexpr int kWarps = 8;         // default warps per block (tc_warps); rows per block: 16 per warp
 constexpr int kBN = 64;           // keys per tile
 constexpr int kPad = 8;           // bf16 of padding per smem row: rows 16 bytes apart mod 128 B, so ldmatrix is conflict-free
 constexpr int kMinQ = 16;         // fewer queries: the SIMT kernel (decode, split keys)
@@ -538,7 +536,7 @@ __device__ __forceinline__ bool next_tile(const SegDesc* seg, int n_seg, int64_t
 // zeros (masked, but 0 * garbage could be NaN). bf16 with 16-byte-aligned
 // rows: cp.async (waited for by the caller); fp32 with aligned rows: two
 // float4 loads per 8 values; anything else: element by element.
-template <int D>
+template <int D, int NTHREADS>
 __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DType dt, int64_t ld, int64_t r0, int nk,
                                              int64_t col0) {
   // (Loops unrolled by 2 only: fully unrolled, their addresses would take
@@ -549,7 +547,7 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
   if (dt == DType::BF16 && aligned && ld % 8 == 0) {
     const uint16_t* src = static_cast<const uint16_t*>(base);
 #pragma unroll 2
-    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += tc::kThreads) {
+    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += NTHREADS) {
       const int j = idx / kChunks, c = (idx % kChunks) * 8;
       const bool in = j < nk;
       cp_async16(dst + j * kLd + c, in ? src + (r0 + j) * ld + col0 + c : src, in ? 16 : 0);
@@ -557,7 +555,7 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
   } else if (dt == DType::F32 && aligned && ld % 4 == 0) {
     const float* src = static_cast<const float*>(base);
 #pragma unroll 2
-    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += tc::kThreads) {
+    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += NTHREADS) {
       const int j = idx / kChunks, c = (idx % kChunks) * 8;
       uint4 w = make_uint4(0u, 0u, 0u, 0u);
       if (j < nk) {
@@ -570,19 +568,21 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
     }
   } else {
 #pragma unroll 1
-    for (int idx = threadIdx.x; idx < tc::kBN * D; idx += tc::kThreads) {
+    for (int idx = threadIdx.x; idx < tc::kBN * D; idx += NTHREADS) {
       const int j = idx / D, i = idx % D;
       dst[j * kLd + i] = j < nk ? f32_to_bf16_bits(load_as_f32(base, dt, (r0 + j) * ld + col0 + i)) : uint16_t(0);
     }
   }
 }
 
-// Registers: <= 168 for 64/64 (3 blocks per SM), <= 255 otherwise (2).
+// W warps of 16 rows each. Registers: with W = 4, <= 168 for 64/64 (3
+// blocks per SM), <= 255 otherwise (2); with W = 8, <= 255 (one block).
 // grid: x = row tile (reversed: under a causal mask the last tiles have the
 // most keys and start first), y = kv head. Head dims DQ, DV (multiples of 32
 // and 16). Rows past n_q * group load zero queries and are not stored.
-template <int DQ, int DV>
-__global__ void __launch_bounds__(tc::kThreads, DQ + DV <= 128 ? 3 : 2) attention_tc_kernel(const Params p) {
+template <int DQ, int DV, int W>
+__global__ void __launch_bounds__(32 * W, (DQ + DV <= 128 ? 12 : 8) / W) attention_tc_kernel(const Params p) {
+  constexpr int kBM = 16 * W;  // (query, head) rows of the block: one m16 tile per warp
   static_assert(DQ % 32 == 0 && DV % 16 == 0 && tc::kBN % 16 == 0, "tile shapes");
   constexpr int kLdK = DQ + tc::kPad, kLdV = DV + tc::kPad;
   constexpr int kStage = tc::kBN * (kLdK + kLdV);  // bf16 elements of one K + V stage
@@ -601,9 +601,9 @@ __global__ void __launch_bounds__(tc::kThreads, DQ + DV <= 128 ? 3 : 2) attentio
   const int kvh = blockIdx.y;
   const int64_t window = jb.window, nav = jb.n_always_visible;
   const int64_t n_rows = jb.n_q * group;
-  const int64_t row0 = int64_t(gridDim.x - 1 - blockIdx.x) * tc::kBM;
+  const int64_t row0 = int64_t(gridDim.x - 1 - blockIdx.x) * kBM;
   const int64_t p_first = jb.q_pos0 + row0 / group;
-  const int64_t p_last = jb.q_pos0 + (min(row0 + tc::kBM, n_rows) - 1) / group;
+  const int64_t p_last = jb.q_pos0 + (min(row0 + kBM, n_rows) - 1) / group;
   const int64_t wrow0 = row0 + 16 * warp;
   const bool warp_active = wrow0 < n_rows;  // warp-uniform
   const int64_t wp_first = jb.q_pos0 + min(wrow0, n_rows - 1) / group;
@@ -666,8 +666,8 @@ __global__ void __launch_bounds__(tc::kThreads, DQ + DV <= 128 ? 3 : 2) attentio
   auto load_stage = [&](int stage, const TcTile& t) {
     const SegDesc& sg = sseg[t.s];
     uint16_t* sK = smem + stage * kStage;
-    tc_load_rows<DQ>(sK, sg.k, sg.dtype, sg.ld_k, t.r0, t.nk, int64_t(kvh) * DQ);
-    tc_load_rows<DV>(sK + tc::kBN * kLdK, sg.v, sg.dtype, sg.ld_v, t.r0, t.nk, int64_t(kvh) * DV);
+    tc_load_rows<DQ, 32 * W>(sK, sg.k, sg.dtype, sg.ld_k, t.r0, t.nk, int64_t(kvh) * DQ);
+    tc_load_rows<DV, 32 * W>(sK + tc::kBN * kLdK, sg.v, sg.dtype, sg.ld_v, t.r0, t.nk, int64_t(kvh) * DV);
   };
 
   int stage = 0;
@@ -811,9 +811,21 @@ bool tc_shape_ok(const AttentionArgs& a) {
   return any_bf16;  // all fp32: the engine's fp32 mode (or a first chunk; see attention_splits)
 }
 
+// Warps per block of the tensor-core kernel (rows per block: 16 each): 8
+// halves the K/V tile traffic per row against 4; HYMBA_ATTN_TC_WARPS=4 for
+// A/B timing.
+int tc_warps() {
+  static const int v = [] {
+    const char* e = std::getenv("HYMBA_ATTN_TC_WARPS");
+    return e && std::atoi(e) == 4 ? 4 : tc::kWarps;
+  }();
+  return v;
+}
+
 int64_t tc_blocks(const AttentionArgs& a) {
   const int64_t rows = a.n_q * (a.n_heads / a.n_kv_heads);
-  return (rows + tc::kBM - 1) / tc::kBM * a.n_kv_heads;
+  const int64_t bm = 16 * tc_warps();
+  return (rows + bm - 1) / bm * a.n_kv_heads;
 }
 
 // Automatic choice: the tensor-core kernel once it has blocks for at least
@@ -848,14 +860,21 @@ void attention_tc(const AttentionArgs& a, cudaStream_t stream) {
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)
       HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<grid, tc::kThreads, smem, stream>>>(p);
+    kernel<<<grid, 32 * tc_warps(), smem, stream>>>(p);
     HYMBA_CUDA_LAUNCHED("attention_tc");
   };
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
-  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64>);
-  else if (dq == 64) launch(attention_tc_kernel<64, 128>);
-  else if (dv == 64) launch(attention_tc_kernel<128, 64>);
-  else launch(attention_tc_kernel<128, 128>);
+  if (tc_warps() == 4) {
+    if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4>);
+    else if (dq == 64) launch(attention_tc_kernel<64, 128, 4>);
+    else if (dv == 64) launch(attention_tc_kernel<128, 64, 4>);
+    else launch(attention_tc_kernel<128, 128, 4>);
+  } else {
+    if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 8>);
+    else if (dq == 64) launch(attention_tc_kernel<64, 128, 8>);
+    else if (dv == 64) launch(attention_tc_kernel<128, 64, 8>);
+    else launch(attention_tc_kernel<128, 128, 8>);
+  }
   g_tc_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
