@@ -1404,9 +1404,13 @@ constexpr int kFMaxChunks = 256;      // chunks per kv head (the merge's shared 
 constexpr int kFMaxG = 8;
 // Chunking (per entry): at most kFChunkCap chunks per kv head, or one per
 // kFCapKeys visible keys where that is more (<= kFMaxChunks). A 1152-key
-// window layout (meta 128 + ring in two pieces + the token: <= 20 chunks)
-// gets 64-key chunks (~100 blocks alone); 8K keys 320-key chunks (27).
-constexpr int kFChunkCap = 32;
+// window layout (meta 128 + ring in two pieces + the token) gets 128-key
+// chunks (~50 blocks alone); 8K keys 576-key chunks (15). Every chunk ends
+// with a cross-warp reduction and a partial state, which a batch pays per
+// chunk: on an H200, 128 x 8K batched decode took 16.0 ms/step with a cap
+// of 32, 14.9 with 16, 14.3 with 8, while batch-1 decode was the same with
+// 16 and 3-6 % slower with 8 (BENCHMARKS.md).
+constexpr int kFChunkCap = 16;
 constexpr int kFCapKeys = 1024;
 // A batch launch's blocks: spans of ~kFSpanSubTiles sub-tiles where the
 // batch has the work for that (fewer, longer blocks: less per-block
@@ -1954,10 +1958,20 @@ int64_t fast_sub(const FLayout& l, Ok ok) {
 // way): the shortest chunks that give at most kFChunkCap chunks per kv
 // head, or one per kFCapKeys visible keys where that is more (at most
 // kFMaxChunks: the merge's shared weights).
+// kFChunkCap, or HYMBA_ATTN_CHUNK_CAP (1-256, read once) for A/B timing.
+int64_t fast_chunk_cap() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("HYMBA_ATTN_CHUNK_CAP");
+    const int c = e ? std::atoi(e) : 0;
+    return int64_t(c >= 1 && c <= kFMaxChunks ? c : kFChunkCap);
+  }();
+  return v;
+}
+
 int64_t fast_entry_sub(const FLayout& l) {
   int64_t vis = 0;
   for (int r = 0; r < l.n; ++r) vis += l.len[r];
-  const int64_t cap = std::min<int64_t>(kFMaxChunks, std::max<int64_t>(kFChunkCap, vis / kFCapKeys));
+  const int64_t cap = std::min<int64_t>(kFMaxChunks, std::max<int64_t>(fast_chunk_cap(), vis / kFCapKeys));
   return fast_sub(l, [&](int64_t nc) { return nc <= cap; });
 }
 
