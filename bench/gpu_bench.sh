@@ -22,7 +22,8 @@
 # TORCH_MODES picks the PyTorch decode modes (default eager,graph,compile).
 # PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
 # Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.tar.gz.
-# Every step has a time limit; logs and JSON go to $OUT.
+# Every step has a time limit; logs and JSON go to $OUT, packed into
+# $OUT/all.tgz at the end (PACK=0: left as files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dist=${DIST:-build-cuda/dist}
@@ -180,4 +181,11 @@ echo "== 7. kernel timings"
 timeout 240 "$tests" --gtest_color=no --gtest_also_run_disabled_tests --gtest_filter='*DISABLED_*Timing*' \
   >"$out/micro.log" 2>&1
 echo "rc=$?"; grep -v "^\[ \|^$" "$out/micro.log" | head -120
+fi
+
+# A device call brings back at most 8 files: pack the results into one
+# archive (PACK=0 leaves them as they are).
+if [ "${PACK:-1}" = 1 ]; then
+  (cd "$out" && tar -czf all.tgz --exclude=all.tgz . && find . -type f ! -name all.tgz -delete)
+  echo "results packed into $out/all.tgz"
 fi
