@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -68,6 +69,16 @@ inline Backends* backends() {
 }
 
 inline const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Whether one-query (decode) attention over bf16 K/V takes the decode
+// kernel's tensor-core span, which rounds Q and the probabilities to bf16
+// (bf16 tolerance, 1e-2, like the prefill tensor-core kernel), in
+// tensor-core mode `mode` (0 automatic, 1 never, 2 wherever applicable): on
+// unless mode 1 or HYMBA_DECODE_TC=0 in the environment.
+inline bool decode_takes_tensor_cores(int mode = 0) {
+  const char* e = std::getenv("HYMBA_DECODE_TC");
+  return mode != 1 && !(e && std::strcmp(e, "0") == 0);
+}
 
 class CudaVsCpu : public ::testing::Test {
  protected:

@@ -747,8 +747,15 @@ class CudaBatch : public CudaVsCpu {
     const std::vector<float> oh = down(d_halves, out_size);
     const std::vector<float> os = down(d_single, out_size);
     const std::string what = name + " (" + std::to_string(n) + " entries)";
-    expect_close("attention_batch", what, ob, oc, 1e-5);
-    expect_close("attention_batch", what + " as 2 batches", oh, oc, 1e-5);
+    // One-query entries over bf16 K/V take the decode kernel's tensor-core
+    // span (bf16 Q and probabilities): the bf16 tolerance; the rest 1e-5.
+    std::vector<double> tol(n, 1e-5);
+    for (size_t i = 0; i < n; ++i)
+      for (const SegSpec& sg : es[i].segs)
+        if (es[i].n_q == 1 && sg.dtype == DType::BF16 && sg.count > 0 && decode_takes_tensor_cores()) tol[i] = 1e-2;
+    const double tol_all = *std::max_element(tol.begin(), tol.end());
+    expect_close("attention_batch", what, ob, oc, tol_all);
+    expect_close("attention_batch", what + " as 2 batches", oh, oc, tol_all);
     expect_close("attention_batch_vs_gpu", what, ob, os, 1e-5);
     // An entry's key splits depend on its own keys only, not on the batch:
     // the same entries in other batches give the same numbers (1e-7: one
@@ -756,8 +763,8 @@ class CudaBatch : public CudaVsCpu {
     expect_close("attention_batch_invariance", what, oh, ob, 1e-7);
     for (size_t i = 0; i < n; ++i) {
       const size_t lo = ooff[i], hi = ooff[i] + size_t(es[i].n_q * ldo[i]);
-      EXPECT_LE(rel_l2_range(ob, oc, lo, hi), 1e-5) << "entry " << i << ": " << es[i].note << " (seed " << seed_ << ")";
-      EXPECT_LE(rel_l2_range(oh, oc, lo, hi), 1e-5) << "entry " << i << " (2 batches): " << es[i].note;
+      EXPECT_LE(rel_l2_range(ob, oc, lo, hi), tol[i]) << "entry " << i << ": " << es[i].note << " (seed " << seed_ << ")";
+      EXPECT_LE(rel_l2_range(oh, oc, lo, hi), tol[i]) << "entry " << i << " (2 batches): " << es[i].note;
     }
   }
 };

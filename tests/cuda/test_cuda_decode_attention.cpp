@@ -7,6 +7,12 @@
 // must not depend on the rest of the batch or on the path: each entry of a
 // batch is compared bit for bit with the same entry alone (attention_batch,
 // count 1) and through the single-sequence op.
+// bf16 K/V go through the decode kernel's tensor-core span (Q and the
+// probabilities rounded to bf16): those entries are held to the bf16
+// tolerance of the prefill tensor-core kernel (1e-2 relative), fp32 and f16
+// entries (fp32 FMA span) to 1e-5; HYMBA_DECODE_TC=0 (the FMA span for every
+// dtype) restores 1e-5 everywhere. The bit-for-bit invariance checks are
+// the same either way.
 // Without a CUDA build or a GPU every test skips.
 #include <cstring>
 
@@ -29,6 +35,14 @@ struct DCase {
   std::vector<DSeg> segs;
   float q_scale = 1.0f;
 };
+
+// The tolerance against the CPU backend (see the top of the file).
+double tolerance(const DCase& c) {
+  if (!decode_takes_tensor_cores()) return 1e-5;
+  for (const DSeg& s : c.segs)
+    if (s.dtype == DType::BF16 && s.count > 0) return 1e-2;
+  return 1e-5;
+}
 
 // The engine's layouts for a query at position p: a global cache [0, p) plus
 // the current token, or meta rows + a ring of the last `ring` positions
@@ -211,7 +225,7 @@ TEST_F(DecodeAttention, SingleVsCpu) {
     a.out = dout + b.ooff[0];
     gpu_->attention(a);
     expect_close("decode_attention",
-                 c.name + " (" + std::to_string(visible_keys(c)) + " keys)", down(dout, b.out_size), oc, 1e-5);
+                 c.name + " (" + std::to_string(visible_keys(c)) + " keys)", down(dout, b.out_size), oc, tolerance(c));
     // The same call again into a fresh buffer: deterministic, bit for bit.
     float* dout2 = up(std::vector<float>(b.out_size, kNaN));
     a.out = dout2 + b.ooff[0];
@@ -293,7 +307,9 @@ class DecodeAttentionBatch : public DecodeAttention {
     }
     const std::vector<float> ob = down(d_batch, b.out_size), oa = down(d_alone, b.out_size);
     const std::vector<float> os = down(d_single, b.out_size), orv = down(d_rev, b.out_size);
-    expect_close("decode_attention_batch", name + " (" + std::to_string(n) + " entries)", ob, oc, 1e-5);
+    double tol = 1e-5;
+    for (const DCase& c : cs) tol = std::max(tol, tolerance(c));
+    expect_close("decode_attention_batch", name + " (" + std::to_string(n) + " entries)", ob, oc, tol);
     for (size_t i = 0; i < n; ++i) {
       const size_t lo = b.ooff[i], len = b.olen[i];
       std::vector<float> g(ob.begin() + lo, ob.begin() + lo + len), c(oc.begin() + lo, oc.begin() + lo + len);
@@ -308,7 +324,7 @@ class DecodeAttentionBatch : public DecodeAttention {
         den += double(c[k]) * c[k];
       }
       EXPECT_EQ(nan_mismatch, 0u) << "entry " << i << ": " << cs[i].name;
-      EXPECT_LE(std::sqrt(num / std::max(den, 1e-300)), 1e-5) << "entry " << i << ": " << cs[i].name << " (seed "
+      EXPECT_LE(std::sqrt(num / std::max(den, 1e-300)), tolerance(cs[i])) << "entry " << i << ": " << cs[i].name << " (seed "
                                                               << seed_ << ")";
       // Batch invariance (the decode kernels: aligned entries; the general
       // batched kernel promises 1e-7 only).

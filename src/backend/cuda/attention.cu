@@ -1363,7 +1363,11 @@ void attention_decode(const AttentionArgs& a, int splits, void* scratch, cudaStr
 // bytes); `sub` comes from the entry's own layout only (fast_entry_sub:
 // <= kFChunkCap chunks per kv head, more only past kFChunkCap x
 // kFCapKeys keys), so an entry's chunks, and so its bits, are the same
-// alone and in any batch. Per sub-tile:
+// alone and in any batch. bf16 ranges run on tensor cores (f_span_tc,
+// below; Q and the probabilities rounded to bf16, as in prefill), unless
+// the tensor-core mode is "never" or HYMBA_DECODE_TC=0; the rest (fp32 and
+// f16 ranges: the current token, the fp32 mode) on fp32 FMAs (f_span). Per
+// sub-tile of f_span:
 //  * every thread issues its 16-byte K and V loads at once (the next
 //    sub-tile's K loads go out as soon as the scores are done, its V loads
 //    after P.V: the loads of a long span overlap the math);
@@ -1459,6 +1463,7 @@ struct FParams {
   int group;            // query heads per kv head (<= G)
   int n_chunks;         // per kv head
   int n_rg;
+  int prefetch;         // f_span_tc: hint each warp's steps into L2 ahead (1) or not (0)
   FRange rg[kFRanges];
 };
 
@@ -1707,10 +1712,195 @@ __device__ __forceinline__ void f_span(const FJob& J, int group, int g, float* s
   } while (t0 < n);  // (t0 == ce here: chunk ends are sub-tile ends)
 }
 
-// grid: x = chunk (single launch) or job (batch launch), y = kv head. Two
-// blocks per SM (<= 128 registers) where the accumulators allow.
+// ---- Tensor-core span (bf16 K/V ranges of the TC variant of the kernel).
+// The same chunks and chunk states as f_span, from mma.sync m16n8k16
+// instead of fp32 FMAs (the FMA span is issue-bound: ~1.45 TB/s on a
+// batch's windowed layers). Transposed, so that the G <= 8 query heads are
+// the n8 side and no accumulator is wasted on padding rows:
+//  * S^T (16 keys x 8 heads) = K (A: 16 keys x DQ) Q^T (B), per warp step
+//    of 16 keys; head dims permuted so that thread (gq, tq) reads one
+//    contiguous DQ/2-byte slice of key rows gq and gq + 8 (dims tq*DQ/4 +
+//    4kk + {0,1,2,3} stand for the fragment columns {2tq, 2tq+1, 2tq+8,
+//    2tq+9} of k16 step kk), the same permutation for Q;
+//  * online softmax per head over the keys (ex2, scores scaled by log2 e),
+//    each thread holding heads 2tq and 2tq+1; P^T is regrouped into the B
+//    fragment of the next product with shuffles and rounded to bf16;
+//  * O^T (DV x 8 heads) += V^T (A: DV dims x 16 keys) P^T: output dims
+//    permuted so that thread gq reads DV/8 contiguous dims of its 4 key rows
+//    (m16 tile i, rows gq and gq + 8 are dims gq*DV/8 + 2i and + 2i + 1);
+//    the key pairs of the A fragments are put together with byte permutes.
+// Each warp runs its own online softmax over the chunk's 16-key steps w,
+// w + 8, ...; at a chunk's end the warps' states are combined in warp order
+// (max, then each warp's O and l scaled by e^(m_w - max)) into f_store's
+// layout. A warp's next step is hinted into L2 a step ahead. Everything
+// depends on the entry's chunking only: the same bits alone and in a batch.
 template <int G, int DQ, int DV>
-__global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? kFBlocksPerSm : 1)
+__device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, int prefetch, float* sQ, float* sU,
+                                          float* sFin) {
+  static_assert(G <= 8 && DQ % 32 == 0 && DV % 64 == 0, "tensor-core decode shapes");
+  constexpr int KU = DQ / 32;  // uint4 of a thread's K slice (DQ/4 dims)
+  constexpr int VU = DV / 64;  // uint4 of a thread's V slice (DV/8 dims)
+  constexpr int KK = DQ / 16;  // k16 steps of S^T
+  constexpr int MI = DV / 16;  // m16 tiles of O^T
+  constexpr int kStep = 16;    // keys per warp step
+  constexpr float kLog2e = 1.4426950408889634f;
+  __shared__ float sMw[kFWarps][8], sLw[kFWarps][8];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gq = lane >> 2, tq = lane & 3;
+  float* sRed = sU;  // [warp][G][DV]
+
+  for (int i = tid; i < G * DQ; i += kFThreads) {
+    const int h = i / DQ;
+    sQ[i] = h < group ? J.q[int64_t(g * group + h) * DQ + i % DQ] * J.scale : 0.0f;
+  }
+  __syncthreads();
+  uint32_t qb[KK][2];  // B fragments of Q^T: head gq
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    const float* q = sQ + (gq < G ? gq : 0) * DQ + tq * (DQ / 4) + 4 * kk;
+    qb[kk][0] = gq < G ? pack_bf16_exact(q[0], q[1]) : 0u;
+    qb[kk][1] = gq < G ? pack_bf16_exact(q[2], q[3]) : 0u;
+  }
+
+  const char* const kb = J.k + int64_t(g) * DQ * 2;
+  const char* const vb = J.v + int64_t(g) * DV * 2;
+  const int n = J.n, ld_k = J.ld_k, ld_v = J.ld_v;
+  constexpr int LK = DQ * 2 / 128, LV = DV * 2 / 128;  // 128-byte lines per key row
+  auto hint = [&](int k0) {  // this warp's step at key k0 into L2
+    if (k0 >= n) return;
+    for (int i = lane; i < kStep * (LK + LV); i += 32) {
+      const int j = i / (LK + LV), l = i % (LK + LV);
+      if (k0 + j < n) {
+        const char* p = l < LK ? kb + (long long)(k0 + j) * ld_k + l * 128 : vb + (long long)(k0 + j) * ld_v + (l - LK) * 128;
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+      }
+    }
+  };
+  auto word = [](const uint4* a, int w) {  // 32-bit word w of a run of uint4
+    const uint4& x = a[w >> 2];
+    return (w & 3) == 0 ? x.x : (w & 3) == 1 ? x.y : (w & 3) == 2 ? x.z : x.w;
+  };
+  constexpr int kWarpStride = kStep * kFWarps;
+  if (prefetch > 0) hint(warp * kStep);
+
+  int c0 = 0;
+  do {
+    const int ce = min(n, c0 + J.ckeys);
+    float o[MI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // heads 2tq + e: running max, this thread's sum
+
+    for (int k0 = c0 + warp * kStep; k0 < ce; k0 += kWarpStride) {
+      if (prefetch > 0) hint(k0 + kWarpStride);
+      uint4 kr[2][KU], vr[4][VU];
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {  // key rows gq, gq + 8
+        const int r = k0 + gq + 8 * t;
+        const uint4* p = reinterpret_cast<const uint4*>(kb + (long long)r * ld_k + tq * (DQ / 2));
+#pragma unroll
+        for (int u = 0; u < KU; ++u) kr[t][u] = r < ce ? __ldg(p + u) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // key rows 2tq, 2tq + 1, 2tq + 8, 2tq + 9
+        const int r = k0 + 2 * tq + (i & 1) + 8 * (i >> 1);
+        const uint4* p = reinterpret_cast<const uint4*>(vb + (long long)r * ld_v + gq * (DV / 4));
+#pragma unroll
+        for (int u = 0; u < VU; ++u) vr[i][u] = r < ce ? __ldg(p + u) : make_uint4(0u, 0u, 0u, 0u);
+      }
+      // S^T: c0/c1 key gq, heads 2tq, 2tq+1; c2/c3 key gq + 8.
+      float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) {
+        const uint32_t a[4] = {word(kr[0], 2 * kk), word(kr[1], 2 * kk), word(kr[0], 2 * kk + 1),
+                               word(kr[1], 2 * kk + 1)};
+        mma_bf16(st, a, qb[kk][0], qb[kk][1]);
+      }
+      if (k0 + gq >= ce) st[0] = st[1] = -INFINITY;
+      if (k0 + gq + 8 >= ce) st[2] = st[3] = -INFINITY;
+      float p[4], corr[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float mx = fmaxf(st[e], st[2 + e]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float m_new = fmaxf(m[e], mx);  // finite: the step's first key is visible
+        corr[e] = ex2((m[e] - m_new) * kLog2e);  // 0 while m is -inf (l, o are 0)
+        p[e] = ex2((st[e] - m_new) * kLog2e);    // masked: 0
+        p[2 + e] = ex2((st[2 + e] - m_new) * kLog2e);
+        l[e] = fmaf(l[e], corr[e], p[e] + p[2 + e]);
+        m[e] = m_new;
+      }
+      // B fragment of P^T for head gq: keys 2tq, 2tq+1 (b0) and 2tq+8, 2tq+9
+      // (b1), held by lanes 4 * key + gq / 2 as p[(key >= 8) * 2 + (gq & 1)].
+      const int srcA = 4 * (2 * tq) + (gq >> 1), srcB = srcA + 4;
+      const bool odd = gq & 1;
+      float x[4], y[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        x[i] = __shfl_sync(0xffffffffu, p[i], srcA);
+        y[i] = __shfl_sync(0xffffffffu, p[i], srcB);
+      }
+      const uint32_t b0 = pack_bf16_fast(odd ? x[1] : x[0], odd ? y[1] : y[0]);
+      const uint32_t b1 = pack_bf16_fast(odd ? x[3] : x[2], odd ? y[3] : y[2]);
+#pragma unroll
+      for (int i = 0; i < MI; ++i) {
+        o[i][0] *= corr[0], o[i][1] *= corr[1], o[i][2] *= corr[0], o[i][3] *= corr[1];
+        const uint32_t w0 = word(vr[0], i), w1 = word(vr[1], i), w2 = word(vr[2], i), w3 = word(vr[3], i);
+        const uint32_t a[4] = {__byte_perm(w0, w1, 0x5410u), __byte_perm(w0, w1, 0x7632u),
+                               __byte_perm(w2, w3, 0x5410u), __byte_perm(w2, w3, 0x7632u)};
+        mma_bf16(o[i], a, b0, b1);
+      }
+    }
+
+    // The chunk's state: each head's sum over the 8 key lanes, then the
+    // warps combined in warp order.
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      l[e] += __shfl_xor_sync(0xffffffffu, l[e], 4);
+      l[e] += __shfl_xor_sync(0xffffffffu, l[e], 8);
+      l[e] += __shfl_xor_sync(0xffffffffu, l[e], 16);
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      if (gq == 0 && 2 * tq + e < G) sMw[warp][2 * tq + e] = m[e];
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int h = 2 * tq + e;
+      if (h < G) {
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kFWarps; ++w) M = fmaxf(M, sMw[w][h]);
+        const float sc = m[e] == -INFINITY ? 0.0f : ex2((m[e] - M) * kLog2e);
+        float* red = sRed + (warp * G + h) * DV + gq * (DV / 8);
+#pragma unroll
+        for (int i = 0; i < MI; ++i) red[2 * i] = o[i][e] * sc, red[2 * i + 1] = o[i][2 + e] * sc;
+        if (gq == 0) sLw[warp][h] = l[e] * sc;
+      }
+    }
+    __syncthreads();
+    if (tid < G) {
+      float M = -INFINITY, L = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kFWarps; ++w) M = fmaxf(M, sMw[w][tid]);
+#pragma unroll
+      for (int w = 0; w < kFWarps; ++w) L += sLw[w][tid];
+      sFin[tid] = M, sFin[G + tid] = L;
+    }
+    __syncthreads();
+    f_store<G, DV>(J, group, g, J.c0 + max(ce - 1, 0) / J.ckeys, sRed, sFin);
+    __syncthreads();  // sU, sFin, sMw, sLw are rewritten by the next chunk or the merge
+    c0 = ce;
+  } while (c0 < n);
+}
+
+// grid: x = chunk (single launch) or job (batch launch), y = kv head. Two
+// blocks per SM (<= 128 registers) where the accumulators allow; TC: bf16
+// ranges through f_span_tc.
+template <int G, int DQ, int DV, bool TC>
+__global__ void __launch_bounds__(kFThreads, (TC || G <= 5) && DQ == 64 ? kFBlocksPerSm : 1)
     decode_fast_kernel(const FParams P) {
   static_assert(G <= kFMaxG && G <= kFWarps && (DQ == 64 || DQ == 128) && (DV == 64 || DV == 128),
                 "fast decode shapes");
@@ -1761,7 +1951,10 @@ __global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? kFBlocksPerSm 
   const FJob& J = sJ;
 
   const int group = P.group;
-  if (J.dt == 0) f_span<G, DQ, DV, DType::BF16>(J, group, g, sQ, sU, sP, sCorr, sFin);
+  if (J.dt == 0) {
+    if constexpr (TC) f_span_tc<G, DQ, DV>(J, group, g, P.prefetch, sQ, sU, sFin);
+    else f_span<G, DQ, DV, DType::BF16>(J, group, g, sQ, sU, sP, sCorr, sFin);
+  }
   else if (J.dt == 1) f_span<G, DQ, DV, DType::F16>(J, group, g, sQ, sU, sP, sCorr, sFin);
   else f_span<G, DQ, DV, DType::F32>(J, group, g, sQ, sU, sP, sCorr, sFin);
 
@@ -1857,9 +2050,31 @@ __global__ void __launch_bounds__(kFThreads, G <= 5 && DQ == 64 ? kFBlocksPerSm 
 using FKernel = void (*)(FParams);
 
 // The kernel for padded group gp and head dims (nullptr: not taken).
+// Whether bf16 ranges take the tensor-core span: unless the tensor-core mode
+// is 1 (never: the fp32 FMA span, as the tests of the exact kernels want) or
+// HYMBA_DECODE_TC=0 (read once; A/B timing). Either way an entry's bits are
+// the same alone and in a batch (both launches take the kernel from here).
+bool decode_tc_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("HYMBA_DECODE_TC");
+    return !(e && std::strcmp(e, "0") == 0);
+  }();
+  return on && g_tc_mode.load(std::memory_order_relaxed) != 1;
+}
+
+// Whether f_span_tc hints K/V into L2 ahead: on unless HYMBA_DECODE_PREFETCH=0.
+int decode_prefetch() {
+  static const int on = [] {
+    const char* e = std::getenv("HYMBA_DECODE_PREFETCH");
+    return e && std::strcmp(e, "0") == 0 ? 0 : 1;
+  }();
+  return on;
+}
+
 FKernel fast_kernel_for(int gp, int dq, int dv) {
+  const bool tc = decode_tc_enabled();
 #define HYMBA_FDEC(G, Q, V) \
-  if (gp == G && dq == Q && dv == V) return decode_fast_kernel<G, Q, V>;
+  if (gp == G && dq == Q && dv == V) return tc ? decode_fast_kernel<G, Q, V, true> : decode_fast_kernel<G, Q, V, false>;
   HYMBA_DECODE_SHAPES(HYMBA_FDEC)
 #undef HYMBA_FDEC
   return nullptr;
@@ -2006,6 +2221,7 @@ void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStrea
   FParams p;
   int64_t sub = 0;
   const int64_t nc = fast_entry(a, p, sub);
+  p.prefetch = decode_prefetch();
   check(nc <= std::max(splits, 1), "attention: decode chunks (", nc, ") beyond the scratch's (", splits, ")");
   p.jobs = nullptr;
   p.q = a.q, p.out = a.out, p.scale = a.scale;
@@ -2225,6 +2441,7 @@ void attention_batch_fast(const AttentionArgs* a, const std::vector<int>& take, 
   }
   check(jobs.size() <= 0x7fffffffu, "attention_batch: too many decode blocks");
   FParams p{};
+  p.prefetch = decode_prefetch();
   p.jobs = static_cast<const FJob*>(host.stage(jobs.data(), jobs.size() * sizeof(FJob)));
   p.group = group;
   launch_pdl("attention_batch_decode_fast", fast_kernel_checked(ref), dim3(unsigned(jobs.size()), unsigned(n_kv)),
