@@ -186,6 +186,9 @@ fi
 # A device call brings back at most 8 files: pack the results into one
 # archive (PACK=0 leaves them as they are).
 if [ "${PACK:-1}" = 1 ]; then
-  (cd "$out" && tar -czf all.tgz --exclude=all.tgz . && find . -type f ! -name all.tgz -delete)
+  # (the archive is written outside $out first: tar refuses a folder that
+  # changes while it reads it)
+  pack=$(mktemp /tmp/hymba-results.XXXXXX) &&
+    tar -C "$out" -czf "$pack" . && find "$out" -mindepth 1 -delete && mv "$pack" "$out/all.tgz"
   echo "results packed into $out/all.tgz"
 fi
