@@ -410,7 +410,7 @@ std::vector<SegDesc> descs(const AttentionArgs& a) {
 // the cache is bf16, since the model rounds the chunk's K/V to the cache
 // precision before attention.
 namespace tc {
-constexpr int kWarps = 8;         // default warps per block (tc_warps); rows per block: 16 per warp
+constexpr int kWarps = 8;         // warps per block, 16 (query, head) rows each: 8 halves the K/V tile traffic per row against 4
 constexpr int kBN = 64;           // keys per tile
 constexpr int kPad = 8;           // bf16 of padding per smem row: rows 16 bytes apart mod 128 B, so ldmatrix is conflict-free
 constexpr int kMinQ = 16;         // fewer queries: the SIMT kernel (decode, split keys)
@@ -575,8 +575,8 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
   }
 }
 
-// W warps of 16 rows each. Registers: with W = 4, <= 168 for 64/64 (3
-// blocks per SM), <= 255 otherwise (2); with W = 8, <= 255 (one block).
+// W warps of 16 rows each. Registers: with W = 8, <= 255 (one block per
+// SM); with W = 4, <= 168 for 64/64 (3 blocks), <= 255 otherwise (2).
 // grid: x = row tile (reversed: under a causal mask the last tiles have the
 // most keys and start first), y = kv head. Head dims DQ, DV (multiples of 32
 // and 16). Rows past n_q * group load zero queries and are not stored.
@@ -811,20 +811,9 @@ bool tc_shape_ok(const AttentionArgs& a) {
   return any_bf16;  // all fp32: the engine's fp32 mode (or a first chunk; see attention_splits)
 }
 
-// Warps per block of the tensor-core kernel (rows per block: 16 each): 8
-// halves the K/V tile traffic per row against 4; HYMBA_ATTN_TC_WARPS=4 for
-// A/B timing.
-int tc_warps() {
-  static const int v = [] {
-    const char* e = std::getenv("HYMBA_ATTN_TC_WARPS");
-    return e && std::atoi(e) == 4 ? 4 : tc::kWarps;
-  }();
-  return v;
-}
-
 int64_t tc_blocks(const AttentionArgs& a) {
   const int64_t rows = a.n_q * (a.n_heads / a.n_kv_heads);
-  const int64_t bm = 16 * tc_warps();
+  constexpr int64_t bm = 16 * tc::kWarps;
   return (rows + bm - 1) / bm * a.n_kv_heads;
 }
 
@@ -860,21 +849,15 @@ void attention_tc(const AttentionArgs& a, cudaStream_t stream) {
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)
       HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<grid, 32 * tc_warps(), smem, stream>>>(p);
+    kernel<<<grid, 32 * tc::kWarps, smem, stream>>>(p);
     HYMBA_CUDA_LAUNCHED("attention_tc");
   };
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
-  if (tc_warps() == 4) {
-    if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4>);
-    else if (dq == 64) launch(attention_tc_kernel<64, 128, 4>);
-    else if (dv == 64) launch(attention_tc_kernel<128, 64, 4>);
-    else launch(attention_tc_kernel<128, 128, 4>);
-  } else {
-    if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 8>);
-    else if (dq == 64) launch(attention_tc_kernel<64, 128, 8>);
-    else if (dv == 64) launch(attention_tc_kernel<128, 64, 8>);
-    else launch(attention_tc_kernel<128, 128, 8>);
-  }
+  constexpr int W = tc::kWarps;
+  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, W>);
+  else if (dq == 64) launch(attention_tc_kernel<64, 128, W>);
+  else if (dv == 64) launch(attention_tc_kernel<128, 64, W>);
+  else launch(attention_tc_kernel<128, 128, W>);
   g_tc_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
