@@ -1446,7 +1446,6 @@ struct FParams {
   int group;            // query heads per kv head (<= G)
   int n_chunks;         // per kv head
   int n_rg;
-  int prefetch;         // f_span_tc: hint each warp's steps into L2 ahead (1) or not (0)
   FRange rg[kFRanges];
 };
 
@@ -1517,6 +1516,17 @@ __device__ __forceinline__ void f_store(const FJob& J, int group, int g, int c, 
   }
 }
 
+// sQ [G][DQ] = the scaled queries of kv head g's heads (zero rows past
+// `group`), for every thread (the block's barrier included).
+template <int G, int DQ>
+__device__ __forceinline__ void f_stage_q(const FJob& J, int group, int g, float* sQ) {
+  for (int i = int(threadIdx.x); i < G * DQ; i += kFThreads) {
+    const int h = i / DQ;
+    sQ[i] = h < group ? J.q[int64_t(g * group + h) * DQ + i % DQ] * J.scale : 0.0f;
+  }
+  __syncthreads();
+}
+
 // The block's span for kv head g: J.n keys from J.k / J.v (kv head 0's
 // columns) in chunks of J.ckeys (a multiple of the sub-tile), the first
 // being chunk J.c0. Fills sQ, then computes each chunk's state from zero
@@ -1566,11 +1576,7 @@ __device__ __forceinline__ void f_span(const FJob& J, int group, int g, float* s
     load_k(0);
     load_v(0);
   }
-  for (int i = tid; i < G * DQ; i += kFThreads) {
-    const int h = i / DQ;
-    sQ[i] = h < group ? J.q[int64_t(g * group + h) * DQ + i % DQ] * J.scale : 0.0f;
-  }
-  __syncthreads();
+  f_stage_q<G, DQ>(J, group, g, sQ);
 
   // Chunk by chunk (t0: the next sub-tile's first key; no keys: one empty
   // chunk, zeros). Few live registers: t0, the chunk's end, n.
@@ -1718,7 +1724,7 @@ __device__ __forceinline__ void f_span(const FJob& J, int group, int g, float* s
 // layout. A warp's next step is hinted into L2 a step ahead. Everything
 // depends on the entry's chunking only: the same bits alone and in a batch.
 template <int G, int DQ, int DV>
-__device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, int prefetch, float* sQ, float* sU,
+__device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, float* sQ, float* sU,
                                           float* sFin) {
   static_assert(G <= 8 && DQ % 32 == 0 && DV % 64 == 0, "tensor-core decode shapes");
   constexpr int KU = DQ / 32;  // uint4 of a thread's K slice (DQ/4 dims)
@@ -1732,11 +1738,7 @@ __device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, int p
   const int gq = lane >> 2, tq = lane & 3;
   float* sRed = sU;  // [warp][G][DV]
 
-  for (int i = tid; i < G * DQ; i += kFThreads) {
-    const int h = i / DQ;
-    sQ[i] = h < group ? J.q[int64_t(g * group + h) * DQ + i % DQ] * J.scale : 0.0f;
-  }
-  __syncthreads();
+  f_stage_q<G, DQ>(J, group, g, sQ);
   uint32_t qb[KK][2];  // B fragments of Q^T: head gq
 #pragma unroll
   for (int kk = 0; kk < KK; ++kk) {
@@ -1764,7 +1766,7 @@ __device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, int p
     return (w & 3) == 0 ? x.x : (w & 3) == 1 ? x.y : (w & 3) == 2 ? x.z : x.w;
   };
   constexpr int kWarpStride = kStep * kFWarps;
-  if (prefetch > 0) hint(warp * kStep);
+  hint(warp * kStep);
 
   int c0 = 0;
   do {
@@ -1775,7 +1777,7 @@ __device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, int p
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // heads 2tq + e: running max, this thread's sum
 
     for (int k0 = c0 + warp * kStep; k0 < ce; k0 += kWarpStride) {
-      if (prefetch > 0) hint(k0 + kWarpStride);
+      hint(k0 + kWarpStride);
       uint4 kr[2][KU], vr[4][VU];
 #pragma unroll
       for (int t = 0; t < 2; ++t) {  // key rows gq, gq + 8
@@ -1935,7 +1937,7 @@ __global__ void __launch_bounds__(kFThreads, (TC || G <= 5) && DQ == 64 ? kFBloc
 
   const int group = P.group;
   if (J.dt == 0) {
-    if constexpr (TC) f_span_tc<G, DQ, DV>(J, group, g, P.prefetch, sQ, sU, sFin);
+    if constexpr (TC) f_span_tc<G, DQ, DV>(J, group, g, sQ, sU, sFin);
     else f_span<G, DQ, DV, DType::BF16>(J, group, g, sQ, sU, sP, sCorr, sFin);
   }
   else if (J.dt == 1) f_span<G, DQ, DV, DType::F16>(J, group, g, sQ, sU, sP, sCorr, sFin);
@@ -2043,15 +2045,6 @@ bool decode_tc_enabled() {
     return !(e && std::strcmp(e, "0") == 0);
   }();
   return on && g_tc_mode.load(std::memory_order_relaxed) != 1;
-}
-
-// Whether f_span_tc hints K/V into L2 ahead: on unless HYMBA_DECODE_PREFETCH=0.
-int decode_prefetch() {
-  static const int on = [] {
-    const char* e = std::getenv("HYMBA_DECODE_PREFETCH");
-    return e && std::strcmp(e, "0") == 0 ? 0 : 1;
-  }();
-  return on;
 }
 
 FKernel fast_kernel_for(int gp, int dq, int dv) {
@@ -2204,7 +2197,6 @@ void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStrea
   FParams p;
   int64_t sub = 0;
   const int64_t nc = fast_entry(a, p, sub);
-  p.prefetch = decode_prefetch();
   check(nc <= std::max(splits, 1), "attention: decode chunks (", nc, ") beyond the scratch's (", splits, ")");
   p.jobs = nullptr;
   p.q = a.q, p.out = a.out, p.scale = a.scale;
@@ -2424,7 +2416,6 @@ void attention_batch_fast(const AttentionArgs* a, const std::vector<int>& take, 
   }
   check(jobs.size() <= 0x7fffffffu, "attention_batch: too many decode blocks");
   FParams p{};
-  p.prefetch = decode_prefetch();
   p.jobs = static_cast<const FJob*>(host.stage(jobs.data(), jobs.size() * sizeof(FJob)));
   p.group = group;
   launch_pdl("attention_batch_decode_fast", fast_kernel_checked(ref), dim3(unsigned(jobs.size()), unsigned(n_kv)),
