@@ -406,11 +406,11 @@ std::vector<SegDesc> descs(const AttentionArgs& a) {
 // kernel: the always-visible prefix and the union of the windows), so
 // windowed prefill touches only ~window + meta keys per row tile.
 //
-// fp32 segments (the current chunk) are rounded to bf16 on load: exact when
-// the cache is bf16, since the model rounds the chunk's K/V to the cache
-// precision before attention.
+// fp32 segments (the current chunk) are first copied to bf16 (scratch; see
+// tc_staging_bytes): exact when the cache is bf16, since the model rounds
+// the chunk's K/V to the cache precision before attention.
 namespace tc {
-constexpr int kWarps = 8;         // warps per block, 16 (query, head) rows each: 8 halves the K/V tile traffic per row against 4
+constexpr int kWarps = 8;         // default warps per block (tc_cfg), 16 (query, head) rows each
 constexpr int kBN = 64;           // keys per tile
 constexpr int kPad = 8;           // bf16 of padding per smem row: rows 16 bytes apart mod 128 B, so ldmatrix is conflict-free
 constexpr int kMinQ = 16;         // fewer queries: the SIMT kernel (decode, split keys)
@@ -514,15 +514,15 @@ struct TcCursor {
 
 // The next tile of the ranges (segment by segment, part 0 then 1); false at the end.
 __device__ __forceinline__ bool next_tile(const SegDesc* seg, int n_seg, int64_t window, int64_t nav, int64_t p_first,
-                                          int64_t p_last, TcCursor& c, TcTile& t) {
+                                          int64_t p_last, int bn, TcCursor& c, TcTile& t) {
   while (c.s < n_seg) {
     int64_t first, len;
     seg_part(seg[c.s], c.part, window, nav, p_first, p_last, first, len);
     if (c.off < len) {
       t.s = c.s;
       t.r0 = first + c.off;
-      t.nk = int(min(int64_t(tc::kBN), len - c.off));
-      c.off += tc::kBN;
+      t.nk = int(min(int64_t(bn), len - c.off));
+      c.off += bn;
       return true;
     }
     c.off = 0;
@@ -536,7 +536,7 @@ __device__ __forceinline__ bool next_tile(const SegDesc* seg, int n_seg, int64_t
 // zeros (masked, but 0 * garbage could be NaN). bf16 with 16-byte-aligned
 // rows: cp.async (waited for by the caller); fp32 with aligned rows: two
 // float4 loads per 8 values; anything else: element by element.
-template <int D, int NTHREADS>
+template <int D, int NTHREADS, int BN>
 __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DType dt, int64_t ld, int64_t r0, int nk,
                                              int64_t col0) {
   // (Loops unrolled by 2 only: fully unrolled, their addresses would take
@@ -547,7 +547,7 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
   if (dt == DType::BF16 && aligned && ld % 8 == 0) {
     const uint16_t* src = static_cast<const uint16_t*>(base);
 #pragma unroll 2
-    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += NTHREADS) {
+    for (int idx = threadIdx.x; idx < BN * kChunks; idx += NTHREADS) {
       const int j = idx / kChunks, c = (idx % kChunks) * 8;
       const bool in = j < nk;
       cp_async16(dst + j * kLd + c, in ? src + (r0 + j) * ld + col0 + c : src, in ? 16 : 0);
@@ -555,7 +555,7 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
   } else if (dt == DType::F32 && aligned && ld % 4 == 0) {
     const float* src = static_cast<const float*>(base);
 #pragma unroll 2
-    for (int idx = threadIdx.x; idx < tc::kBN * kChunks; idx += NTHREADS) {
+    for (int idx = threadIdx.x; idx < BN * kChunks; idx += NTHREADS) {
       const int j = idx / kChunks, c = (idx % kChunks) * 8;
       uint4 w = make_uint4(0u, 0u, 0u, 0u);
       if (j < nk) {
@@ -568,25 +568,28 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
     }
   } else {
 #pragma unroll 1
-    for (int idx = threadIdx.x; idx < tc::kBN * D; idx += NTHREADS) {
+    for (int idx = threadIdx.x; idx < BN * D; idx += NTHREADS) {
       const int j = idx / D, i = idx % D;
       dst[j * kLd + i] = j < nk ? f32_to_bf16_bits(load_as_f32(base, dt, (r0 + j) * ld + col0 + i)) : uint16_t(0);
     }
   }
 }
 
-// W warps of 16 rows each. Registers: with W = 8, <= 255 (one block per
-// SM); with W = 4, <= 168 for 64/64 (3 blocks), <= 255 otherwise (2).
+// W warps of MT m16 tiles (16 MT (query, head) rows) each: a warp's K/V
+// fragments serve its MT tiles, so MT = 2 halves the shared-memory reads per
+// mma and doubles the independent accumulator chains. MINB: blocks per SM
+// asked of the register allocator.
 // grid: x = row tile (reversed: under a causal mask the last tiles have the
 // most keys and start first), y = kv head. Head dims DQ, DV (multiples of 32
 // and 16). Rows past n_q * group load zero queries and are not stored.
-template <int DQ, int DV, int W>
-__global__ void __launch_bounds__(32 * W, (DQ + DV <= 128 ? 12 : 8) / W) attention_tc_kernel(const Params p) {
-  constexpr int kBM = 16 * W;  // (query, head) rows of the block: one m16 tile per warp
-  static_assert(DQ % 32 == 0 && DV % 16 == 0 && tc::kBN % 16 == 0, "tile shapes");
+template <int DQ, int DV, int W, int MT, int BN, int MINB>
+__global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params p) {
+  constexpr int kWR = 16 * MT;  // rows per warp
+  constexpr int kBM = kWR * W;  // (query, head) rows of the block
+  static_assert(DQ % 32 == 0 && DV % 16 == 0 && BN % 16 == 0, "tile shapes");
   constexpr int kLdK = DQ + tc::kPad, kLdV = DV + tc::kPad;
-  constexpr int kStage = tc::kBN * (kLdK + kLdV);  // bf16 elements of one K + V stage
-  constexpr int kNT = tc::kBN / 8;                  // n8 tiles of S
+  constexpr int kStage = BN * (kLdK + kLdV);  // bf16 elements of one K + V stage
+  constexpr int kNT = BN / 8;                  // n8 tiles of S
   extern __shared__ __align__(16) unsigned char tc_smem_raw[];
   uint16_t* const smem = reinterpret_cast<uint16_t*>(tc_smem_raw);
   __shared__ SegDesc sseg[kMaxSegments];  // indexed at run time: shared, not the parameter space
@@ -604,34 +607,41 @@ __global__ void __launch_bounds__(32 * W, (DQ + DV <= 128 ? 12 : 8) / W) attenti
   const int64_t row0 = int64_t(gridDim.x - 1 - blockIdx.x) * kBM;
   const int64_t p_first = jb.q_pos0 + row0 / group;
   const int64_t p_last = jb.q_pos0 + (min(row0 + kBM, n_rows) - 1) / group;
-  const int64_t wrow0 = row0 + 16 * warp;
+  const int64_t wrow0 = row0 + kWR * warp;
   const bool warp_active = wrow0 < n_rows;  // warp-uniform
   const int64_t wp_first = jb.q_pos0 + min(wrow0, n_rows - 1) / group;
-  const int64_t wp_last = jb.q_pos0 + min(wrow0 + 15, n_rows - 1) / group;
+  const int64_t wp_last = jb.q_pos0 + min(wrow0 + kWR - 1, n_rows - 1) / group;
 
-  // This thread's rows wrow0 + gq + 8 i: query rt, head rh (recomputed
-  // for the output: registers are scarce), position rpos.
-  int64_t rpos[2];
+  // This thread's rows wrow0 + 16 mt + gq + 8 i at position rpos[mt][i].
+  int64_t rpos[MT][2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) rpos[i] = jb.q_pos0 + min(wrow0 + gq + 8 * i, n_rows - 1) / group;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) rpos[mt][i] = jb.q_pos0 + min(wrow0 + 16 * mt + gq + 8 * i, n_rows - 1) / group;
 
-  // Q as bf16 A fragments: qa[kk] covers dims 16 kk .. 16 kk + 15.
-  uint32_t qa[DQ / 16][4];
+  // Q as bf16 A fragments: qa[mt][kk] covers dims 16 kk .. 16 kk + 15.
+  uint32_t qa[MT][DQ / 16][4];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t r = wrow0 + gq + 8 * i, rc = min(r, n_rows - 1);
-    const float* q = jb.q + (rc / group) * jb.ldq + int64_t(kvh * group + int(rc % group)) * DQ + 2 * tq;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int kk = 0; kk < DQ / 16; ++kk)
+    for (int i = 0; i < 2; ++i) {
+      const int64_t r = wrow0 + 16 * mt + gq + 8 * i, rc = min(r, n_rows - 1);
+      const float* q = jb.q + (rc / group) * jb.ldq + int64_t(kvh * group + int(rc % group)) * DQ + 2 * tq;
 #pragma unroll
-      for (int hi = 0; hi < 2; ++hi)
-        qa[kk][i + 2 * hi] = r < n_rows ? pack_bf16_exact(q[16 * kk + 8 * hi], q[16 * kk + 8 * hi + 1]) : 0u;
-  }
+      for (int kk = 0; kk < DQ / 16; ++kk)
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi)
+          qa[mt][kk][i + 2 * hi] = r < n_rows ? pack_bf16_exact(q[16 * kk + 8 * hi], q[16 * kk + 8 * hi + 1]) : 0u;
+    }
 
-  float o[DV / 8][4];
+  float o[MT][DV / 8][4];
 #pragma unroll
-  for (int d = 0; d < DV / 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // raw-score max; this thread's part of the sum
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int d = 0; d < DV / 8; ++d) o[mt][d][0] = o[mt][d][1] = o[mt][d][2] = o[mt][d][3] = 0.0f;
+  float m[MT][2], l[MT][2];  // raw-score max; this thread's part of the sum
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
   const float sl2 = jb.scale * tc::kLog2e;
 
   // Per-lane ldmatrix offsets (bytes). K (B of S, not transposed): lane
@@ -651,7 +661,7 @@ __global__ void __launch_bounds__(32 * W, (DQ + DV <= 128 ? 12 : 8) / W) attenti
   auto advance = [&](TcTile& dst) {  // thread 0 only
     TcCursor c = s_cur;
     TcTile t{};
-    if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, c, t)) t.nk = 0;
+    if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, BN, c, t)) t.nk = 0;
     s_cur = c;
     dst = t;
   };
@@ -666,8 +676,8 @@ __global__ void __launch_bounds__(32 * W, (DQ + DV <= 128 ? 12 : 8) / W) attenti
   auto load_stage = [&](int stage, const TcTile& t) {
     const SegDesc& sg = sseg[t.s];
     uint16_t* sK = smem + stage * kStage;
-    tc_load_rows<DQ, 32 * W>(sK, sg.k, sg.dtype, sg.ld_k, t.r0, t.nk, int64_t(kvh) * DQ);
-    tc_load_rows<DV, 32 * W>(sK + tc::kBN * kLdK, sg.v, sg.dtype, sg.ld_v, t.r0, t.nk, int64_t(kvh) * DV);
+    tc_load_rows<DQ, 32 * W, BN>(sK, sg.k, sg.dtype, sg.ld_k, t.r0, t.nk, int64_t(kvh) * DQ);
+    tc_load_rows<DV, 32 * W, BN>(sK + BN * kLdK, sg.v, sg.dtype, sg.ld_v, t.r0, t.nk, int64_t(kvh) * DV);
   };
 
   int stage = 0;
@@ -687,83 +697,100 @@ __global__ void __launch_bounds__(32 * W, (DQ + DV <= 128 ? 12 : 8) / W) attenti
     // (all in the future, or all out of the window and not always visible).
     const bool none = !warp_active || k0 > wp_last || (window >= 0 && k0 >= nav && wp_first - k1 > window);
     if (!none) {
-      const bool full = tile.nk == tc::kBN && k1 <= wp_first && (window < 0 || wp_last - k0 <= window || k1 < nav);
+      const bool full = tile.nk == BN && k1 <= wp_first && (window < 0 || wp_last - k0 <= window || k1 < nav);
       const uint32_t sK = smem_u32(smem + stage * kStage);
-      const uint32_t sV = sK + uint32_t(tc::kBN * kLdK * 2);
+      const uint32_t sV = sK + uint32_t(BN * kLdK * 2);
 
       // S = Q K^T (raw scores).
-      float s[kNT][4];
+      float s[MT][kNT][4];
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.0f;
 #pragma unroll
         for (int k2 = 0; k2 < DQ / 32; ++k2) {
           uint32_t b[4];
           ldmatrix_x4(b, sK + k_lane + uint32_t((nt * 8 * kLdK + k2 * 32) * 2));
-          mma_bf16(s[nt], qa[2 * k2], b[0], b[1]);
-          mma_bf16(s[nt], qa[2 * k2 + 1], b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_bf16(s[mt][nt], qa[mt][2 * k2], b[0], b[1]);
+            mma_bf16(s[mt][nt], qa[mt][2 * k2 + 1], b[2], b[3]);
+          }
         }
       }
-      // Element e of s[nt]: row gq + 8 (e >> 1), key j = 8 nt + 2 tq + (e & 1)
-      // at position k0 + j. The mask in tile-relative int32: visible iff
-      // j < nk, j <= hi (k <= p), and j >= lo (p - k <= window) or j < nv
-      // (k < n_always_visible).
+      // Element e of s[mt][nt]: row 16 mt + gq + 8 (e >> 1), key j = 8 nt +
+      // 2 tq + (e & 1) at position k0 + j. The mask in tile-relative int32:
+      // visible iff j < nk, j <= hi (k <= p), and j >= lo (p - k <= window)
+      // or j < nv (k < n_always_visible).
       if (!full) {
-        int hi[2], lo[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int64_t d = rpos[i] - k0;  // the row's position, relative
-          hi[i] = int(max(int64_t(-1), min(d, int64_t(tc::kBN))));
-          lo[i] = window < 0 ? 0 : int(max(int64_t(0), min(d - window, int64_t(tc::kBN))));
-        }
-        const int nv = int(max(int64_t(0), min(nav - k0, int64_t(tc::kBN))));
+        const int nv = int(max(int64_t(0), min(nav - k0, int64_t(BN))));
         const int nk = tile.nk;
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
+        for (int mt = 0; mt < MT; ++mt) {
+          int hi[2], lo[2];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int j = 8 * nt + 2 * tq + (e & 1), i = e >> 1;
-            if (!(j < nk && j <= hi[i] && (j >= lo[i] || j < nv))) s[nt][e] = -INFINITY;
+          for (int i = 0; i < 2; ++i) {
+            const int64_t d = rpos[mt][i] - k0;  // the row's position, relative
+            hi[i] = int(max(int64_t(-1), min(d, int64_t(BN))));
+            lo[i] = window < 0 ? 0 : int(max(int64_t(0), min(d - window, int64_t(BN))));
           }
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int j = 8 * nt + 2 * tq + (e & 1), i = e >> 1;
+              if (!(j < nk && j <= hi[i] && (j >= lo[i] || j < nv))) s[mt][nt][e] = -INFINITY;
+            }
+        }
       }
       // Online softmax, per row (the 4 lanes of a quad share a row).
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = -INFINITY;
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[i], mx);
-        const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
-        const float corr = ex2(m[i] * sl2 - ms);                    // 0 while m was -inf (o, l are 0)
-        m[i] = m_new;
-        float sum = 0.0f;
+        for (int i = 0; i < 2; ++i) {
+          float mx = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
+          for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * i], s[mt][nt][2 * i + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m[mt][i], mx);
+          const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
+          const float corr = ex2(m[mt][i] * sl2 - ms);                // 0 while m was -inf (o, l are 0)
+          m[mt][i] = m_new;
+          float sum = 0.0f;
 #pragma unroll
-          for (int e = 2 * i; e < 2 * i + 2; ++e) {
-            const float pe = ex2(fmaf(s[nt][e], sl2, -ms));  // masked: -inf -> 0
-            s[nt][e] = pe;
-            sum += pe;
-          }
-        l[i] = l[i] * corr + sum;
+          for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-        for (int d = 0; d < DV / 8; ++d) o[d][2 * i] *= corr, o[d][2 * i + 1] *= corr;
-      }
+            for (int e = 2 * i; e < 2 * i + 2; ++e) {
+              const float pe = ex2(fmaf(s[mt][nt][e], sl2, -ms));  // masked: -inf -> 0
+              s[mt][nt][e] = pe;
+              sum += pe;
+            }
+          l[mt][i] = l[mt][i] * corr + sum;
+#pragma unroll
+          for (int d = 0; d < DV / 8; ++d) o[mt][d][2 * i] *= corr, o[mt][d][2 * i + 1] *= corr;
+        }
       // O += P V: the S accumulators of keys 16 kc .. 16 kc + 15 are the A
       // fragment of P (n8 tiles 2 kc, 2 kc + 1), rounded to bf16.
 #pragma unroll
-      for (int kc = 0; kc < tc::kBN / 16; ++kc) {
-        const uint32_t pa[4] = {pack_bf16_fast(s[2 * kc][0], s[2 * kc][1]), pack_bf16_fast(s[2 * kc][2], s[2 * kc][3]),
-                                pack_bf16_fast(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                                pack_bf16_fast(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+      for (int kc = 0; kc < BN / 16; ++kc) {
+        uint32_t pa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          pa[mt][0] = pack_bf16_fast(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+          pa[mt][1] = pack_bf16_fast(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+          pa[mt][2] = pack_bf16_fast(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+          pa[mt][3] = pack_bf16_fast(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < DV / 16; ++dp) {
           uint32_t b[4];
           ldmatrix_x4_trans(b, sV + v_lane + uint32_t((kc * 16 * kLdV + dp * 16) * 2));
-          mma_bf16(o[2 * dp], pa, b[0], b[1]);
-          mma_bf16(o[2 * dp + 1], pa, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_bf16(o[mt][2 * dp], pa[mt], b[0], b[1]);
+            mma_bf16(o[mt][2 * dp + 1], pa[mt], b[2], b[3]);
+          }
         }
       }
     }
@@ -774,23 +801,27 @@ __global__ void __launch_bounds__(32 * W, (DQ + DV <= 128 ? 12 : 8) / W) attenti
 
   // Output: the quad's partial sums, then o / l.
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 1);
+      l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 2);
+    }
   if (!warp_active) return;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t r = wrow0 + gq + 8 * i;
-    if (r >= n_rows) continue;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    float* out = jb.out + (r / group) * jb.ldo + int64_t(kvh * group + int(r % group)) * DV + 2 * tq;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int d = 0; d < DV / 8; ++d) {
-      out[8 * d] = o[d][2 * i] * inv;
-      out[8 * d + 1] = o[d][2 * i + 1] * inv;
+    for (int i = 0; i < 2; ++i) {
+      const int64_t r = wrow0 + 16 * mt + gq + 8 * i;
+      if (r >= n_rows) continue;
+      const float inv = l[mt][i] > 0.0f ? 1.0f / l[mt][i] : 0.0f;
+      float* out = jb.out + (r / group) * jb.ldo + int64_t(kvh * group + int(r % group)) * DV + 2 * tq;
+#pragma unroll
+      for (int d = 0; d < DV / 8; ++d) {
+        out[8 * d] = o[mt][d][2 * i] * inv;
+        out[8 * d + 1] = o[mt][d][2 * i + 1] * inv;
+      }
     }
-  }
 }
 
 // Whether a's shape and segments suit the tensor-core kernel (mode aside):
@@ -811,9 +842,26 @@ bool tc_shape_ok(const AttentionArgs& a) {
   return any_bf16;  // all fp32: the engine's fp32 mode (or a first chunk; see attention_splits)
 }
 
+// A launch shape of the tensor-core kernel: W warps of MT m16 tiles, BN
+// keys per tile, MINB blocks per SM asked of the register allocator.
+struct TcCfg {
+  int w, mt, bn, minb;
+};
+// Measured on an H100 (CudaAttentionTc.DISABLED_Timing, 2048 queries of an
+// 8K prompt, 25/5 heads): 64/64 runs two blocks of 4 warps per SM (184
+// registers; sliding window 0.098 ms, global 0.544 ms, against 0.187 / 0.788
+// with one block of 8 warps). 64/128 keeps one block of 8 warps (219
+// registers): two m16 tiles per warp, 32-key tiles or two blocks of 4 warps
+// were within 5 % of it (0.217-0.238 / 0.968-0.993 ms).
+TcCfg tc_cfg(const AttentionArgs& a) {
+  if (a.head_dim_qk == 64 && a.head_dim_v == 64) return {4, 1, 64, 2};
+  return {tc::kWarps, 1, tc::kBN, 1};
+}
+
 int64_t tc_blocks(const AttentionArgs& a) {
   const int64_t rows = a.n_q * (a.n_heads / a.n_kv_heads);
-  constexpr int64_t bm = 16 * tc::kWarps;
+  const TcCfg c = tc_cfg(a);
+  const int64_t bm = 16 * c.w * c.mt;
   return (rows + bm - 1) / bm * a.n_kv_heads;
 }
 
@@ -826,9 +874,43 @@ bool use_tc(const AttentionArgs& a, int sm_count) {
   return mode == 2 || 2 * tc_blocks(a) >= sm_count;
 }
 
-size_t tc_smem_bytes(int dq, int dv) { return 2 * sizeof(uint16_t) * size_t(tc::kBN) * size_t(dq + dv + 2 * tc::kPad); }
+size_t tc_smem_bytes(int dq, int dv, int bn) { return 2 * sizeof(uint16_t) * size_t(bn) * size_t(dq + dv + 2 * tc::kPad); }
 
-void attention_tc(const AttentionArgs& a, cudaStream_t stream) {
+// fp32 segments (a prefill chunk's own K/V, already rounded to the bf16
+// cache) are copied to dense bf16 before the tensor-core kernel, so that
+// every tile arrives by cp.async: converting them while loading a tile
+// made those loads synchronous, and they are most of a windowed layer's keys.
+// Bytes of the copies: per fp32 segment, [count][n_kv dq] then [count][n_kv dv].
+size_t tc_staging_bytes(const AttentionArgs& a) {
+  size_t bytes = 0;
+  for (int s = 0; s < a.n_segments; ++s)
+    if (a.segments[s].dtype == DType::F32)
+      bytes += sizeof(uint16_t) * size_t(a.segments[s].count) * size_t(a.n_kv_heads) *
+               size_t(a.head_dim_qk + a.head_dim_v);
+  return bytes;
+}
+
+// One thread per 8 values: rows x cols (cols % 8 == 0) of src (pitch ld)
+// to dense bf16, the same rounding as tc_load_rows.
+__global__ void tc_stage_bf16_kernel(const float* k, int64_t ld_k, int cols_k, uint16_t* k_out, const float* v,
+                                     int64_t ld_v, int cols_v, uint16_t* v_out, int64_t rows) {
+  const bool is_v = blockIdx.y == 1;
+  const float* src = is_v ? v : k;
+  const int64_t ld = is_v ? ld_v : ld_k;
+  const int cols = is_v ? cols_v : cols_k;
+  uint16_t* dst = is_v ? v_out : k_out;
+  const int64_t per_row = cols / 8;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * per_row) return;
+  const int64_t r = i / per_row;
+  const int c = int(i % per_row) * 8;
+  const float* x = src + r * ld + c;
+  const uint4 w = make_uint4(pack_bf16_exact(x[0], x[1]), pack_bf16_exact(x[2], x[3]), pack_bf16_exact(x[4], x[5]),
+                             pack_bf16_exact(x[6], x[7]));
+  *reinterpret_cast<uint4*>(dst + r * cols + c) = w;
+}
+
+void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
   Params p{};
   p.sh.n_heads = a.n_heads, p.sh.dq = a.head_dim_qk, p.sh.dv = a.head_dim_v;
   p.sh.group = a.n_heads / a.n_kv_heads;
@@ -838,26 +920,41 @@ void attention_tc(const AttentionArgs& a, cudaStream_t stream) {
   jb.window = a.window, jb.n_always_visible = a.n_always_visible, jb.scale = a.scale;
   jb.n_seg = a.n_segments, jb.n_split = 1;
   jb.out = a.out, jb.ldo = a.ldo;
+  uint16_t* next = static_cast<uint16_t*>(staging);
   for (int s = 0; s < a.n_segments; ++s) {
     const KVSegment& sg = a.segments[s];
     p.seg[s] = {sg.k, sg.v, sg.ld_k, sg.ld_v, sg.pos0, sg.count, sg.dtype};
+    if (sg.dtype != DType::F32 || sg.count <= 0) continue;
+    check(next != nullptr, "attention: the tensor-core kernel needs staging for fp32 K/V (attention_scratch_bytes)");
+    const int ck = a.n_kv_heads * a.head_dim_qk, cv = a.n_kv_heads * a.head_dim_v;
+    uint16_t* kb = next;
+    uint16_t* vb = kb + sg.count * ck;
+    next = vb + sg.count * cv;
+    const int64_t items = sg.count * (std::max(ck, cv) / 8);
+    tc_stage_bf16_kernel<<<dim3(blocks_for(items, 256, 0x7fffffff), 2), 256, 0, stream>>>(
+        static_cast<const float*>(sg.k), sg.ld_k, ck, kb, static_cast<const float*>(sg.v), sg.ld_v, cv, vb,
+        sg.count);
+    HYMBA_CUDA_LAUNCHED("attention_tc_stage");
+    p.seg[s] = {kb, vb, ck, cv, sg.pos0, sg.count, DType::BF16};
   }
   const int64_t row_tiles = tc_blocks(a) / a.n_kv_heads;
   check(row_tiles <= 0x7fffffff, "attention: launch grid too large");
   const dim3 grid(unsigned(row_tiles), unsigned(a.n_kv_heads));
-  const size_t smem = tc_smem_bytes(a.head_dim_qk, a.head_dim_v);
+  const TcCfg c = tc_cfg(a);
+  const size_t smem = tc_smem_bytes(a.head_dim_qk, a.head_dim_v, c.bn);
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)
       HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<grid, 32 * tc::kWarps, smem, stream>>>(p);
+    kernel<<<grid, 32 * c.w, smem, stream>>>(p);
     HYMBA_CUDA_LAUNCHED("attention_tc");
   };
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
-  constexpr int W = tc::kWarps;
-  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, W>);
-  else if (dq == 64) launch(attention_tc_kernel<64, 128, W>);
-  else if (dv == 64) launch(attention_tc_kernel<128, 64, W>);
-  else launch(attention_tc_kernel<128, 128, W>);
+  constexpr int W = tc::kWarps, BN = tc::kBN;
+  // (the shapes of tc_cfg)
+  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4, 1, 64, 2>);
+  else if (dq == 64) launch(attention_tc_kernel<64, 128, W, 1, BN, 1>);
+  else if (dv == 64) launch(attention_tc_kernel<128, 64, W, 1, BN, 1>);
+  else launch(attention_tc_kernel<128, 128, W, 1, BN, 1>);
   g_tc_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -2211,6 +2308,13 @@ void attention_fast(const AttentionArgs& a, int splits, void* scratch, cudaStrea
              dim3(kFThreads), 0, stream, p);
 }
 
+// Whether attention() takes the tensor-core prefill kernel for a and its
+// split count (the fast and decode kernels are tried first).
+bool takes_tc(const AttentionArgs& a, int splits) {
+  return a.n_q > 0 && !fast_ok(a) && !dec_ok(a) && splits <= 1 && g_tc_mode.load(std::memory_order_relaxed) != 1 &&
+         tc_shape_ok(a);
+}
+
 }  // namespace
 
 int attention_splits(const AttentionArgs& a, int sm_count) {
@@ -2243,7 +2347,10 @@ int attention_splits(const AttentionArgs& a, int sm_count) {
 // The fast decode's counters first (kFCounterBytes, left zero by every
 // launch), then the partial states of whichever kernel runs.
 size_t attention_scratch_bytes(const AttentionArgs& a, int splits) {
-  if (splits <= 1) return 0;
+  if (splits <= 1) {
+    const size_t staging = takes_tc(a, splits) ? tc_staging_bytes(a) : 0;
+    return staging ? kFCounterBytes + staging : 0;
+  }
   return kFCounterBytes +
          sizeof(float) * size_t(splits) * size_t(a.n_q) * size_t(a.n_heads) * size_t(a.head_dim_v + 2);
 }
@@ -2276,8 +2383,8 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
   }
   // One split (attention_splits' answer where use_tc holds) on a shape the
   // tensor-core kernel takes: bf16 prefill.
-  if (splits <= 1 && g_tc_mode.load(std::memory_order_relaxed) != 1 && tc_shape_ok(a)) {
-    attention_tc(a, stream);
+  if (takes_tc(a, splits)) {
+    attention_tc(a, scratch ? static_cast<char*>(scratch) + kFCounterBytes : nullptr, stream);
     return;
   }
   Params p{};
