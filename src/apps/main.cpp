@@ -57,7 +57,7 @@ struct ModelArgs {
     app->add_flag("--hf-decode-window", hf_decode_window,
                   "during decode use the reference's window of (window-1) past tokens instead of the training rule "
                   "q-k <= window (spec 8.1)");
-    app->add_option("--chunk", chunk, "prefill chunk size in tokens (bounds working memory; default: 256 on the CPU, 2048 "
+    app->add_option("--chunk", chunk, "prefill chunk size in tokens (bounds working memory; default: 256 on the CPU, 8192 "
                     "on a GPU)")->check(CLI::Range(1, 65536));
     app->add_option("--device", device, "compute device: cpu, cuda, or auto (cuda when this build has it and a GPU "
                     "is visible, else cpu)")->check(CLI::IsMember({"cpu", "cuda", "auto"}));

@@ -115,6 +115,19 @@ class Backend {
     matmul(Wu, scratch_norm, n, Wu.cols, scratch_up, Wu.rows, false);
     silu_mul(out, ldo, scratch_up, Wu.rows, n, Wg.rows, out, ldo);
   }
+  // The whole SwiGLU MLP added to the residual stream:
+  //   y += Wd (silu(Wg xn) * (Wu xn)),  xn = rmsnorm(x; norm_w)
+  // x and y may be the same rows (x is read before y changes). scratch_norm,
+  // scratch_up: as norm_swiglu's; scratch_act: n x Wg.rows, dense (the
+  // product before Wd). A device backend may round the two products Wg xn
+  // and Wu xn to bf16 (bf16 weights, many tokens: what a bf16 model
+  // computes), keeping the tensors of the default off its memory bus.
+  virtual void mlp_residual(const MatrixView& Wg, const MatrixView& Wu, const MatrixView& Wd, const float* x,
+                            int64_t n, int64_t ldx, const float* norm_w, float eps, float* scratch_norm,
+                            float* scratch_up, float* scratch_act, float* y, int64_t ldy) {
+    norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, scratch_act, Wg.rows);
+    matmul(Wd, scratch_act, n, Wg.rows, y, ldy, true);
+  }
   // The attention inputs of a chunk, from the fused input projection (rows
   // of leading dimension ld): RoPE on q (n_heads heads) in place; when k is
   // not null, the chunk's K and V packed into dense rows of k_out (k_width

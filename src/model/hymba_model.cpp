@@ -420,10 +420,8 @@ void HymbaModel::layer_rest(const LayerPlan& lp, const LayerWeights& w, const Ro
                           w.ssm_out_norm.data(), eps, ws.h.data(), D, true);
 
   // ---- SwiGLU MLP, residual
-  const int64_t I = c.intermediate_size;
-  be.norm_swiglu(w.gate_proj, w.up_proj, ws.h.data(), n, D, w.mlp_norm.data(), eps, ws.a.data(), ws.up.data(),
-                 ws.gate.data(), I);
-  be.matmul(w.down_proj, ws.gate.data(), n, I, ws.h.data(), D, true);
+  be.mlp_residual(w.gate_proj, w.up_proj, w.down_proj, ws.h.data(), n, D, w.mlp_norm.data(), eps, ws.a.data(),
+                  ws.up.data(), ws.gate.data(), ws.h.data(), D);
 }
 
 }  // namespace hymba

@@ -110,6 +110,14 @@ class ProfilingBackend final : public Backend {
     timed(n <= 8 ? "norm_swiglu (n<=8)" : "norm_swiglu (n>8)", 4.0 * double(Wg.rows) * double(Wg.cols) * double(n),
           [&] { inner_->norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, out, ldo); });
   }
+  void mlp_residual(const MatrixView& Wg, const MatrixView& Wu, const MatrixView& Wd, const float* x, int64_t n,
+                    int64_t ldx, const float* norm_w, float eps, float* scratch_norm, float* scratch_up,
+                    float* scratch_act, float* y, int64_t ldy) override {
+    timed(n <= 8 ? "mlp (n<=8)" : "mlp (n>8)",
+          2.0 * double(n) * (double(Wg.rows) * double(Wg.cols) * 2.0 + double(Wd.rows) * double(Wd.cols)), [&] {
+            inner_->mlp_residual(Wg, Wu, Wd, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, scratch_act, y, ldy);
+          });
+  }
   void prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n, int n_heads, int n_kv_heads,
                    int head_dim, const float* cos_t, const float* sin_t, DType round_dt, float* k_out,
                    int64_t k_width, float* v_out, int64_t v_width) override {

@@ -46,6 +46,11 @@ void rope_tables_at(const int64_t* positions, int64_t n, const float* inv_freq, 
                     float* sin_out, cudaStream_t stream);
 void silu_mul(const float* gate, int64_t ldg, const float* up, int64_t ldu, int64_t n, int64_t d, float* out,
               int64_t ldo, cudaStream_t stream);
+// out[t, c] = bf16(silu(g[t, c]) * u[t, c]) for bf16 g, u and out (rows of
+// pitch ld, a multiple of 8 elements, 16-byte aligned; out may be g): the
+// SwiGLU product as the down projection's GEMM operand.
+void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t ld, int64_t n, int64_t d, uint16_t* out,
+                   cudaStream_t stream);
 void average_into(float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, int64_t d, cudaStream_t stream);
 // ids: device array of n ids, already range-checked on the host.
 void embed_rows(const MatrixView& table, const int32_t* ids, int64_t n, float* out, int64_t ldo,
