@@ -848,13 +848,16 @@ struct TcCfg {
   int w, mt, bn, minb;
 };
 // Measured on an H100 (CudaAttentionTc.DISABLED_Timing, 2048 queries of an
-// 8K prompt, 25/5 heads): 64/64 runs two blocks of 4 warps per SM (184
-// registers; sliding window 0.098 ms, global 0.544 ms, against 0.187 / 0.788
-// with one block of 8 warps). 64/128 keeps one block of 8 warps (219
-// registers): two m16 tiles per warp, 32-key tiles or two blocks of 4 warps
-// were within 5 % of it (0.217-0.238 / 0.968-0.993 ms).
+// 8K prompt, 25/5 heads, sliding window / global):
+//  * 64/64: two blocks of 4 warps of two m16 tiles per SM, 0.137 / 0.571 ms
+//    (one block of 8 warps of one tile: 0.189 / 0.792; 128-key tiles:
+//    0.165 / 0.623);
+//  * 64/128 (Hymba-1.5B): one block of 8 warps of one tile with 128-key
+//    tiles, 0.219 / 0.826 ms (64-key tiles: 0.240 / 0.979; two tiles per
+//    warp or two blocks of 4 warps: 0.210-0.238 / 0.866-0.993).
 TcCfg tc_cfg(const AttentionArgs& a) {
-  if (a.head_dim_qk == 64 && a.head_dim_v == 64) return {4, 1, 64, 2};
+  if (a.head_dim_qk == 64 && a.head_dim_v == 64) return {4, 2, 64, 2};
+  if (a.head_dim_qk == 64 && a.head_dim_v == 128) return {8, 1, 128, 1};
   return {tc::kWarps, 1, tc::kBN, 1};
 }
 
@@ -951,8 +954,8 @@ void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
   constexpr int W = tc::kWarps, BN = tc::kBN;
   // (the shapes of tc_cfg)
-  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4, 1, 64, 2>);
-  else if (dq == 64) launch(attention_tc_kernel<64, 128, W, 1, BN, 1>);
+  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4, 2, 64, 2>);
+  else if (dq == 64) launch(attention_tc_kernel<64, 128, 8, 1, 128, 1>);
   else if (dv == 64) launch(attention_tc_kernel<128, 64, W, 1, BN, 1>);
   else launch(attention_tc_kernel<128, 128, W, 1, BN, 1>);
   g_tc_launches.fetch_add(1, std::memory_order_relaxed);
