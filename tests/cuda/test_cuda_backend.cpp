@@ -189,9 +189,12 @@ TEST_F(CudaVsCpu, FusedProductsForLargeNMatchTheComposition) {
 // The whole MLP with its residual (mlp_residual) against the CPU backend's
 // default composition (fp32 products). Beyond 8 tokens the GPU rounds the
 // gate and up products to bf16 (the contract allows it), so those sizes are
-// held to the bf16 tolerance; decode sizes run the fused GEMVs on fp32
-// products and must match closely. x and y are the same rows (in place), as
-// in the model, in every case.
+// held to the bf16 tolerance. Decode sizes run the fused GEMVs on fp32
+// products; both sides then round the SiLU product to bf16 for the down
+// projection, and last-bit differences in the products (another summation
+// order) flip a few of those roundings: measured 1.2e-7 to 2.7e-5, held to
+// 1e-3 (a wrong path is off by ~1). x and y are the same rows (in place),
+// as in the model, in every case.
 TEST_F(CudaVsCpu, MlpResidual) {
   const float eps = 1e-6f;
   for (int64_t n : {4, 9, 300}) {
@@ -215,7 +218,7 @@ TEST_F(CudaVsCpu, MlpResidual) {
       // tolerance applies to.
       std::vector<float> g = down(dh, h.size());
       for (size_t i = 0; i < g.size(); ++i) g[i] -= h[i], hc[i] -= h[i];
-      expect_close("mlp_residual", what, g, hc, n > 8 ? 1e-2 : 2e-5);
+      expect_close("mlp_residual", what, g, hc, n > 8 ? 1e-2 : 1e-3);
       TearDown();
     }
   }
