@@ -1490,15 +1490,22 @@ constexpr int kFRanges = 2 * kDecSegments;
 constexpr int kFMaxChunks = 256;      // chunks per kv head (the merge's shared weights)
 constexpr int kFMaxG = 8;
 // Chunking (per entry): at most kFChunkCap chunks per kv head, or one per
-// kFCapKeys visible keys where that is more (<= kFMaxChunks). A 1152-key
-// window layout (meta 128 + ring in two pieces + the token) gets 128-key
-// chunks (~50 blocks alone); 8K keys 576-key chunks (15). Every chunk ends
+// kFCapKeys visible keys where that is more (<= kFMaxChunks), and at least
+// kFMinSub sub-tiles long. A 1152-key window layout (meta 128 + ring in two
+// pieces + the token) gets 256-key chunks (~25 blocks alone); 8K keys
+// 576-key chunks (15). Every chunk ends
 // with a cross-warp reduction and a partial state, which a batch pays per
 // chunk: on an H200, 128 x 8K batched decode took 16.0 ms/step with a cap
 // of 32, 14.9 with 16, 14.3 with 8, while batch-1 decode was the same with
 // 16 and 3-6 % slower with 8 (BENCHMARKS.md).
 constexpr int kFChunkCap = 16;
 constexpr int kFCapKeys = 1024;
+// And chunks of at least kFMinSub sub-tiles (256 bf16 keys): a window
+// layer's 1152 keys become 5 chunks per kv head instead of 10. H100,
+// medians of alternated runs: 128 x 8K batch 14.35 -> 13.68 ms/step, 1K
+// decode 2.65 -> 2.70 ms (fewer blocks for a lone sequence), 8K decode
+// 2.69 -> 2.68 (BENCHMARKS.md).
+constexpr int64_t kFMinSub = 4;
 // A batch launch's blocks: spans of ~kFSpanSubTiles sub-tiles where the
 // batch has the work for that (fewer, longer blocks: less per-block
 // overhead), else one chunk each.
@@ -2248,7 +2255,8 @@ int64_t fast_sub(const FLayout& l, Ok ok) {
 // invariance: the single launch and every batch cut an entry the same
 // way): the shortest chunks that give at most kFChunkCap chunks per kv
 // head, or one per kFCapKeys visible keys where that is more (at most
-// kFMaxChunks: the merge's shared weights).
+// kFMaxChunks: the merge's shared weights), and no shorter than kFMinSub
+// sub-tiles (or the longest range).
 // kFChunkCap, or HYMBA_ATTN_CHUNK_CAP (1-256, read once) for A/B timing.
 int64_t fast_chunk_cap() {
   static const int64_t v = [] {
@@ -2260,10 +2268,11 @@ int64_t fast_chunk_cap() {
 }
 
 int64_t fast_entry_sub(const FLayout& l) {
-  int64_t vis = 0;
-  for (int r = 0; r < l.n; ++r) vis += l.len[r];
+  int64_t vis = 0, longest = 1;
+  for (int r = 0; r < l.n; ++r)
+    vis += l.len[r], longest = std::max(longest, (l.len[r] + fast_base(l, r) - 1) / fast_base(l, r));
   const int64_t cap = std::min<int64_t>(kFMaxChunks, std::max<int64_t>(fast_chunk_cap(), vis / kFCapKeys));
-  return fast_sub(l, [&](int64_t nc) { return nc <= cap; });
+  return std::min(longest, std::max(kFMinSub, fast_sub(l, [&](int64_t nc) { return nc <= cap; })));
 }
 
 // a's ranges cut by fast_entry_sub (p filled); returns the chunk count and
