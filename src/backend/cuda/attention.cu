@@ -578,11 +578,13 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
 // W warps of MT m16 tiles (16 MT (query, head) rows) each: a warp's K/V
 // fragments serve its MT tiles, so MT = 2 halves the shared-memory reads per
 // mma and doubles the independent accumulator chains. MINB: blocks per SM
-// asked of the register allocator.
+// asked of the register allocator. ST: K/V stages in shared memory, 2 (a
+// barrier before and after each tile's math) or 3 (one barrier per tile:
+// the stage refilled is the one read two tiles back).
 // grid: x = row tile (reversed: under a causal mask the last tiles have the
 // most keys and start first), y = kv head. Head dims DQ, DV (multiples of 32
 // and 16). Rows past n_q * group load zero queries and are not stored.
-template <int DQ, int DV, int W, int MT, int BN, int MINB>
+template <int DQ, int DV, int W, int MT, int BN, int MINB, int ST>
 __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params p) {
   constexpr int kWR = 16 * MT;  // rows per warp
   constexpr int kBM = kWR * W;  // (query, head) rows of the block
@@ -656,7 +658,7 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
   // The tile sequence: thread 0 advances a cursor kept in shared memory and
   // publishes tiles in s_tile[stage] (nk == 0: no more), so the other
   // threads hold no cursor state in registers.
-  __shared__ TcTile s_tile[2];
+  __shared__ TcTile s_tile[ST];
   __shared__ TcCursor s_cur;
   auto advance = [&](TcTile& dst) {  // thread 0 only
     TcCursor c = s_cur;
@@ -672,6 +674,7 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
     advance(s_tile[1]);
   }
   __syncthreads();
+  if (ST == 3 && threadIdx.x == 0) advance(s_tile[2 % ST]);  // read only after the loop's first barrier
 
   auto load_stage = [&](int stage, const TcTile& t) {
     const SegDesc& sg = sseg[t.s];
@@ -683,14 +686,31 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
   int stage = 0;
   if (s_tile[0].nk > 0) load_stage(0, s_tile[0]);
   cp_async_commit();
+  if (ST == 3) {
+    if (s_tile[1].nk > 0) load_stage(1, s_tile[1]);
+    cp_async_commit();
+  }
   for (;;) {
     const TcTile tile = s_tile[stage];
     if (tile.nk == 0) break;  // block-uniform
-    const TcTile next = s_tile[stage ^ 1];
-    if (next.nk > 0) load_stage(stage ^ 1, next);  // its buffer was released by the barrier ending the last pass
-    cp_async_commit();
-    cp_async_wait<1>();  // this tile's copies (all but the newest group) have landed
-    __syncthreads();     // ... for every thread; and everyone has read s_tile[stage]
+    if (ST == 2) {
+      const TcTile next = s_tile[stage ^ 1];
+      if (next.nk > 0) load_stage(stage ^ 1, next);  // its buffer was released by the barrier ending the last pass
+      cp_async_commit();
+      cp_async_wait<1>();  // this tile's copies (all but the newest group) have landed
+      __syncthreads();     // ... for every thread; and everyone has read s_tile[stage]
+    } else {
+      // Three stages, one barrier per tile: after it, this tile has landed
+      // for every thread, everyone is done with the previous tile (whose
+      // stage now takes the tile after next) and has read s_tile[stage].
+      cp_async_wait<1>();
+      __syncthreads();
+      const int st2 = stage == 0 ? 2 : stage - 1;  // (stage + 2) % 3
+      const TcTile next2 = s_tile[st2];
+      if (next2.nk > 0) load_stage(st2, next2);
+      cp_async_commit();
+      if (threadIdx.x == 0) advance(s_tile[stage]);  // three tiles ahead; read after the next barrier
+    }
 
     const int64_t k0 = sseg[tile.s].pos0 + tile.r0, k1 = k0 + tile.nk - 1;  // key positions of the tile
     // Warp-uniform: no key of the tile visible to any of the warp's rows
@@ -748,25 +768,30 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          float mx = -INFINITY;
+          // (Four independent chains for the max and the sum: one chain
+          // of 2 kNT dependent operations per tile was a visible latency.)
+          float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * i], s[mt][nt][2 * i + 1]));
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) m4[(nt & 1) * 2 + e] = fmaxf(m4[(nt & 1) * 2 + e], s[mt][nt][2 * i + e]);
+          float mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float m_new = fmaxf(m[mt][i], mx);
           const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
           const float corr = ex2(m[mt][i] * sl2 - ms);                // 0 while m was -inf (o, l are 0)
           m[mt][i] = m_new;
-          float sum = 0.0f;
+          float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
             for (int e = 2 * i; e < 2 * i + 2; ++e) {
               const float pe = ex2(fmaf(s[mt][nt][e], sl2, -ms));  // masked: -inf -> 0
               s[mt][nt][e] = pe;
-              sum += pe;
+              s4[(nt & 1) * 2 + (e & 1)] += pe;
             }
-          l[mt][i] = l[mt][i] * corr + sum;
+          l[mt][i] = l[mt][i] * corr + ((s4[0] + s4[1]) + (s4[2] + s4[3]));
 #pragma unroll
           for (int d = 0; d < DV / 8; ++d) o[mt][d][2 * i] *= corr, o[mt][d][2 * i + 1] *= corr;
         }
@@ -794,9 +819,13 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
         }
       }
     }
-    if (threadIdx.x == 0) advance(s_tile[stage]);  // the tile after `next`
-    __syncthreads();  // everyone is done with this stage before it is refilled; s_tile published
-    stage ^= 1;
+    if (ST == 2) {
+      if (threadIdx.x == 0) advance(s_tile[stage]);  // the tile after `next`
+      __syncthreads();  // everyone is done with this stage before it is refilled; s_tile published
+      stage ^= 1;
+    } else {
+      stage = stage == 2 ? 0 : stage + 1;
+    }
   }
 
   // Output: the quad's partial sums, then o / l.
@@ -845,7 +874,7 @@ bool tc_shape_ok(const AttentionArgs& a) {
 // A launch shape of the tensor-core kernel: W warps of MT m16 tiles, BN
 // keys per tile, MINB blocks per SM asked of the register allocator.
 struct TcCfg {
-  int w, mt, bn, minb;
+  int w, mt, bn, minb, stages;
 };
 // Measured on an H100 (CudaAttentionTc.DISABLED_Timing, 2048 queries of an
 // 8K prompt, 25/5 heads, sliding window / global):
@@ -854,11 +883,15 @@ struct TcCfg {
 //    0.165 / 0.623);
 //  * 64/128 (Hymba-1.5B): one block of 8 warps of one tile with 128-key
 //    tiles, 0.219 / 0.826 ms (64-key tiles: 0.240 / 0.979; two tiles per
-//    warp or two blocks of 4 warps: 0.210-0.238 / 0.866-0.993).
+//    warp or two blocks of 4 warps: 0.210-0.238 / 0.866-0.993);
+//  * both then with three K/V stages and one barrier per tile instead of
+//    two stages and two barriers: 64/128 0.217 / 0.815-0.826 -> 0.201 /
+//    0.751-0.763 ms, 64/64 0.140 / 0.593 -> 0.132 / 0.558 (same call).
+// Other head dims keep the first shape (not measured).
 TcCfg tc_cfg(const AttentionArgs& a) {
-  if (a.head_dim_qk == 64 && a.head_dim_v == 64) return {4, 2, 64, 2};
-  if (a.head_dim_qk == 64 && a.head_dim_v == 128) return {8, 1, 128, 1};
-  return {tc::kWarps, 1, tc::kBN, 1};
+  if (a.head_dim_qk == 64 && a.head_dim_v == 64) return {4, 2, 64, 2, 3};
+  if (a.head_dim_qk == 64 && a.head_dim_v == 128) return {8, 1, 128, 1, 3};
+  return {tc::kWarps, 1, tc::kBN, 1, 2};
 }
 
 int64_t tc_blocks(const AttentionArgs& a) {
@@ -877,7 +910,9 @@ bool use_tc(const AttentionArgs& a, int sm_count) {
   return mode == 2 || 2 * tc_blocks(a) >= sm_count;
 }
 
-size_t tc_smem_bytes(int dq, int dv, int bn) { return 2 * sizeof(uint16_t) * size_t(bn) * size_t(dq + dv + 2 * tc::kPad); }
+size_t tc_smem_bytes(int dq, int dv, int bn, int stages) {
+  return size_t(stages) * sizeof(uint16_t) * size_t(bn) * size_t(dq + dv + 2 * tc::kPad);
+}
 
 // fp32 segments (a prefill chunk's own K/V, already rounded to the bf16
 // cache) are copied to dense bf16 before the tensor-core kernel, so that
@@ -944,7 +979,7 @@ void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
   check(row_tiles <= 0x7fffffff, "attention: launch grid too large");
   const dim3 grid(unsigned(row_tiles), unsigned(a.n_kv_heads));
   const TcCfg c = tc_cfg(a);
-  const size_t smem = tc_smem_bytes(a.head_dim_qk, a.head_dim_v, c.bn);
+  const size_t smem = tc_smem_bytes(a.head_dim_qk, a.head_dim_v, c.bn, c.stages);
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)
       HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -954,10 +989,10 @@ void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
   constexpr int W = tc::kWarps, BN = tc::kBN;
   // (the shapes of tc_cfg)
-  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4, 2, 64, 2>);
-  else if (dq == 64) launch(attention_tc_kernel<64, 128, 8, 1, 128, 1>);
-  else if (dv == 64) launch(attention_tc_kernel<128, 64, W, 1, BN, 1>);
-  else launch(attention_tc_kernel<128, 128, W, 1, BN, 1>);
+  if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4, 2, 64, 2, 3>);
+  else if (dq == 64) launch(attention_tc_kernel<64, 128, 8, 1, 128, 1, 3>);
+  else if (dv == 64) launch(attention_tc_kernel<128, 64, W, 1, BN, 1, 2>);
+  else launch(attention_tc_kernel<128, 128, W, 1, BN, 1, 2>);
   g_tc_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
