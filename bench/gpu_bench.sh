@@ -18,7 +18,8 @@
 #   7. (PARTS=micro) the kernel timing tests (DISABLED_*Timing* in
 #      tests/cuda): GEMV bandwidth, attention, scan, sampling.
 #   9. (PARTS=ncu) Nsight Compute: each kernel's time and DRAM bytes in a
-#      short 1K-context decode (NCU_STEPS steps), as CSV.
+#      short decode (NCU_STEPS steps) after a prompt of NCU_PROMPT tokens
+#      (default 1024), as CSV; NCU_ARGS adds ncu options (e.g. --launch-count 200).
 # TORCH_MODES picks the PyTorch decode modes (default eager,graph,compile).
 # PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
 # Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.tar.gz.
@@ -106,7 +107,7 @@ fi
 if want memcheck; then
 echo "== 5. memcheck (model-level tests, matmul)"
 timeout 280 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" --gtest_color=no \
-  --gtest_filter='CudaModel.FixtureTinyA:CudaModel.BatchedDecodeEqualsDecodingAlone:CudaVsCpu.Matmul:CudaVsCpu.CausalConvSilu:GemvTest.*:DecodeAttention*:CudaMamba.NormedSelectiveScanStep:CudaMamba.SelectiveScanChunked:CudaAttentionTc.MaskProbeExact:Sampling.GreedyTiesAndLargeVocabInChunks:CudaVsCpu.StoreRowsBatchIsBitExact:CudaVsCpu.PrepareQkvIsBitExact:CudaVsCpu.FusedProductsForLargeNMatchTheComposition:CudaVsCpu.MlpResidual:CudaMamba.NormedSelectiveScanBatch:CudaMamba.ConvSiluBatchOneToken:CudaBatch.AttentionBatch:-DecodeAttentionBatch.MixedPaperShapes' \
+  --gtest_filter='CudaModel.FixtureTinyA:CudaModel.BatchedDecodeEqualsDecodingAlone:CudaVsCpu.Matmul:CudaVsCpu.CausalConvSilu:GemvTest.*:DecodeAttention*:CudaMamba.NormedSelectiveScanStep:CudaScan.SelectiveScanChunked:CudaAttentionTc.MaskProbeExact:Sampling.GreedyTiesAndLargeVocabInChunks:CudaVsCpu.StoreRowsBatchIsBitExact:CudaVsCpu.PrepareQkvIsBitExact:CudaVsCpu.FusedProductsForLargeNMatchTheComposition:CudaVsCpu.MlpResidual:CudaMamba.NormedSelectiveScanBatch:CudaMamba.ConvSiluBatchOneToken:CudaBatch.AttentionBatch:CudaVsCpu.ConvSiluMatmul:-DecodeAttentionBatch.MixedPaperShapes' \
   >"$out/memcheck_model.log" 2>&1
 echo "rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_model.log" | tail -1)"
 fi
@@ -114,7 +115,7 @@ fi
 if want racecheck; then
 echo "== 5b. racecheck (attention, scan)"
 timeout 280 compute-sanitizer --tool racecheck --error-exitcode 9 "$tests" --gtest_color=no \
-  --gtest_filter='CudaAttentionTc.MaskProbeExact:DecodeAttention.*:CudaMamba.SelectiveScanChunked:CudaMamba.NormedSelectiveScanStep:Sampling.GreedyTiesAndLargeVocabInChunks:GemvTest.GemvNormMatmul:GemvTest.GemvFuseBranchesMatmul:CudaMamba.NormedSelectiveScanBatch' >"$out/racecheck.log" 2>&1
+  --gtest_filter='CudaAttentionTc.MaskProbeExact:DecodeAttention.*:CudaScan.SelectiveScanChunked:CudaMamba.NormedSelectiveScanStep:Sampling.GreedyTiesAndLargeVocabInChunks:GemvTest.GemvNormMatmul:GemvTest.GemvFuseBranchesMatmul:CudaMamba.NormedSelectiveScanBatch:CudaVsCpu.ConvSiluMatmul' >"$out/racecheck.log" 2>&1
 echo "rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck.log" | tail -1)"
 fi
 
@@ -166,12 +167,12 @@ fi
 fi
 
 if want ncu; then
-echo "== 9. ncu: per-kernel GPU time and DRAM bytes of a 1K-context decode (isolated kernels, clocks and caches untouched)"
+echo "== 9. ncu: per-kernel GPU time and DRAM bytes of a ${NCU_PROMPT:-1024}-token prompt and decode (isolated kernels, clocks and caches untouched)"
 make_model
 nc=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-timeout 400 "$nc" --clock-control none --cache-control none --csv --print-units base \
+timeout 400 "$nc" --clock-control none --cache-control none --csv --print-units base ${NCU_ARGS:-} \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
-  --log-file "$out/ncu_decode.csv" "$hymba" bench -m "$model" --device cuda --prompt-len 1024 --gen-len ${NCU_STEPS:-4} \
+  --log-file "$out/ncu_decode.csv" "$hymba" bench -m "$model" --device cuda --prompt-len ${NCU_PROMPT:-1024} --gen-len ${NCU_STEPS:-4} \
   --no-warmup >"$out/ncu_bench.log" 2>&1
 echo "rc=$? $(wc -l <"$out/ncu_decode.csv") lines"
 fi

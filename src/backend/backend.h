@@ -115,6 +115,13 @@ class Backend {
     matmul(Wu, scratch_norm, n, Wu.cols, scratch_up, Wu.rows, false);
     silu_mul(out, ldo, scratch_up, Wu.rows, n, Wg.rows, out, ldo);
   }
+  // The Mamba branch's conv and x_proj: causal_conv_silu(a), then
+  // y2 = a.y W^T (n x W.rows, leading dimension ldy2, not accumulated).
+  // a.y is written as causal_conv_silu writes it (the scan reads it).
+  virtual void conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2) {
+    causal_conv_silu(a.x, a.n, a.ldx, a.channels, a.weight, a.bias, a.k_width, a.state, a.y, a.ldy);
+    matmul(W, a.y, a.n, a.ldy, y2, ldy2, false);
+  }
   // The whole SwiGLU MLP added to the residual stream:
   //   y += Wd (silu(Wg xn) * (Wu xn)),  xn = rmsnorm(x; norm_w)
   // x and y may be the same rows (x is read before y changes). scratch_norm,

@@ -374,13 +374,12 @@ void HymbaModel::layer_rest(const LayerPlan& lp, const LayerWeights& w, const Ro
                                        int(c.mamba_d_conv), sp.seq->conv_state(lp.index),
                                        ws.conv.data() + sp.row0 * Di, Di};
   }
-  if (n_spans == 1) {  // the single-sequence op (what a recording may hold)
-    const ConvArgs& ca = ws.conv_args[0];
-    be.causal_conv_silu(ca.x, ca.n, ca.ldx, ca.channels, ca.weight, ca.bias, ca.k_width, ca.state, ca.y, ca.ldy);
+  if (n_spans == 1) {  // the single-sequence op (what a recording may hold), with x_proj
+    be.conv_silu_matmul(ws.conv_args[0], w.x_proj, ws.xdbc.data(), XD);
   } else {
     be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
+    be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
   }
-  be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
   ws.scan_args.resize(size_t(n_spans));
   for (int i = 0; i < n_spans; ++i) {
     const RowSpan& sp = spans[i];

@@ -412,6 +412,53 @@ TEST_F(CudaVsCpu, CausalConvSilu) {
   }
 }
 
+// conv_silu_matmul (the Mamba branch's conv and x_proj): on the GPU one
+// kernel for prefill-sized chunks (bf16 W of <= 136 rows, k_width 4,
+// channels a multiple of 64), else the composition. Against the CPU
+// composition and, tighter, the GPU's own composition (the same conv
+// arithmetic, so the same bf16 operand: the conv output bit for bit, the
+// product up to summation order). Chained calls carry the conv state.
+TEST_F(CudaVsCpu, ConvSiluMatmul) {
+  struct Case {
+    int64_t C, R;
+    std::vector<int64_t> ns;
+  };
+  for (const Case& cs : std::vector<Case>{{3200, 132, {9, 700, 64, 2049, 5}}, {128, 40, {100, 65}}, {192, 136, {63, 10}}}) {
+    const int64_t C = cs.C, R = cs.R;
+    const std::vector<float> w = randn(size_t(4 * C), 0.0f, 0.5f), b = randn(size_t(C));
+    const std::vector<uint8_t> W = store_as(randn(size_t(R * C), 0.0f, 0.05f), DType::BF16);
+    std::vector<float> sc = randn(size_t(3 * C));
+    const float* dw = up(w);
+    const float* db = up(b);
+    const MatrixView dW{up(W), DType::BF16, R, C};
+    float* ds = up(sc);   // the fused op's state
+    float* ds2 = up(sc);  // the GPU composition's
+    for (int64_t n : cs.ns) {
+      const int64_t ldx = 2 * C + 3, ldy = C + 1, ld2 = R + 3;
+      const std::vector<float> x = randn(size_t(n * ldx));
+      std::vector<float> yc(size_t(n * ldy), kNaN), y2c(size_t(n * ld2), kNaN);
+      cpu_->conv_silu_matmul(ConvArgs{x.data() + C, ldx, n, C, w.data(), b.data(), 4, sc.data(), yc.data(), ldy},
+                             {W.data(), DType::BF16, R, C}, y2c.data(), ld2);
+      const float* dx = up(x) + C;
+      float* dy = up(std::vector<float>(yc.size(), kNaN));
+      float* dy2 = up(std::vector<float>(y2c.size(), kNaN));
+      float* ey = up(std::vector<float>(yc.size(), kNaN));
+      float* ey2 = up(std::vector<float>(y2c.size(), kNaN));
+      gpu_->conv_silu_matmul(ConvArgs{dx, ldx, n, C, dw, db, 4, ds, dy, ldy}, dW, dy2, ld2);
+      gpu_->Backend::conv_silu_matmul(ConvArgs{dx, ldx, n, C, dw, db, 4, ds2, ey, ldy}, dW, ey2, ld2);
+      const std::string what = "C=" + std::to_string(C) + " R=" + std::to_string(R) + " n=" + std::to_string(n);
+      const std::vector<float> gy = down(dy, yc.size()), gy2 = down(dy2, y2c.size());
+      expect_close("conv_silu_matmul y vs gpu composition", what, gy, down(ey, yc.size()), 0.0);
+      expect_close("conv_silu_matmul y2 vs gpu composition", what, gy2, down(ey2, y2c.size()), 1e-5);
+      expect_close("conv_silu_matmul y vs cpu", what, gy, yc, 1e-5);
+      expect_close("conv_silu_matmul y2 vs cpu", what, gy2, y2c, 1e-4);
+      expect_close("conv_silu_matmul state vs cpu", what, down(ds, sc.size()), sc, 0.0);
+      expect_close("conv_silu_matmul state vs gpu composition", what, down(ds, sc.size()), down(ds2, sc.size()), 0.0);
+      if (HasFailure()) return;
+    }
+  }
+}
+
 TEST_F(CudaVsCpu, SelectiveScan) {
   for (auto [channels, d_state] : std::vector<std::pair<int64_t, int64_t>>{{3200, 16}, {37, 5}, {50, 40}}) {
     const std::vector<float> dt_bias = randn(size_t(channels), -2.0f, 1.0f);
@@ -1046,7 +1093,9 @@ TEST_F(CudaVsCpu, DISABLED_Timing) {
   auto report = [](const char* what, double ms) { std::printf("[cuda-timing] %-60s %9.4f ms\n", what, ms); };
   // matmul bf16
   for (auto [n, rows, cols] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-           {1, 6400, 1600}, {1, 32001, 1600}, {2048, 6400, 1600}, {2048, 1600, 3200}}) {
+           {1, 6400, 1600}, {1, 32001, 1600}, {2048, 6400, 1600}, {2048, 1600, 3200}, {8192, 132, 3200},
+           {8192, 3200, 100}, {8192, 1600, 3200}, {8192, 8960, 1600}, {8192, 1600, 5504}, {128, 132, 3200},
+           {128, 8960, 1600}}) {
     const uint8_t* w = up(store_as(randn(size_t(rows * cols), 0, 0.02f), DType::BF16));
     const float* x = up(randn(size_t(n * cols)));
     float* y = up(std::vector<float>(size_t(n * rows)));

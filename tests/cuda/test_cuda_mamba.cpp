@@ -427,56 +427,69 @@ double rel_l2_vs(const std::vector<float>& got, const std::vector<T>& ref) {
 // (MUFU ex2, <= 2 ulp, as expf uses) and the CPU's polynomial then differ by
 // up to ~n ulp, hence a looser bound, and both are also compared with a
 // double-precision reference (printed, for the judgement).
-TEST_F(CudaMamba, SelectiveScanChunked) {
-  struct Shape {
-    int64_t C, N;
-    bool long_memory;
-  };
-  for (const Shape& sh : std::vector<Shape>{{3200, 16, false}, {37, 5, false}, {200, 8, true}, {130, 16, true}}) {
-    ScanParams p = params(sh.C, sh.N, sh.long_memory);
-    std::vector<double> ref_state(p.state.begin(), p.state.end());
-    const double tol = sh.long_memory ? 1e-4 : 1e-5;
-    for (int64_t n : {1, 7, 256, 1000, 2048}) {
-      const int64_t C = sh.C, N = sh.N;
-      const int64_t ld_in = 3 * C + 1, ld_bc = 2 * N + 3, ldy = C + 2;
-      const std::vector<float> in = noise(size_t(n * ld_in));
-      const std::vector<float> bc = noise(size_t(n * ld_bc));
-      ScanArgs a = scan_case(n, C, N, ld_in, ld_bc, ldy);
-      std::vector<float> yc(size_t(n * ldy), kNaN);
-      point_scan_inputs(a, in.data(), bc.data());
-      a.dt_bias = p.dt_bias.data(), a.A = p.A.data(), a.D = p.D.data(), a.state = p.state.data();
-      a.y = yc.data();
-      std::vector<double> y_ref;
-      if (sh.long_memory) {
-        y_ref.assign(yc.size(), std::nan(""));
-        scan_reference(a, ref_state, y_ref);
+struct ScanShape {
+  int64_t C, N;
+  bool long_memory;
+};
+class CudaScan : public CudaMamba {
+ protected:
+  // pad: extra floats per row of the inputs (odd: rows not 16-byte aligned).
+  void successive_calls(const std::vector<ScanShape>& shapes, const std::vector<int64_t>& ns, int64_t pad,
+                        const char* env_value) {
+    ScanChunkEnv env(env_value);
+    for (const ScanShape& sh : shapes) {
+      ScanParams p = params(sh.C, sh.N, sh.long_memory);
+      std::vector<double> ref_state(p.state.begin(), p.state.end());
+      const double tol = sh.long_memory ? 1e-4 : 1e-5;
+      for (int64_t n : ns) {
+        const int64_t C = sh.C, N = sh.N;
+        const int64_t ld_in = 3 * C + pad, ld_bc = 2 * N + pad, ldy = C + 2;
+        const std::vector<float> in = noise(size_t(n * ld_in));
+        const std::vector<float> bc = noise(size_t(n * ld_bc));
+        ScanArgs a = scan_case(n, C, N, ld_in, ld_bc, ldy);
+        std::vector<float> yc(size_t(n * ldy), kNaN);
+        point_scan_inputs(a, in.data(), bc.data());
+        a.dt_bias = p.dt_bias.data(), a.A = p.A.data(), a.D = p.D.data(), a.state = p.state.data();
+        a.y = yc.data();
+        std::vector<double> y_ref;
+        if (sh.long_memory) {
+          y_ref.assign(yc.size(), std::nan(""));
+          scan_reference(a, ref_state, y_ref);
+        }
+        cpu_->selective_scan(a);
+        const float* din = up(in);
+        const float* dbc = up(bc);
+        float* dy = up(std::vector<float>(yc.size(), kNaN));
+        point_scan_inputs(a, din, dbc);
+        a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD, a.state = p.d_state;
+        a.y = dy;
+        gpu_->selective_scan(a);
+        const std::string what = "C=" + std::to_string(C) + " N=" + std::to_string(N) + " n=" + std::to_string(n) +
+                                 (sh.long_memory ? " long memory" : "") + " HYMBA_SCAN_CHUNK=" +
+                                 (env_value ? env_value : "(unset)");
+        const std::vector<float> yg = down(dy, yc.size()), sg = down(p.d_state, p.state.size());
+        expect_close("scan_y", what, yg, yc, tol);
+        expect_close("scan_state", what, sg, p.state, tol);
+        if (sh.long_memory)
+          std::printf("[cuda-vs-cpu]   vs double: y cpu %.3e gpu %.3e, state cpu %.3e gpu %.3e\n",
+                      rel_l2_vs(yc, y_ref), rel_l2_vs(yg, y_ref), rel_l2_vs(p.state, ref_state),
+                      rel_l2_vs(sg, ref_state));
+        if (HasFailure()) return;
       }
-      cpu_->selective_scan(a);
-      const float* din = up(in);
-      const float* dbc = up(bc);
-      float* dy = up(std::vector<float>(yc.size(), kNaN));
-      point_scan_inputs(a, din, dbc);
-      a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD, a.state = p.d_state;
-      a.y = dy;
-      gpu_->selective_scan(a);
-      const std::string what = "C=" + std::to_string(C) + " N=" + std::to_string(N) + " n=" + std::to_string(n) +
-                               (sh.long_memory ? " long memory" : "");
-      const std::vector<float> yg = down(dy, yc.size()), sg = down(p.d_state, p.state.size());
-      expect_close("scan_chunked_y", what, yg, yc, tol);
-      expect_close("scan_chunked_state", what, sg, p.state, tol);
-      if (sh.long_memory)
-        std::printf("[cuda-vs-cpu]   vs double: y cpu %.3e gpu %.3e, state cpu %.3e gpu %.3e\n",
-                    rel_l2_vs(yc, y_ref), rel_l2_vs(yg, y_ref), rel_l2_vs(p.state, ref_state),
-                    rel_l2_vs(sg, ref_state));
-      if (HasFailure()) return;
     }
   }
+};
+
+// Rows not 16-byte aligned: the chunked scan at every length the planner picks.
+TEST_F(CudaScan, SelectiveScanChunked) {
+  successive_calls({{3200, 16, false}, {37, 5, false}, {200, 8, true}, {130, 16, true}}, {1, 7, 256, 1000, 2048}, 1,
+                   nullptr);
 }
 
 // Forced chunk lengths (1: a chunk per token, the most carries; 5: odd
 // lengths and a short last chunk; 256: the longest) and the sequential
 // kernel (-1), each from the same inputs and initial state.
-TEST_F(CudaMamba, SelectiveScanChunkLengths) {
+TEST_F(CudaScan, SelectiveScanChunkLengths) {
   for (auto [C, N, n] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{3200, 16, 1000}, {37, 16, 2048},
                                                                           {129, 3, 300}}) {
     ScanParams p = params(C, N, C == 37);
@@ -541,8 +554,8 @@ TEST_F(CudaMamba, DISABLED_MambaTiming) {
            time_ms(g, [&] { g.Backend::normed_selective_scan(a, ni); }, 200));
   }
   // Prefill: the chunked scan (automatic and forced chunk lengths) and the sequential kernel.
-  {
-    const int64_t n = 2048, ld_in = 3 * C;
+  for (const int64_t n : {int64_t(2048), int64_t(8192)}) {
+    const int64_t ld_in = 3 * C;
     const float* in = up(randn(size_t(n * ld_in)));
     const float* bc = up(randn(size_t(n * 2 * N)));
     float* y = up(std::vector<float>(size_t(n * C)));
@@ -553,19 +566,19 @@ TEST_F(CudaMamba, DISABLED_MambaTiming) {
     a.y = y, a.ldy = C;
     a.n = n, a.channels = C, a.d_state = N;
     const double gbytes = 4.0 * double(n * C) * 4 / 1e9;  // u, delta, z read once, y written
-    for (const char* len : {"0", "16", "32", "64", "128", "256", "-1"}) {
+    for (const char* len : {"0", "32", "48", "64", "80", "96", "128", "160", "192", "256"}) {
       ScanChunkEnv env(len);
       const double ms = time_ms(g, [&] { g.selective_scan(a); }, 20);
       char buf[160];
-      std::snprintf(buf, sizeof buf, "selective_scan prefill 2048 x 3200 x 16, HYMBA_SCAN_CHUNK=%s%s (%.0f GB/s eq.)",
-                    len, std::string(len) == "0" ? " (auto)" : std::string(len) == "-1" ? " (sequential)" : "",
+      std::snprintf(buf, sizeof buf, "selective_scan prefill %lld x 3200 x 16, HYMBA_SCAN_CHUNK=%s%s (%.0f GB/s eq.)",
+                    static_cast<long long>(n), len, std::string(len) == "0" ? " (auto)" : "",
                     gbytes / ms * 1e3);
       report(buf, ms);
     }
     float* st = up(std::vector<float>(size_t(3 * C)));
     const float* w = up(randn(size_t(4 * C)));
     const float* b = up(randn(size_t(C)));
-    report("causal_conv_silu prefill 2048 x 3200",
+    report("causal_conv_silu prefill " + std::to_string(n) + " x 3200",
            time_ms(g, [&] { g.causal_conv_silu(in, n, ld_in, C, w, b, 4, st, y, C); }, 20));
   }
   // Batched decode, 128 sequences of one token (the model's layout): the

@@ -110,6 +110,10 @@ class ProfilingBackend final : public Backend {
     timed(n <= 8 ? "norm_swiglu (n<=8)" : "norm_swiglu (n>8)", 4.0 * double(Wg.rows) * double(Wg.cols) * double(n),
           [&] { inner_->norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, out, ldo); });
   }
+  void conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2) override {
+    timed(a.n <= 8 ? "conv+x_proj (n<=8)" : "conv+x_proj (n>8)", 2.0 * double(W.rows) * double(W.cols) * double(a.n),
+          [&] { inner_->conv_silu_matmul(a, W, y2, ldy2); });
+  }
   void mlp_residual(const MatrixView& Wg, const MatrixView& Wu, const MatrixView& Wd, const float* x, int64_t n,
                     int64_t ldx, const float* norm_w, float eps, float* scratch_norm, float* scratch_up,
                     float* scratch_act, float* y, int64_t ldy) override {

@@ -420,10 +420,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 std::atomic<int> g_tc_mode{0};               // 0 auto, 1 never, 2 wherever applicable
 std::atomic<long long> g_tc_launches{0};
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
-
 // Two floats as bf16x2 (lo in the low half), bit-identical to the host's
 // f32_to_bf16: for Q and fp32 K/V, once per element.
 __device__ __forceinline__ uint32_t pack_bf16_exact(float lo, float hi) {
@@ -435,46 +431,6 @@ __device__ __forceinline__ uint32_t pack_bf16_fast(float lo, float hi) {
   uint32_t d;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
   return d;
-}
-
-__device__ __forceinline__ float ex2(float x) {  // 2^x; -inf -> +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
-  // src_bytes 0: nothing is read, the 16 bytes are zero-filled.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(smem_dst)), "l"(gmem_src),
-               "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// c += a * b: a 16x16 (row), b 16x8 (col) bf16, c 16x8 fp32.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Part `part` of segment sg's keys visible to some query at p_first..p_last,
@@ -780,14 +736,14 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           const float m_new = fmaxf(m[mt][i], mx);
           const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
-          const float corr = ex2(m[mt][i] * sl2 - ms);                // 0 while m was -inf (o, l are 0)
+          const float corr = ex2_fast(m[mt][i] * sl2 - ms);                // 0 while m was -inf (o, l are 0)
           m[mt][i] = m_new;
           float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
             for (int e = 2 * i; e < 2 * i + 2; ++e) {
-              const float pe = ex2(fmaf(s[mt][nt][e], sl2, -ms));  // masked: -inf -> 0
+              const float pe = ex2_fast(fmaf(s[mt][nt][e], sl2, -ms));  // masked: -inf -> 0
               s[mt][nt][e] = pe;
               s4[(nt & 1) * 2 + (e & 1)] += pe;
             }
@@ -1953,9 +1909,9 @@ __device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, float
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         const float m_new = fmaxf(m[e], mx);  // finite: the step's first key is visible
-        corr[e] = ex2((m[e] - m_new) * kLog2e);  // 0 while m is -inf (l, o are 0)
-        p[e] = ex2((st[e] - m_new) * kLog2e);    // masked: 0
-        p[2 + e] = ex2((st[2 + e] - m_new) * kLog2e);
+        corr[e] = ex2_fast((m[e] - m_new) * kLog2e);  // 0 while m is -inf (l, o are 0)
+        p[e] = ex2_fast((st[e] - m_new) * kLog2e);    // masked: 0
+        p[2 + e] = ex2_fast((st[2 + e] - m_new) * kLog2e);
         l[e] = fmaf(l[e], corr[e], p[e] + p[2 + e]);
         m[e] = m_new;
       }
@@ -2000,7 +1956,7 @@ __device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, float
         float M = -INFINITY;
 #pragma unroll
         for (int w = 0; w < kFWarps; ++w) M = fmaxf(M, sMw[w][h]);
-        const float sc = m[e] == -INFINITY ? 0.0f : ex2((m[e] - M) * kLog2e);
+        const float sc = m[e] == -INFINITY ? 0.0f : ex2_fast((m[e] - M) * kLog2e);
         float* red = sRed + (warp * G + h) * DV + gq * (DV / 8);
 #pragma unroll
         for (int i = 0; i < MI; ++i) red[2 * i] = o[i][e] * sc, red[2 * i + 1] = o[i][2 + e] * sc;

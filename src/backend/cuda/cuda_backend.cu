@@ -187,6 +187,14 @@ class CudaBackend final : public Backend {
                         const float* bias, int k_width, float* state, float* y, int64_t ldy) override {
     cuda::causal_conv_silu(x, n, ldx, channels, weight, bias, k_width, state, y, ldy, stream_);
   }
+  void conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2) override {
+    // Prefill-sized chunks: one kernel; decode sizes: the conv kernel and the GEMV.
+    if (a.n > cuda::kGemvMaxRows &&
+        cuda::conv_silu_matmul(a, W, y2, ldy2, scratch_at(kScratchX, cuda::conv_silu_matmul_scratch_bytes(a)),
+                               stream_))
+      return;
+    Backend::conv_silu_matmul(a, W, y2, ldy2);
+  }
   void selective_scan(const ScanArgs& a) override {
     // The chunked scan's carries (prefill only: short scans need none, so
     // recorded decode steps never grow scratch).

@@ -74,6 +74,14 @@ void zero_rows(float* y, int64_t n, int64_t d, int64_t ldy, cudaStream_t stream)
 // ---- mamba.cu
 void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
                       const float* bias, int k_width, float* state, float* y, int64_t ldy, cudaStream_t stream);
+// Backend::conv_silu_matmul for bf16 W of at most 136 rows, k_width 4 and
+// channels a multiple of 64 (more than 4 tokens): the conv kernel writing a
+// bf16 copy of its output into scratch (conv_silu_matmul_scratch_bytes,
+// 16-byte aligned), then a tensor-core product; false (nothing queued)
+// for other shapes.
+size_t conv_silu_matmul_scratch_bytes(const ConvArgs& a);
+bool conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2, void* scratch,
+                      cudaStream_t stream);
 // The single-sequence scan. d_state <= 16: chunked-parallel over time (three
 // launches when n is long enough to split, one otherwise), needing device
 // scratch of selective_scan_scratch_bytes(a, sm_count) (0: none, scratch may

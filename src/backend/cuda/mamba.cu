@@ -45,9 +45,11 @@ __global__ void conv_silu_kernel(const float* x, int64_t n, int64_t ldx, int64_t
 // arithmetic, tap by tap in the same order.
 constexpr int kConvRun = 16;
 
+// yb (optional): y rounded to bf16 as well (a bf16 product's operand, ld ldb).
 template <int K>
 __global__ void conv_silu_run_kernel(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
-                                     const float* bias, const float* state, float* y, int64_t ldy) {
+                                     const float* bias, const float* state, float* y, int64_t ldy,
+                                     uint16_t* yb = nullptr, int64_t ldb = 0) {
   const int64_t c = blockIdx.x * int64_t(kConvThreads) + threadIdx.x;
   if (c >= channels) return;
   constexpr int H = K - 1;
@@ -67,7 +69,9 @@ __global__ void conv_silu_run_kernel(const float* x, int64_t n, int64_t ldx, int
     float acc = b;
 #pragma unroll
     for (int k = 0; k < K; ++k) acc = __fadd_rn(acc, __fmul_rn(w[k], win[k]));
-    y[t * ldy + c] = silu_f(acc);
+    const float v = silu_f(acc);
+    y[t * ldy + c] = v;
+    if (yb) yb[t * ldb + c] = f32_to_bf16_bits(v);
 #pragma unroll
     for (int k = 0; k < H; ++k) win[k] = win[k + 1];
   }
@@ -201,6 +205,121 @@ __global__ void conv_silu_short_kernel(const ConvArgs a) {
   pdl_wait();  // (launch.cuh) x and the state come from earlier kernels
   const int64_t c = blockIdx.x * int64_t(kConvBatchThreads) + threadIdx.x;
   if (c < a.channels) conv_channel(a, c);
+}
+
+// ---------------------------------------------------------------- conv + x_proj
+// Backend::conv_silu_matmul for prefill-sized chunks: the conv kernel also
+// writes its output as bf16 (the product's operand, as matmul would round
+// it), and x_proj (W of <= kXpMaxRows rows: 132 in Hymba) runs on a
+// tensor-core kernel made for that shape: cuBLASLt reached ~40 TFLOP/s on
+// it (~110 us at 8K tokens, plus ~55 us for a separate rounding pass). A
+// block owns kXpTokens tokens and all W rows; per step of kXpChunk columns
+// the A rows and W rows arrive by cp.async (kXpStages stages in flight:
+// the kernel is latency-bound), and warp w
+// multiplies m16 tile w % kXpMTiles with output half w / kXpMTiles
+// (mma.sync m16n8k16, fp32 accumulation). (A kernel computing the conv
+// inside the product's loop was tried: instruction- and latency-bound at
+// ~240 us per 8K-token layer, against ~100 us for the conv kernel.)
+constexpr int kXpTokens = 32;
+constexpr int kXpStages = 4;
+constexpr int kXpMTiles = kXpTokens / 16;
+constexpr int kXpThreads = 64 * kXpMTiles;     // m16 tiles x 2 output halves, 32 lanes each
+constexpr int kXpChunk = 64;
+constexpr int kXpMaxRows = 136;                // 17 n8 tiles
+constexpr int kXpHalfTiles = 9;                // n8 tiles of output half 0 (half 1: 8)
+constexpr int kXpLd = kXpChunk + 8;            // smem row pitch (bf16): ldmatrix rows in distinct banks
+constexpr int kXpStage = (kXpTokens + kXpMaxRows) * kXpLd;  // bf16 per stage (A, then W)
+
+struct XpParams {
+  const uint16_t* a;  // [n][lda] bf16
+  int64_t lda, n;
+  const uint16_t* w;  // [rows][k] bf16
+  int rows;
+  int64_t k;          // a multiple of kXpChunk
+  float* y;
+  int64_t ldy;
+};
+
+__global__ void __launch_bounds__(kXpThreads, 2) xproj_gemm_kernel(const XpParams p) {
+  extern __shared__ uint4 xp_smem4[];
+  uint16_t* smem = reinterpret_cast<uint16_t*>(xp_smem4);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t t_base = int64_t(blockIdx.x) * kXpTokens;
+  const int mt = warp % kXpMTiles, nh = warp / kXpMTiles;
+  const int nt0 = nh * kXpHalfTiles, ntn = nh == 0 ? kXpHalfTiles : kXpMaxRows / 8 - kXpHalfTiles;
+  // This thread's 16-byte pieces of a stage (the same every step, the
+  // source moving kXpChunk columns on): addresses computed once.
+  constexpr int kPieces = kXpChunk / 8;  // per row
+  constexpr int kPer = ((kXpTokens + kXpMaxRows) * kPieces + kXpThreads - 1) / kXpThreads;
+  const uint16_t* src[kPer];
+  int dst[kPer], bytes[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int i = tid + k * kXpThreads, r = i / kPieces, q = i % kPieces;
+    bool ok;
+    if (r < kXpTokens) {
+      ok = t_base + r < p.n;
+      src[k] = p.a + (ok ? t_base + r : 0) * p.lda + 8 * q;
+    } else {
+      ok = r - kXpTokens < p.rows;
+      src[k] = p.w + (ok ? r - kXpTokens : 0) * p.k + 8 * q;
+    }
+    dst[k] = r * kXpLd + 8 * q;
+    bytes[k] = i < (kXpTokens + kXpMaxRows) * kPieces ? (ok ? 16 : 0) : -1;  // -1: no piece
+  }
+  auto stage = [&](int64_t c0, uint16_t* st) {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
+      if (bytes[k] >= 0) cp_async16(st + dst[k], src[k] + c0, bytes[k]);
+    cp_async_commit();
+  };
+  float acc[kXpHalfTiles][4];
+#pragma unroll
+  for (int j = 0; j < kXpHalfTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  const int64_t steps = p.k / kXpChunk;
+  // Steps 0 .. kXpStages-2 in flight; each step then stages the one
+  // kXpStages-1 ahead (an empty group past the end keeps the count).
+  for (int s = 0; s < kXpStages - 1; ++s) {
+    if (s < steps) stage(s * kXpChunk, smem + s * kXpStage);
+    else cp_async_commit();
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    uint16_t* st = smem + (s % kXpStages) * kXpStage;
+    cp_async_wait<kXpStages - 2>();
+    __syncthreads();  // step s has landed for every thread; step s-1's stage is free
+    const int64_t ahead = s + kXpStages - 1;
+    if (ahead < steps) stage(ahead * kXpChunk, smem + (ahead % kXpStages) * kXpStage);
+    else cp_async_commit();
+    const uint16_t* sA = st;
+    const uint16_t* sW = st + kXpTokens * kXpLd;
+#pragma unroll
+    for (int ks = 0; ks < kXpChunk / 16; ++ks) {
+      uint32_t af[4];
+      ldmatrix_x4(af, smem_u32(sA + (16 * mt + lane % 16) * kXpLd + 16 * ks + (lane / 16) * 8));
+#pragma unroll
+      for (int j = 0; j < kXpHalfTiles; j += 2) {
+        // n8 tiles nt0 + j and nt0 + j + 1 (the latter may be the other half's, or past the end: unused)
+        uint32_t bf[4];
+        const int row = min(8 * (nt0 + j) + lane % 8 + (lane / 16) * 8, kXpMaxRows - 1);
+        ldmatrix_x4(bf, smem_u32(sW + row * kXpLd + 16 * ks + ((lane / 8) % 2) * 8));
+        if (j < ntn) mma_bf16(acc[j], af, bf[0], bf[1]);
+        if (j + 1 < kXpHalfTiles && j + 1 < ntn) mma_bf16(acc[j + 1], af, bf[2], bf[3]);
+      }
+    }
+  }
+  const int64_t r0 = t_base + 16 * mt + lane / 4;
+#pragma unroll
+  for (int j = 0; j < kXpHalfTiles; ++j) {
+    if (j >= ntn) continue;
+    const int col = 8 * (nt0 + j) + 2 * (lane % 4);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = r0 + 8 * h;
+      if (t >= p.n) continue;
+      if (col < p.rows) p.y[t * p.ldy + col] = acc[j][2 * h];
+      if (col + 1 < p.rows) p.y[t * p.ldy + col + 1] = acc[j][2 * h + 1];
+    }
+  }
 }
 
 // ---------------------------------------------------------------- sequential scan
@@ -662,15 +781,9 @@ constexpr int kCkGroup = 8;      // steps whose global loads are issued together
 constexpr int64_t kCkMinLen = 16, kCkMaxLen = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 2^x in one MUFU op (flushing results below 2^-126 to 0; the decay factors
-// are all in (0, 1]). The decay is most of the work (one per state and
-// step), and A is pre-scaled by log2(e), so exp(dt A) costs a multiply and
-// this instead of expf's ~8 instructions; relative error ~2 ulp.
-__device__ __forceinline__ float ex2_fast(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-}
+// exp(dt A) is ex2_fast(dt A log2 e) (common.cuh): the decay is most of the
+// work (one per state and step), and a multiply plus one MUFU op replaces
+// expf's ~8 instructions; relative error ~2 ulp.
 
 // Rows t0 .. t0+steps-1 of src (d_state wide, leading dimension ld) into
 // dst [steps][kCkN], zero-padded beyond d_state.
@@ -990,6 +1103,32 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
     conv_state_kernel<<<blocks_for(channels, 256), 256, 0, stream>>>(x, n, ldx, channels, k_width - 1, state);
     HYMBA_CUDA_LAUNCHED("conv_state");
   }
+}
+
+size_t conv_silu_matmul_scratch_bytes(const ConvArgs& a) {
+  return size_t(std::max<int64_t>(a.n, 0)) * size_t(std::max<int64_t>(a.channels, 0)) * sizeof(uint16_t);
+}
+
+bool conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2, void* scratch,
+                      cudaStream_t stream) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const int64_t C = a.channels, runs = (a.n + kConvRun - 1) / kConvRun, cblocks = (C + kConvThreads - 1) / kConvThreads;
+  if (a.n <= 4 || a.k_width != 4 || C <= 0 || C % kXpChunk != 0 || runs > 65535 || cblocks > 0x7fffffff ||
+      a.n / kXpTokens >= 0x7fffffff || W.dtype != DType::BF16 || W.cols != C || W.rows < 1 ||
+      W.rows > kXpMaxRows || !aligned(W.data) || !aligned(scratch))
+    return false;
+  auto* b = static_cast<uint16_t*>(scratch);  // [n][C] bf16
+  conv_silu_run_kernel<4><<<dim3(unsigned(cblocks), unsigned(runs)), kConvThreads, 0, stream>>>(
+      a.x, a.n, a.ldx, C, a.weight, a.bias, a.state, a.y, a.ldy, b, C);
+  HYMBA_CUDA_LAUNCHED("conv_silu (with bf16 copy)");
+  conv_state_kernel<<<blocks_for(C, 256), 256, 0, stream>>>(a.x, a.n, a.ldx, C, 3, a.state);
+  HYMBA_CUDA_LAUNCHED("conv_state");
+  const XpParams p{b, C, a.n, static_cast<const uint16_t*>(W.data), int(W.rows), C, y2, ldy2};
+  const size_t smem = kXpStages * size_t(kXpStage) * sizeof(uint16_t);
+  HYMBA_CUDA_CHECK(cudaFuncSetAttribute(xproj_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  xproj_gemm_kernel<<<unsigned((a.n + kXpTokens - 1) / kXpTokens), kXpThreads, smem, stream>>>(p);
+  HYMBA_CUDA_LAUNCHED("xproj_gemm");
+  return true;
 }
 
 size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count) {
