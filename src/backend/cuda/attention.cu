@@ -508,20 +508,6 @@ __device__ __forceinline__ void tc_load_rows(uint16_t* dst, const void* base, DT
       const bool in = j < nk;
       cp_async16(dst + j * kLd + c, in ? src + (r0 + j) * ld + col0 + c : src, in ? 16 : 0);
     }
-  } else if (dt == DType::F32 && aligned && ld % 4 == 0) {
-    const float* src = static_cast<const float*>(base);
-#pragma unroll 2
-    for (int idx = threadIdx.x; idx < BN * kChunks; idx += NTHREADS) {
-      const int j = idx / kChunks, c = (idx % kChunks) * 8;
-      uint4 w = make_uint4(0u, 0u, 0u, 0u);
-      if (j < nk) {
-        const float4* g = reinterpret_cast<const float4*>(src + (r0 + j) * ld + col0 + c);
-        const float4 x = g[0], y = g[1];
-        w.x = pack_bf16_exact(x.x, x.y), w.y = pack_bf16_exact(x.z, x.w);
-        w.z = pack_bf16_exact(y.x, y.y), w.w = pack_bf16_exact(y.z, y.w);
-      }
-      *reinterpret_cast<uint4*>(dst + j * kLd + c) = w;
-    }
   } else {
 #pragma unroll 1
     for (int idx = threadIdx.x; idx < BN * D; idx += NTHREADS) {

@@ -454,7 +454,13 @@ class CudaBackend final : public Backend {
   void gemm(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, float* y, int64_t ldy, bool accumulate);
   // y = bf16(B W^T) (fp32 accumulation) for bf16 W and B; false (nothing
   // queued) when cuBLASLt has no algorithm for the operands' alignments.
-  bool gemm_to_bf16(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, uint16_t* y, int64_t ldy);
+  bool gemm_to_bf16(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, uint16_t* y, int64_t ldy) {
+    return lt_matmul(W, b, ld_b, n, y, DType::BF16, ldy, false);
+  }
+  // y (of type yt: fp32, or bf16 for 16-bit W) (+)= B W^T through the cached
+  // plan for these operands; false (nothing queued) when cuBLASLt has none.
+  bool lt_matmul(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, void* y, DType yt, int64_t ldy,
+                 bool accumulate);
   // rmsnorm(a) (or the average of the rmsnorms of a and b) as a bf16 GEMM
   // operand in scratch (dense rows of ld_b = cols rounded up to 8).
   const void* norm_packed(const float* a, int64_t lda, const float* wa, const float* b, int64_t ldb, const float* wb,
@@ -584,19 +590,26 @@ void CudaBackend::matmul(const MatrixView& W, const float* x, int64_t n, int64_t
 
 // y (+)= B W^T through cuBLASLt, B (n x W.cols, leading dimension ld_b)
 // already in W's type.
+bool CudaBackend::lt_matmul(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, void* y, DType yt,
+                            int64_t ldy, bool accumulate) {
+  const int64_t rows = W.rows, cols = W.cols;
+  const int64_t es = int64_t(dtype_size(W.dtype));
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  const GemmPlan* p = plan(W.dtype, yt, rows, n, cols, cols, ld_b, ldy, alignment_of(W.data, cols * es),
+                           alignment_of(b, ld_b * es), alignment_of(y, ldy * int64_t(dtype_size(yt))));
+  if (!p) return false;
+  HYMBA_CUBLAS_CHECK(cublasLtMatmul(lt_, p->op, &alpha, W.data, p->a, b, p->b, &beta, y, p->c, y, p->c, &p->algo,
+                                    workspace_, workspace_bytes_, stream_));
+  return true;
+}
+
 void CudaBackend::gemm(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, float* y, int64_t ldy,
                        bool accumulate) {
+  if (lt_matmul(W, b, ld_b, n, y, DType::F32, ldy, accumulate)) return;
   const int64_t rows = W.rows, cols = W.cols;
   const int64_t es = int64_t(dtype_size(W.dtype));
   auto round8 = [](int64_t v) { return (v + 7) / 8 * 8; };
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  const GemmPlan* p = plan(W.dtype, DType::F32, rows, n, cols, cols, ld_b, ldy, alignment_of(W.data, cols * es),
-                           alignment_of(b, ld_b * es), alignment_of(y, ldy * 4));
-  if (p) {
-    HYMBA_CUBLAS_CHECK(cublasLtMatmul(lt_, p->op, &alpha, W.data, p->a, b, p->b, &beta, y, p->c, y, p->c, &p->algo,
-                                      workspace_, workspace_bytes_, stream_));
-    return;
-  }
   // No algorithm for these alignments (odd row pitches or offsets): run on
   // 16-byte-aligned copies of every operand instead (rare: model shapes are
   // multiples of 8).
@@ -622,18 +635,6 @@ void CudaBackend::gemm(const MatrixView& W, const void* b, int64_t ld_b, int64_t
                                     &p2->algo, workspace_, workspace_bytes_, stream_));
   HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(y, size_t(ldy * 4), y2, size_t(ld_y2 * 4), size_t(rows * 4), size_t(n),
                                      cudaMemcpyDeviceToDevice, stream_));
-}
-
-bool CudaBackend::gemm_to_bf16(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, uint16_t* y,
-                               int64_t ldy) {
-  const int64_t rows = W.rows, cols = W.cols;
-  const float alpha = 1.0f, beta = 0.0f;
-  const GemmPlan* p = plan(W.dtype, DType::BF16, rows, n, cols, cols, ld_b, ldy, alignment_of(W.data, cols * 2),
-                           alignment_of(b, ld_b * 2), alignment_of(y, ldy * 2));
-  if (!p) return false;
-  HYMBA_CUBLAS_CHECK(cublasLtMatmul(lt_, p->op, &alpha, W.data, p->a, b, p->b, &beta, y, p->c, y, p->c, &p->algo,
-                                    workspace_, workspace_bytes_, stream_));
-  return true;
 }
 
 }  // namespace

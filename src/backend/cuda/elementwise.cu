@@ -115,19 +115,28 @@ __global__ void silu_mul_kernel(const float* g, int64_t ldg, const float* u, int
 }
 
 // One thread per 8 columns (16-byte loads and stores).
-__global__ void silu_mul_bf16_kernel(const uint16_t* g, const uint16_t* u, int64_t ld, int64_t n, int64_t d8,
-                                     uint16_t* o) {
+// Columns d .. 8 d8 - 1 of o (the row padding, if any) get zeros: g and u
+// hold nothing there.
+__global__ void silu_mul_bf16_kernel(const uint16_t* g, const uint16_t* u, int64_t ld, int64_t n, int64_t d,
+                                     int64_t d8, uint16_t* o) {
   const int64_t total = n * d8;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t off = (i / d8) * ld + (i % d8) * 8;
-    const uint4 gv = *reinterpret_cast<const uint4*>(g + off), uv = *reinterpret_cast<const uint4*>(u + off);
-    const uint32_t gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
-    uint32_t ow[4];
+    const int64_t c0 = (i % d8) * 8, off = (i / d8) * ld + c0;
+    uint32_t ow[4] = {0u, 0u, 0u, 0u};
+    if (c0 + 8 <= d) {
+      const uint4 gv = *reinterpret_cast<const uint4*>(g + off), uv = *reinterpret_cast<const uint4*>(u + off);
+      const uint32_t gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float lo = silu_f(bf16_bits_to_f32(uint16_t(gw[j]))) * bf16_bits_to_f32(uint16_t(uw[j]));
-      const float hi = silu_f(bf16_bits_to_f32(uint16_t(gw[j] >> 16))) * bf16_bits_to_f32(uint16_t(uw[j] >> 16));
-      ow[j] = uint32_t(f32_to_bf16_bits(lo)) | (uint32_t(f32_to_bf16_bits(hi)) << 16);
+      for (int j = 0; j < 4; ++j) {
+        const float lo = silu_f(bf16_bits_to_f32(uint16_t(gw[j]))) * bf16_bits_to_f32(uint16_t(uw[j]));
+        const float hi = silu_f(bf16_bits_to_f32(uint16_t(gw[j] >> 16))) * bf16_bits_to_f32(uint16_t(uw[j] >> 16));
+        ow[j] = uint32_t(f32_to_bf16_bits(lo)) | (uint32_t(f32_to_bf16_bits(hi)) << 16);
+      }
+    } else {  // the last, partial group of a row
+      for (int64_t c = c0; c < d; ++c) {
+        const float v = silu_f(bf16_bits_to_f32(g[off + c - c0])) * bf16_bits_to_f32(u[off + c - c0]);
+        ow[(c - c0) / 2] |= uint32_t(f32_to_bf16_bits(v)) << (16 * ((c - c0) % 2));
+      }
     }
     *reinterpret_cast<uint4*>(o + off) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
   }
@@ -310,8 +319,8 @@ void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t ld, int64_t n, 
   check(ld % 8 == 0 && ld >= d && reinterpret_cast<uintptr_t>(g) % 16 == 0 && reinterpret_cast<uintptr_t>(u) % 16 == 0 &&
             reinterpret_cast<uintptr_t>(o) % 16 == 0,
         "silu_mul_bf16: rows must be 16-byte aligned with a pitch that is a multiple of 8");
-  const int64_t d8 = (d + 7) / 8;  // (columns d .. 8 d8 - 1, if any, are computed too and never read)
-  silu_mul_bf16_kernel<<<blocks_for(n * d8, kThreads), kThreads, 0, stream>>>(g, u, ld, n, d8, o);
+  const int64_t d8 = (d + 7) / 8;
+  silu_mul_bf16_kernel<<<blocks_for(n * d8, kThreads), kThreads, 0, stream>>>(g, u, ld, n, d, d8, o);
   HYMBA_CUDA_LAUNCHED("silu_mul_bf16");
 }
 
