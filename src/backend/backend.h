@@ -41,6 +41,16 @@ class Backend {
   // a CPU a small chunk keeps the working set in cache.
   virtual int64_t preferred_chunk() const { return 256; }
 
+  // ---- concurrency (optional): the ops issued between side_begin() and
+  // side_end() form a side branch that may run concurrently with the ops
+  // issued after side_end(), until side_join(), after which every op runs
+  // after the branch. The caller guarantees the branch reads nothing the
+  // concurrent main-line ops write and writes nothing they read or write.
+  // Not used while recording. The default runs everything in order.
+  virtual void side_begin() {}
+  virtual void side_end() {}
+  virtual void side_join() {}
+
   // ---- recording (optional): ops issued between begin_recording() and
   // end_recording() are recorded, not run, and replay() runs them again with
   // the same arguments (CUDA graphs: one launch instead of dozens). Only ops

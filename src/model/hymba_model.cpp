@@ -272,9 +272,24 @@ void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool d
   if (!layers.empty())
     recorded({layers[0].index, 0, nullptr, nullptr, n},
              [&] { layer_inputs(layers[0], w_.layers[layers[0].index], n); });
+  // Attention and the Mamba branch of a layer read the same inputs and write
+  // separate outputs (ws.attn; ws.conv, xdbc, delta, y and the sequence's
+  // conv/SSM state): outside recordings, attention runs as a side branch
+  // that the backend may overlap with the Mamba branch (tensor cores
+  // against the scan's exp and FMA work); layer_rest joins it before the
+  // fusion.
+  struct SideBranch {  // (joined on the way out if an op throws)
+    Backend& be;
+    bool open = false;
+    ~SideBranch() {
+      if (open) be.side_join();
+    }
+  } side{*be_};
   for (size_t i = 0; i < layers.size(); ++i) {
     const LayerPlan& lp = layers[i];
+    if (!recording_on_) be_->side_begin(), side.open = true;
     layer_attention(lp, spans, n_spans, n, decode);
+    be_->side_end();
     const LayerPlan* next = i + 1 < layers.size() ? &layers[i + 1] : nullptr;
     recorded({lp.index, 1, spans[0].seq->conv_state(lp.index), spans[0].seq->ssm_state(lp.index), n}, [&] {
       layer_rest(lp, w_.layers[lp.index], spans, n_spans, n);
@@ -415,6 +430,7 @@ void HymbaModel::layer_rest(const LayerPlan& lp, const LayerWeights& w, const Ro
   }
 
   // ---- fuse the branches: normalise each, average, project, residual
+  be.side_join();  // attention (run_layers' side branch) is done
   be.fuse_branches_matmul(w.out_proj, ws.attn.data(), Di, ws.y.data(), Di, n, w.attn_out_norm.data(),
                           w.ssm_out_norm.data(), eps, ws.h.data(), D, true);
 

@@ -54,14 +54,16 @@ class CudaBackend final : public Backend {
     check(cuda_device_present(), "CUDA backend: no usable CUDA device");
     HYMBA_CUDA_CHECK(cudaGetDevice(&device_));
     HYMBA_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
-    HYMBA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    HYMBA_CUDA_CHECK(cudaStreamCreateWithFlags(&main_stream_, cudaStreamNonBlocking));
+    stream_ = main_stream_;
     HYMBA_CUBLAS_CHECK(cublasLtCreate(&lt_));
     workspace_bytes_ = 32u << 20;  // cuBLAS' recommendation for Hopper
     HYMBA_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
   }
 
   ~CudaBackend() override {
-    cudaStreamSynchronize(stream_);
+    cudaStreamSynchronize(main_stream_);
+    if (side_stream_) cudaStreamSynchronize(side_stream_);
     for (cudaGraphExec_t g : graphs_) cudaGraphExecDestroy(g);
     for (void* p : retired_scratch_) cudaFree(p);
     for (auto& [k, p] : plans_) {
@@ -79,7 +81,12 @@ class CudaBackend final : public Backend {
     }
     cudaFree(workspace_);
     cublasLtDestroy(lt_);
-    cudaStreamDestroy(stream_);
+    if (side_stream_) {
+      cudaEventDestroy(fork_ev_);
+      cudaEventDestroy(join_ev_);
+      cudaStreamDestroy(side_stream_);
+    }
+    cudaStreamDestroy(main_stream_);
   }
 
   std::string name() const override { return "cuda"; }
@@ -103,9 +110,10 @@ class CudaBackend final : public Backend {
   }
   void release(void* p) noexcept override {
     if (!p) return;
-    // Work queued on the stream may still use p: cudaFree waits for the
-    // device, but only after the stream has been drained is that certain.
-    cudaStreamSynchronize(stream_);
+    // Work queued on the streams may still use p: cudaFree waits for the
+    // device, but only after the streams have been drained is that certain.
+    cudaStreamSynchronize(main_stream_);
+    if (side_stream_) cudaStreamSynchronize(side_stream_);
     cudaFree(p);
   }
   void upload(void* dst, const void* src, size_t bytes) override {
@@ -134,7 +142,38 @@ class CudaBackend final : public Backend {
     resident_[host] = {p, bytes};  // (an earlier copy of another size stays alive in resident_allocs_)
     return p;
   }
-  void synchronize() override { HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override {
+    side_join();
+    HYMBA_CUDA_CHECK(cudaStreamSynchronize(main_stream_));
+  }
+
+  // The side branch runs on a second stream: it starts after an event
+  // recorded on the main stream, and side_join has the main stream wait for
+  // an event recorded after it. Scratch has one set of buffers per stream
+  // (scratch_at), so the two never share a buffer.
+  void side_begin() override {
+    if (on_side_) return;
+    if (!side_stream_) {
+      HYMBA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+      HYMBA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_ev_, cudaEventDisableTiming));
+      HYMBA_CUDA_CHECK(cudaEventCreateWithFlags(&join_ev_, cudaEventDisableTiming));
+    }
+    HYMBA_CUDA_CHECK(cudaEventRecord(fork_ev_, main_stream_));
+    HYMBA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_ev_, 0));
+    stream_ = side_stream_;
+    on_side_ = side_pending_ = true;
+  }
+  void side_end() override {
+    stream_ = main_stream_;
+    on_side_ = false;
+  }
+  void side_join() override {
+    side_end();
+    if (!side_pending_) return;
+    side_pending_ = false;
+    HYMBA_CUDA_CHECK(cudaEventRecord(join_ev_, side_stream_));
+    HYMBA_CUDA_CHECK(cudaStreamWaitEvent(main_stream_, join_ev_, 0));
+  }
 
   // Recordings are CUDA graphs captured from this backend's stream.
   bool can_record() const override { return true; }
@@ -392,7 +431,7 @@ class CudaBackend final : public Backend {
   // stream (queued work may still read the old buffer).
   void* scratch_at(ScratchSlot slot, size_t bytes) {
     if (bytes == 0) return nullptr;
-    Scratch& s = scratch_[slot];
+    Scratch& s = scratch_[slot + (on_side_ ? kScratchSlots : 0)];
     if (s.bytes < bytes) {
       HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_));
       // A recording may still use the old buffer: keep it until the
@@ -478,11 +517,14 @@ class CudaBackend final : public Backend {
 
   int device_ = 0;
   int sm_count_ = 0;
-  cudaStream_t stream_ = nullptr;
+  cudaStream_t stream_ = nullptr;  // where ops go: main_stream_, or side_stream_ in a side branch
+  cudaStream_t main_stream_ = nullptr, side_stream_ = nullptr;
+  cudaEvent_t fork_ev_ = nullptr, join_ev_ = nullptr;
+  bool on_side_ = false, side_pending_ = false;
   cublasLtHandle_t lt_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
-  Scratch scratch_[kScratchSlots];
+  Scratch scratch_[2 * kScratchSlots];  // the main stream's, then the side stream's
   struct Staging {
     void* host = nullptr;  // pinned
     size_t bytes = 0;
