@@ -84,6 +84,36 @@ struct MatmulCase {
   int64_t n, rows, cols, pad_x, pad_y, x_offset;
 };
 
+// The side branch (Backend::side_begin/side_end/side_join): bf16 products
+// issued on the side and on the main line at the same time (each packs its
+// input into scratch: the two must not share a buffer), several rounds,
+// then one result read after the join (which must wait for the side).
+// Every result against the CPU.
+TEST_F(CudaVsCpu, SideBranchRunsBesideTheMainLine) {
+  const int64_t n = 512, rows = 2048, cols = 2048;
+  const std::vector<uint8_t> w = store_as(randn(size_t(rows * cols), 0.0f, 0.02f), DType::BF16);
+  const uint8_t* dw = up(w);
+  for (int round = 0; round < 3; ++round) {
+    const std::vector<float> xa = randn(size_t(n * cols)), xb = randn(size_t(n * cols));
+    std::vector<float> ya(size_t(n * rows)), yb(size_t(n * rows));
+    cpu_->matmul({w.data(), DType::BF16, rows, cols}, xa.data(), n, cols, ya.data(), rows, false);
+    cpu_->matmul({w.data(), DType::BF16, rows, cols}, xb.data(), n, cols, yb.data(), rows, false);
+    const float* dxa = up(xa);
+    const float* dxb = up(xb);
+    float* dya = up(std::vector<float>(ya.size(), kNaN));
+    float* dyb = up(std::vector<float>(yb.size(), kNaN));
+    gpu_->side_begin();
+    for (int k = 0; k < 16; ++k) gpu_->matmul({dw, DType::BF16, rows, cols}, dxa, n, cols, dya, rows, false);
+    gpu_->side_end();
+    gpu_->matmul({dw, DType::BF16, rows, cols}, dxb, n, cols, dyb, rows, false);
+    gpu_->side_join();
+    const std::string what = "round " + std::to_string(round);
+    expect_close("side_branch_product", what, down(dya, ya.size()), ya, 1e-5);
+    expect_close("main_line_product", what, down(dyb, yb.size()), yb, 1e-5);
+    if (HasFailure()) return;
+  }
+}
+
 TEST_F(CudaVsCpu, Matmul) {
   const std::vector<MatmulCase> cases = {
       {1, 1600, 1600, 0, 0, 0},     // decode, 1.5B hidden
