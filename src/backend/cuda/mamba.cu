@@ -45,11 +45,11 @@ __global__ void conv_silu_kernel(const float* x, int64_t n, int64_t ldx, int64_t
 // arithmetic, tap by tap in the same order.
 constexpr int kConvRun = 16;
 
-// yb (optional): y rounded to bf16 as well (a bf16 product's operand, ld ldb).
+// yb (nullptr: none): y rounded to bf16 as well (a bf16 product's operand, ld ldb).
 template <int K>
 __global__ void conv_silu_run_kernel(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
                                      const float* bias, const float* state, float* y, int64_t ldy,
-                                     uint16_t* yb = nullptr, int64_t ldb = 0) {
+                                     uint16_t* yb, int64_t ldb) {
   const int64_t c = blockIdx.x * int64_t(kConvThreads) + threadIdx.x;
   if (c >= channels) return;
   constexpr int H = K - 1;
@@ -1076,6 +1076,28 @@ ScanPlan plan_scan(const ScanArgs& a, int sm_count) {
 
 size_t carry_bytes_aligned(const ScanPlan& p) { return (p.carry_floats * sizeof(float) + 255) / 256 * 256; }
 
+// causal_conv_silu for more than 4 tokens: the conv kernel (with yb, the
+// output's bf16 copy, [n][channels]: the run kernel only, k_width 4 and at
+// most 65535 runs, as conv_silu_matmul checks), then the state update.
+void conv_silu_chunk(const ConvArgs& a, uint16_t* yb, cudaStream_t stream) {
+  const int64_t cblocks = (a.channels + kConvThreads - 1) / kConvThreads;
+  const int64_t runs = (a.n + kConvRun - 1) / kConvRun;
+  if (a.k_width == 4 && runs <= 65535) {
+    conv_silu_run_kernel<4><<<dim3(unsigned(cblocks), unsigned(runs)), kConvThreads, 0, stream>>>(
+        a.x, a.n, a.ldx, a.channels, a.weight, a.bias, a.state, a.y, a.ldy, yb, a.channels);
+  } else {
+    const dim3 grid(unsigned(cblocks), unsigned(std::min<int64_t>(a.n, 65535)));
+    conv_silu_kernel<<<grid, kConvThreads, 0, stream>>>(a.x, a.n, a.ldx, a.channels, a.weight, a.bias, a.k_width,
+                                                        a.state, a.y, a.ldy);
+  }
+  HYMBA_CUDA_LAUNCHED("conv_silu");
+  if (a.k_width > 1) {
+    conv_state_kernel<<<blocks_for(a.channels, 256), 256, 0, stream>>>(a.x, a.n, a.ldx, a.channels, a.k_width - 1,
+                                                                        a.state);
+    HYMBA_CUDA_LAUNCHED("conv_state");
+  }
+}
+
 }  // namespace
 
 void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, const float* weight,
@@ -1090,19 +1112,7 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
                stream, ConvArgs{x, ldx, n, channels, weight, bias, k_width, state, y, ldy});
     return;
   }
-  const int64_t runs = (n + kConvRun - 1) / kConvRun;
-  if (k_width == 4 && runs <= 65535) {
-    conv_silu_run_kernel<4><<<dim3(unsigned(cblocks), unsigned(runs)), kConvThreads, 0, stream>>>(
-        x, n, ldx, channels, weight, bias, state, y, ldy);
-  } else {
-    const dim3 grid(unsigned(cblocks), unsigned(std::min<int64_t>(n, 65535)));
-    conv_silu_kernel<<<grid, kConvThreads, 0, stream>>>(x, n, ldx, channels, weight, bias, k_width, state, y, ldy);
-  }
-  HYMBA_CUDA_LAUNCHED("conv_silu");
-  if (k_width > 1) {
-    conv_state_kernel<<<blocks_for(channels, 256), 256, 0, stream>>>(x, n, ldx, channels, k_width - 1, state);
-    HYMBA_CUDA_LAUNCHED("conv_state");
-  }
+  conv_silu_chunk(ConvArgs{x, ldx, n, channels, weight, bias, k_width, state, y, ldy}, nullptr, stream);
 }
 
 size_t conv_silu_matmul_scratch_bytes(const ConvArgs& a) {
@@ -1118,11 +1128,7 @@ bool conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t
       W.rows > kXpMaxRows || !aligned(W.data) || !aligned(scratch))
     return false;
   auto* b = static_cast<uint16_t*>(scratch);  // [n][C] bf16
-  conv_silu_run_kernel<4><<<dim3(unsigned(cblocks), unsigned(runs)), kConvThreads, 0, stream>>>(
-      a.x, a.n, a.ldx, C, a.weight, a.bias, a.state, a.y, a.ldy, b, C);
-  HYMBA_CUDA_LAUNCHED("conv_silu (with bf16 copy)");
-  conv_state_kernel<<<blocks_for(C, 256), 256, 0, stream>>>(a.x, a.n, a.ldx, C, 3, a.state);
-  HYMBA_CUDA_LAUNCHED("conv_state");
+  conv_silu_chunk(a, b, stream);
   const XpParams p{b, C, a.n, static_cast<const uint16_t*>(W.data), int(W.rows), C, y2, ldy2};
   const size_t smem = kXpStages * size_t(kXpStage) * sizeof(uint16_t);
   HYMBA_CUDA_CHECK(cudaFuncSetAttribute(xproj_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
