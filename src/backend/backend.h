@@ -41,13 +41,16 @@ class Backend {
   // a CPU a small chunk keeps the working set in cache.
   virtual int64_t preferred_chunk() const { return 256; }
 
-  // ---- concurrency (optional): the ops issued between side_begin() and
+  // ---- concurrency (optional): the ops issued between side_begin(key) and
   // side_end() form a side branch that may run concurrently with the ops
   // issued after side_end(), until side_join(), after which every op runs
   // after the branch. The caller guarantees the branch reads nothing the
   // concurrent main-line ops write and writes nothing they read or write.
-  // Not used while recording. The default runs everything in order.
-  virtual void side_begin() {}
+  // A branch is not itself recorded, but a recording may hold the join:
+  // when replayed, it waits for the latest branch issued with the same key
+  // (so each recorded join needs its branch issued anew, with that key,
+  // before every replay). The default runs everything in order.
+  virtual void side_begin(int key) { (void)key; }
   virtual void side_end() {}
   virtual void side_join() {}
 

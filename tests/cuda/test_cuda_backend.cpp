@@ -102,7 +102,7 @@ TEST_F(CudaVsCpu, SideBranchRunsBesideTheMainLine) {
     const float* dxb = up(xb);
     float* dya = up(std::vector<float>(ya.size(), kNaN));
     float* dyb = up(std::vector<float>(yb.size(), kNaN));
-    gpu_->side_begin();
+    gpu_->side_begin(0);
     for (int k = 0; k < 16; ++k) gpu_->matmul({dw, DType::BF16, rows, cols}, dxa, n, cols, dya, rows, false);
     gpu_->side_end();
     gpu_->matmul({dw, DType::BF16, rows, cols}, dxb, n, cols, dyb, rows, false);
@@ -110,6 +110,41 @@ TEST_F(CudaVsCpu, SideBranchRunsBesideTheMainLine) {
     const std::string what = "round " + std::to_string(round);
     expect_close("side_branch_product", what, down(dya, ya.size()), ya, 1e-5);
     expect_close("main_line_product", what, down(dyb, yb.size()), yb, 1e-5);
+    if (HasFailure()) return;
+  }
+}
+
+// A recording that joins a side branch: each replay must wait for the
+// branch issued (with the same key) just before it, not the one that was
+// current when it was recorded. The branch is long (many products) and the
+// recording only copies its result, so a replay that did not wait would copy
+// an old or unfinished product.
+TEST_F(CudaVsCpu, RecordedJoinWaitsForTheLatestSideBranch) {
+  ASSERT_TRUE(gpu_->can_record());
+  const int64_t n = 512, rows = 2048, cols = 2048;
+  const std::vector<uint8_t> w = store_as(randn(size_t(rows * cols), 0.0f, 0.02f), DType::BF16);
+  const uint8_t* dw = up(w);
+  float* dy = up(std::vector<float>(size_t(n * rows), kNaN));
+  float* dcopy = up(std::vector<float>(size_t(n * rows), kNaN));
+  const size_t bytes = size_t(n * rows) * sizeof(float);
+  int rec = -1;
+  for (int step = 0; step < 4; ++step) {
+    const std::vector<float> x = randn(size_t(n * cols));
+    std::vector<float> yc(size_t(n * rows));
+    cpu_->matmul({w.data(), DType::BF16, rows, cols}, x.data(), n, cols, yc.data(), rows, false);
+    const float* dx = up(x);
+    gpu_->synchronize();
+    gpu_->side_begin(3);
+    for (int k = 0; k < 24; ++k) gpu_->matmul({dw, DType::BF16, rows, cols}, dx, n, cols, dy, rows, false);
+    gpu_->side_end();
+    if (rec < 0) {  // recorded in the first step, replayed from then on
+      gpu_->begin_recording();
+      gpu_->side_join();
+      gpu_->copy(dcopy, dy, bytes);
+      rec = gpu_->end_recording();
+    }
+    gpu_->replay(rec);
+    expect_close("recorded_join_copy", "step " + std::to_string(step), down(dcopy, yc.size()), yc, 1e-5);
     if (HasFailure()) return;
   }
 }

@@ -81,9 +81,9 @@ class CudaBackend final : public Backend {
     }
     cudaFree(workspace_);
     cublasLtDestroy(lt_);
+    for (cudaEvent_t e : join_evs_) cudaEventDestroy(e);
     if (side_stream_) {
       cudaEventDestroy(fork_ev_);
-      cudaEventDestroy(join_ev_);
       cudaStreamDestroy(side_stream_);
     }
     cudaStreamDestroy(main_stream_);
@@ -148,31 +148,44 @@ class CudaBackend final : public Backend {
   }
 
   // The side branch runs on a second stream: it starts after an event
-  // recorded on the main stream, and side_join has the main stream wait for
-  // an event recorded after it. Scratch has one set of buffers per stream
-  // (scratch_at), so the two never share a buffer.
-  void side_begin() override {
-    if (on_side_) return;
+  // recorded on the main stream, side_end records the key's join event on
+  // the side stream, and side_join has the main stream wait for it (inside a
+  // recording: as an external event wait node, which a replay resolves to
+  // the event's latest record, i.e. the branch issued just before). Scratch
+  // has one set of buffers per stream (scratch_at), so the two never share
+  // a buffer.
+  void side_begin(int key) override {
+    if (on_side_ || key < 0) return;
     if (!side_stream_) {
       HYMBA_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
       HYMBA_CUDA_CHECK(cudaEventCreateWithFlags(&fork_ev_, cudaEventDisableTiming));
-      HYMBA_CUDA_CHECK(cudaEventCreateWithFlags(&join_ev_, cudaEventDisableTiming));
+    }
+    while (int(join_evs_.size()) <= key) {
+      cudaEvent_t e = nullptr;
+      HYMBA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      join_evs_.push_back(e);
     }
     HYMBA_CUDA_CHECK(cudaEventRecord(fork_ev_, main_stream_));
     HYMBA_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_ev_, 0));
     stream_ = side_stream_;
-    on_side_ = side_pending_ = true;
+    on_side_ = true;
+    side_key_ = key;
   }
   void side_end() override {
+    if (!on_side_) return;
+    HYMBA_CUDA_CHECK(cudaEventRecord(join_evs_[size_t(side_key_)], side_stream_));
     stream_ = main_stream_;
     on_side_ = false;
+    side_pending_ = true;
   }
   void side_join() override {
     side_end();
     if (!side_pending_) return;
     side_pending_ = false;
-    HYMBA_CUDA_CHECK(cudaEventRecord(join_ev_, side_stream_));
-    HYMBA_CUDA_CHECK(cudaStreamWaitEvent(main_stream_, join_ev_, 0));
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    HYMBA_CUDA_CHECK(cudaStreamIsCapturing(main_stream_, &cap));
+    HYMBA_CUDA_CHECK(cudaStreamWaitEvent(main_stream_, join_evs_[size_t(side_key_)],
+                                         cap == cudaStreamCaptureStatusActive ? cudaEventWaitExternal : 0));
   }
 
   // Recordings are CUDA graphs captured from this backend's stream.
@@ -519,7 +532,9 @@ class CudaBackend final : public Backend {
   int sm_count_ = 0;
   cudaStream_t stream_ = nullptr;  // where ops go: main_stream_, or side_stream_ in a side branch
   cudaStream_t main_stream_ = nullptr, side_stream_ = nullptr;
-  cudaEvent_t fork_ev_ = nullptr, join_ev_ = nullptr;
+  cudaEvent_t fork_ev_ = nullptr;
+  std::vector<cudaEvent_t> join_evs_;  // per side-branch key
+  int side_key_ = 0;
   bool on_side_ = false, side_pending_ = false;
   cublasLtHandle_t lt_ = nullptr;
   void* workspace_ = nullptr;
