@@ -240,7 +240,9 @@ class CudaBackend final : public Backend {
     cuda::causal_conv_silu(x, n, ldx, channels, weight, bias, k_width, state, y, ldy, stream_);
   }
   void conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2) override {
-    // Prefill-sized chunks: one kernel; decode sizes: the conv kernel and the GEMV.
+    // Beyond decode sizes: the conv kernel writes the product's bf16 operand
+    // too, and a tensor-core kernel made for x_proj's few rows replaces
+    // cuBLASLt; decode sizes: the conv kernel and the GEMV.
     if (a.n > cuda::kGemvMaxRows &&
         cuda::conv_silu_matmul(a, W, y2, ldy2, scratch_at(kScratchX, cuda::conv_silu_matmul_scratch_bytes(a)),
                                stream_))
