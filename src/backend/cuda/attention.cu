@@ -414,7 +414,6 @@ constexpr int kWarps = 8;         // default warps per block (tc_cfg), 16 (query
 constexpr int kBN = 64;           // keys per tile
 constexpr int kPad = 8;           // bf16 of padding per smem row: rows 16 bytes apart mod 128 B, so ldmatrix is conflict-free
 constexpr int kMinQ = 16;         // fewer queries: the SIMT kernel (decode, split keys)
-constexpr float kLog2e = 1.4426950408889634f;
 }  // namespace tc
 
 std::atomic<int> g_tc_mode{0};               // 0 auto, 1 never, 2 wherever applicable
@@ -586,7 +585,7 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
   float m[MT][2], l[MT][2];  // raw-score max; this thread's part of the sum
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.0f;
-  const float sl2 = jb.scale * tc::kLog2e;
+  const float sl2 = jb.scale * kLog2e;
 
   // Per-lane ldmatrix offsets (bytes). K (B of S, not transposed): lane
   // addresses key lane & 7 of an n8 tile, dims 8 (lane >> 3) on: matrices
@@ -1816,7 +1815,6 @@ __device__ __forceinline__ void f_span_tc(const FJob& J, int group, int g, float
   constexpr int KK = DQ / 16;  // k16 steps of S^T
   constexpr int MI = DV / 16;  // m16 tiles of O^T
   constexpr int kStep = 16;    // keys per warp step
-  constexpr float kLog2e = 1.4426950408889634f;
   __shared__ float sMw[kFWarps][8], sLw[kFWarps][8];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gq = lane >> 2, tq = lane & 3;

@@ -70,6 +70,8 @@ __device__ __forceinline__ float silu_f(float x) { return x / (1.0f + expf(-x));
 
 // ---- small PTX helpers shared by the kernels
 
+constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = 2^(x log2 e)
+
 // 2^x in one MUFU op (ex2.approx: ~2 ulp; results below 2^-126 flush to 0,
 // -inf gives +0).
 __device__ __forceinline__ float ex2_fast(float x) {

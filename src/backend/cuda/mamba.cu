@@ -779,7 +779,6 @@ constexpr int kCkThreads = 128;  // channels per block
 constexpr int kCkN = 16;         // max d_state of this path
 constexpr int kCkGroup = 8;      // steps whose global loads are issued together
 constexpr int64_t kCkMinLen = 16, kCkMaxLen = 256;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // exp(dt A) is ex2_fast(dt A log2 e) (common.cuh): the decay is most of the
 // work (one per state and step), and a multiply plus one MUFU op replaces
