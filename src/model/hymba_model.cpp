@@ -274,13 +274,11 @@ void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool d
              [&] { layer_inputs(layers[0], w_.layers[layers[0].index], n); });
   // Attention and the Mamba branch of a layer read the same inputs and write
   // separate outputs (ws.attn; ws.conv, xdbc, delta, y and the sequence's
-  // conv/SSM state): attention runs as a side branch (keyed by the layer)
-  // that the backend may overlap with the Mamba branch; layer_rest joins it
-  // before the fusion. Not yet in recorded decode: there the join is
-  // replayed from the recording, and that it waits for each step's branch
-  // is what CudaVsCpu.RecordedJoinWaitsForTheLatestSideBranch checks, which
-  // has not run on a GPU yet (with it on, an H100 decoded a 1K context in
-  // 2.42 ms per step instead of 2.69; BENCHMARKS.md).
+  // conv/SSM state): attention runs as a side branch keyed by the layer,
+  // which the backend may overlap with the Mamba branch; layer_rest joins it
+  // before the fusion. In recorded decode the join is part of the replayed
+  // stretch and waits for the branch issued just before it (the key's latest
+  // side_end; CudaVsCpu.RecordedJoinWaitsForTheLatestSideBranch).
   struct SideBranch {  // (joined on the way out if an op throws)
     Backend& be;
     bool open = false;
@@ -290,7 +288,7 @@ void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool d
   } side{*be_};
   for (size_t i = 0; i < layers.size(); ++i) {
     const LayerPlan& lp = layers[i];
-    if (!recording_on_) be_->side_begin(lp.index), side.open = true;
+    be_->side_begin(lp.index), side.open = true;
     layer_attention(lp, spans, n_spans, n, decode);
     be_->side_end();
     const LayerPlan* next = i + 1 < layers.size() ? &layers[i + 1] : nullptr;
