@@ -313,9 +313,14 @@ __device__ __forceinline__ void stage_x(const GemvArgs& a, uint16_t* xs, double*
 // the warps in order (fixed, independent of n: batch invariant).
 constexpr int kAsyncTokens = 4;
 
+// .ca (cached in L1 too): the blocks resident on an SM stage the same x rows
+// and norm weights, so all but the first read them from L1 (H100, 1K decode:
+// 2.41 -> 2.29 ms per step against .cg, L2 only; the fused out_proj product
+// alone 11.6 -> 8.3 us). Staging runs after pdl_wait, which makes the
+// previous kernels' writes visible to every load that follows, L1 included.
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes) {
   const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
-  if (bytes == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+  if (bytes == 16) asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
   else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(s), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() {
