@@ -1468,20 +1468,21 @@ constexpr int kFMaxG = 8;
 // Chunking (per entry): at most kFChunkCap chunks per kv head, or one per
 // kFCapKeys visible keys where that is more (<= kFMaxChunks), and at least
 // kFMinSub sub-tiles long. A 1152-key window layout (meta 128 + ring in two
-// pieces + the token) gets 256-key chunks (~25 blocks alone); 8K keys
-// 576-key chunks (15). Every chunk ends
+// pieces + the token) gets 512-key chunks (~3-4 per kv head, chunks never
+// cross a range); 8K keys 576-key chunks (15). Every chunk ends
 // with a cross-warp reduction and a partial state, which a batch pays per
 // chunk: on an H200, 128 x 8K batched decode took 16.0 ms/step with a cap
 // of 32, 14.9 with 16, 14.3 with 8, while batch-1 decode was the same with
 // 16 and 3-6 % slower with 8 (BENCHMARKS.md).
 constexpr int kFChunkCap = 16;
 constexpr int kFCapKeys = 1024;
-// And chunks of at least kFMinSub sub-tiles (256 bf16 keys): a window
-// layer's 1152 keys become 5 chunks per kv head instead of 10. H100,
-// medians of alternated runs: 128 x 8K batch 14.35 -> 13.68 ms/step, 1K
-// decode 2.65 -> 2.70 ms (fewer blocks for a lone sequence), 8K decode
-// 2.69 -> 2.68 (BENCHMARKS.md).
-constexpr int64_t kFMinSub = 4;
+// And chunks of at least kFMinSub sub-tiles (512 bf16 keys): fewer chunk
+// ends for a window layer's 1152 keys. H100, alternated runs: 128 x 8K
+// batch 14.35 -> 13.68 ms/step going from 1 to 4 sub-tiles (session 6),
+// 13.00 / 13.01 -> 12.77 / 12.84 from 4 to 8 (session 8); batch-1 decode
+// lost 2 % at 4 when attention ran alone, and nothing at 8 (2.33-2.35 ms
+// at 1K, 2.40-2.43 at 8K) now that it runs beside the Mamba branch.
+constexpr int64_t kFMinSub = 8;
 // A batch launch's blocks: spans of ~kFSpanSubTiles sub-tiles where the
 // batch has the work for that (fewer, longer blocks: less per-block
 // overhead), else one chunk each.
