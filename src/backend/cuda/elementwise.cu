@@ -26,17 +26,61 @@ __device__ double block_sum(double v) {
   return total;
 }
 
+// The row kernels below walk a row in rounds of kRound values per thread
+// (thread t: t, t + 256, ...), every load of a round issued before any
+// value is used: with one block per row a plain loop paid an L2 round trip
+// per 256 values. Sums keep each thread's order (its values in increasing
+// column), so the bits are those of the plain loops.
+constexpr int kRound = 8;
+
+// Sum over the row of sq(column) in double, thread by thread in column order
+// (before block_sum).
+template <typename F>
+__device__ __forceinline__ double row_sum_sq(int64_t d, F value) {
+  double ss = 0.0;
+  for (int64_t i0 = threadIdx.x; i0 < d; i0 += int64_t(kRound) * kThreads) {
+    float v[kRound];
+#pragma unroll
+    for (int j = 0; j < kRound; ++j) {
+      const int64_t i = i0 + int64_t(j) * kThreads;
+      v[j] = i < d ? value(i) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kRound; ++j)
+      if (i0 + int64_t(j) * kThreads < d) ss += double(v[j]) * double(v[j]);
+  }
+  return ss;
+}
+
+// f(i) for every column of the row, kRound columns per thread at a time
+// (f loads its inputs and returns the result; store(i, r) writes it).
+template <typename F, typename S>
+__device__ __forceinline__ void row_map(int64_t d, F f, S store) {
+  for (int64_t i0 = threadIdx.x; i0 < d; i0 += int64_t(kRound) * kThreads) {
+    float r[kRound];
+#pragma unroll
+    for (int j = 0; j < kRound; ++j) {
+      const int64_t i = i0 + int64_t(j) * kThreads;
+      r[j] = i < d ? f(i) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kRound; ++j) {
+      const int64_t i = i0 + int64_t(j) * kThreads;
+      if (i < d) store(i, r[j]);
+    }
+  }
+}
+
 // One block per row. Sum of squares in double, as the CPU kernel: the result
 // does not depend on the summation order to fp32 precision.
 __global__ void rmsnorm_kernel(const float* x, int64_t d, int64_t ldx, const float* w, float eps, float* y,
                                int64_t ldy) {
   const float* xr = x + int64_t(blockIdx.x) * ldx;
   float* yr = y + int64_t(blockIdx.x) * ldy;
-  double ss = 0.0;
-  for (int64_t i = threadIdx.x; i < d; i += kThreads) ss += double(xr[i]) * double(xr[i]);
+  double ss = row_sum_sq(d, [&](int64_t i) { return xr[i]; });
   ss = block_sum(ss);
   const float inv = float(1.0 / sqrt(ss / double(d) + double(eps)));
-  for (int64_t i = threadIdx.x; i < d; i += kThreads) yr[i] = __fmul_rn(xr[i], inv) * w[i];
+  row_map(d, [&](int64_t i) { return __fmul_rn(xr[i], inv) * w[i]; }, [&](int64_t i, float r) { yr[i] = r; });
 }
 
 // Row t is position pos[t] (pos: a device array) or, without pos, pos0 + t.
@@ -83,22 +127,22 @@ __global__ void norm_pack_kernel(const float* a, int64_t lda, const float* wa, c
   const float* ar = a + int64_t(blockIdx.x) * lda;
   const float* br = b ? b + int64_t(blockIdx.x) * ldb : nullptr;
   uint16_t* orow = out + int64_t(blockIdx.x) * ldo;
-  double sa = 0.0, sb = 0.0;
-  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
-    sa += double(ar[i]) * double(ar[i]);
-    if (br) sb += double(br[i]) * double(br[i]);
-  }
+  double sa = row_sum_sq(d, [&](int64_t i) { return ar[i]; });
+  double sb = br ? row_sum_sq(d, [&](int64_t i) { return br[i]; }) : 0.0;
   sa = block_sum(sa);
   __syncthreads();  // block_sum's shared sums are reused
   if (br) sb = block_sum(sb);
   const float inva = float(1.0 / sqrt(sa / double(d) + double(eps)));
   const float invb = br ? float(1.0 / sqrt(sb / double(d) + double(eps))) : 0.0f;
-  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
-    // Explicit _rn operations: no contraction into fma (as the separate kernels).
-    float r = __fmul_rn(__fmul_rn(ar[i], inva), wa[i]);
-    if (br) r = __fmul_rn(__fadd_rn(r, __fmul_rn(__fmul_rn(br[i], invb), wb[i])), 0.5f);
-    orow[i] = f32_to_bf16_bits(r);
-  }
+  row_map(
+      d,
+      [&](int64_t i) {
+        // Explicit _rn operations: no contraction into fma (as the separate kernels).
+        float r = __fmul_rn(__fmul_rn(ar[i], inva), wa[i]);
+        if (br) r = __fmul_rn(__fadd_rn(r, __fmul_rn(__fmul_rn(br[i], invb), wb[i])), 0.5f);
+        return r;
+      },
+      [&](int64_t i, float r) { orow[i] = f32_to_bf16_bits(r); });
 }
 
 // The loop every strided n x d elementwise kernel shares: f(t, c).

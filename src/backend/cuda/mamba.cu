@@ -481,10 +481,9 @@ constexpr int kFusedMaxTokens = 4;
 constexpr int kFusedWPerLane = 8;  // dt_proj columns per lane: rank <= kLanes * 8
 
 // Sum of squares in double and the row scale as cuda::rmsnorm computes it
-// (elementwise.cu), so the normalised values match the primitive's bits.
-__device__ __forceinline__ float warp_rms_scale(const float* x, int64_t d, float eps) {
-  double ss = 0.0;
-  for (int64_t i = threadIdx.x % 32; i < d; i += 32) ss += double(x[i]) * double(x[i]);
+// (elementwise.cu), so the normalised values match the primitive's bits:
+// lane l sums x[l], x[l + 32], ... in order, then the xor butterfly.
+__device__ __forceinline__ float warp_rms_finish(double ss, int64_t d, float eps) {
   for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
   return float(1.0 / sqrt(ss / double(d) + double(eps)));
 }
@@ -496,6 +495,43 @@ template <DType WT>
 __device__ __forceinline__ float normed_value(float x, float inv, float w, bool is_dt) {
   const float v = __fmul_rn(x, inv) * w;
   return is_dt && WT == DType::BF16 ? round_f32(v, DType::BF16) : v;
+}
+
+// One warp normalises a row of d values (x, weights wn) into out[0, dp),
+// zeros past d. Rows of up to 128 values (dt, B and C at the model's
+// ranks) are loaded at once, 4 values and 4 weights per lane, before any is
+// used: the rows were just written by x_proj, so a loop of dependent loads
+// paid an L2 round trip per 32 values, twice (H100: most of the fused step's
+// 8 us). Longer rows take the plain loops. Either way the arithmetic and
+// its order are warp_rms_finish's and normed_value's.
+template <DType WT>
+__device__ __forceinline__ void warp_norm_row(const float* x, const float* wn, int64_t d, int64_t dp, float eps,
+                                              bool is_dt, float* out) {
+  const int lane = threadIdx.x % 32;
+  if (d <= 128 && dp <= 128) {
+    float v[4], w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = lane + 32 * j;
+      v[j] = i < d ? x[i] : 0.0f;
+      w[j] = i < d ? wn[i] : 0.0f;
+    }
+    double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (lane + 32 * j < d) ss += double(v[j]) * double(v[j]);
+    const float inv = warp_rms_finish(ss, d, eps);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = lane + 32 * j;
+      if (i < dp) out[i] = i < d ? normed_value<WT>(v[j], inv, w[j], is_dt) : 0.0f;
+    }
+    return;
+  }
+  double ss = 0.0;
+  for (int64_t i = lane; i < d; i += 32) ss += double(x[i]) * double(x[i]);
+  const float inv = warp_rms_finish(ss, d, eps);
+  for (int64_t i = lane; i < dp; i += 32) out[i] = i < d ? normed_value<WT>(x[i], inv, wn[i], is_dt) : 0.0f;
 }
 
 template <DType WT>
@@ -550,8 +586,7 @@ __global__ void __launch_bounds__(kScanThreads) normed_scan_step_kernel(ScanArgs
     const float* wn = kind == 0 ? in.dt_norm_w : kind == 1 ? in.B_norm_w : in.C_norm_w;
     float* out = kind == 0 ? sDtn + t * R : kind == 1 ? sB + t * N : sC + t * N;
     const int64_t d = kind == 0 ? R : N;
-    const float inv = warp_rms_scale(x, d, in.eps);
-    for (int64_t i = threadIdx.x % 32; i < d; i += 32) out[i] = normed_value<WT>(x[i], inv, wn[i], kind == 0);
+    warp_norm_row<WT>(x, wn, d, d, in.eps, kind == 0, out);
   }
   __syncthreads();
 
@@ -638,7 +673,7 @@ __device__ __forceinline__ float quad_lane_sum(float (&v)[4]) {
 
 // kVec: d_state == 16 and 16-byte aligned states and A (float4 accesses).
 template <DType WT, bool kVec>
-__global__ void __launch_bounds__(kNsbThreads, 4) normed_scan_batch_kernel(const NormedScanEntry* entries,
+__global__ void __launch_bounds__(kNsbThreads, 3) normed_scan_batch_kernel(const NormedScanEntry* entries,
                                                                         NormedScanShared p) {
   __shared__ NormedScanEntry sEnt[kNsbEntries];
   __shared__ __align__(16) float sDtn[kNsbEntries][kNsbMaxRank];  // zero-padded to a multiple of 16
@@ -659,9 +694,10 @@ __global__ void __launch_bounds__(kNsbThreads, 4) normed_scan_batch_kernel(const
   // The weights. Value i of this thread stands for the single kernel's
   // lane 4q + i, whose dt_proj columns are 4q + i + 16j. Each thread keeps
   // its own in shared memory (sW[j][i][thread]: conflict-free), not in
-  // registers, so that 4 blocks fit on an SM: the kernel waits on its
-  // loads, and more blocks keep more of them in flight (H100, 128 entries:
-  // 55-56 -> 50-53 us per layer).
+  // registers, so that 3 blocks fit on an SM (2 before): the kernel waits on
+  // its loads, and more blocks keep more of them in flight (H100, 128
+  // entries: 55-56 -> 50-53 us per layer at 4 blocks, 52-62 at 3, with the
+  // norms' old load loop; 4 blocks spill since warp_norm_row).
   __shared__ float sW[kFusedWPerLane][4][kNsbThreads];
 #pragma unroll
   for (int j = 0; j < kFusedWPerLane; ++j)
@@ -708,8 +744,7 @@ __global__ void __launch_bounds__(kNsbThreads, 4) normed_scan_batch_kernel(const
     const float* wn = kind == 0 ? p.dt_norm_w : kind == 1 ? p.B_norm_w : p.C_norm_w;
     float* out = kind == 0 ? sDtn[e] : kind == 1 ? sB[e] : sC[e];
     const int d = kind == 0 ? R : N, dp = kind == 0 ? Rp : kNsbMaxState;
-    const float inv = warp_rms_scale(x, d, p.eps);
-    for (int i = threadIdx.x % 32; i < dp; i += 32) out[i] = i < d ? normed_value<WT>(x[i], inv, wn[i], kind == 0) : 0.0f;
+    warp_norm_row<WT>(x, wn, d, dp, p.eps, kind == 0, out);
   }
   __syncthreads();
 
