@@ -122,6 +122,7 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
       {37, 5, 8, DType::F32},
       {50, 128, 5, DType::F16},      // the largest rank the fused kernel takes
       {40, 7, 40, DType::BF16},      // d_state > 16: several states per lane
+      {36, 9, 200, DType::BF16},     // d_state > 128: warp_norm_row's long-row loops for B and C
       {33, 130, 16, DType::BF16},    // rank > 128: the default composition on the GPU
   };
   const float eps = 1e-6f;

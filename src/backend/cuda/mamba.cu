@@ -696,7 +696,7 @@ __global__ void __launch_bounds__(kNsbThreads, 3) normed_scan_batch_kernel(const
   // its own in shared memory (sW[j][i][thread]: conflict-free), not in
   // registers, so that 3 blocks fit on an SM (2 before): the kernel waits on
   // its loads, and more blocks keep more of them in flight (H100, 128
-  // entries: 55-56 -> 50-53 us per layer at 4 blocks, 52-62 at 3, with the
+  // entries: 55-56 -> 50-53 us per layer at 4 blocks, 52-55 at 3, with the
   // norms' old load loop; 4 blocks spill since warp_norm_row).
   __shared__ float sW[kFusedWPerLane][4][kNsbThreads];
 #pragma unroll
