@@ -33,42 +33,32 @@ __device__ double block_sum(double v) {
 // column), so the bits are those of the plain loops.
 constexpr int kRound = 8;
 
-// Sum over the row of sq(column) in double, thread by thread in column order
-// (before block_sum).
-template <typename F>
-__device__ __forceinline__ double row_sum_sq(int64_t d, F value) {
-  double ss = 0.0;
+// For every column i of the row: v = load(i), then use(i, v), kRound columns
+// per thread at a time (all loads of a round first), each thread's columns
+// in increasing order.
+template <typename L, typename U>
+__device__ __forceinline__ void row_rounds(int64_t d, L load, U use) {
   for (int64_t i0 = threadIdx.x; i0 < d; i0 += int64_t(kRound) * kThreads) {
     float v[kRound];
 #pragma unroll
     for (int j = 0; j < kRound; ++j) {
       const int64_t i = i0 + int64_t(j) * kThreads;
-      v[j] = i < d ? value(i) : 0.0f;
+      v[j] = i < d ? load(i) : 0.0f;
     }
 #pragma unroll
-    for (int j = 0; j < kRound; ++j)
-      if (i0 + int64_t(j) * kThreads < d) ss += double(v[j]) * double(v[j]);
+    for (int j = 0; j < kRound; ++j) {
+      const int64_t i = i0 + int64_t(j) * kThreads;
+      if (i < d) use(i, v[j]);
+    }
   }
-  return ss;
 }
 
-// f(i) for every column of the row, kRound columns per thread at a time
-// (f loads its inputs and returns the result; store(i, r) writes it).
-template <typename F, typename S>
-__device__ __forceinline__ void row_map(int64_t d, F f, S store) {
-  for (int64_t i0 = threadIdx.x; i0 < d; i0 += int64_t(kRound) * kThreads) {
-    float r[kRound];
-#pragma unroll
-    for (int j = 0; j < kRound; ++j) {
-      const int64_t i = i0 + int64_t(j) * kThreads;
-      r[j] = i < d ? f(i) : 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < kRound; ++j) {
-      const int64_t i = i0 + int64_t(j) * kThreads;
-      if (i < d) store(i, r[j]);
-    }
-  }
+// This thread's part of the row's sum of squares, in double (before block_sum).
+template <typename F>
+__device__ __forceinline__ double row_sum_sq(int64_t d, F value) {
+  double ss = 0.0;
+  row_rounds(d, value, [&](int64_t, float v) { ss += double(v) * double(v); });
+  return ss;
 }
 
 // One block per row. Sum of squares in double, as the CPU kernel: the result
@@ -80,7 +70,7 @@ __global__ void rmsnorm_kernel(const float* x, int64_t d, int64_t ldx, const flo
   double ss = row_sum_sq(d, [&](int64_t i) { return xr[i]; });
   ss = block_sum(ss);
   const float inv = float(1.0 / sqrt(ss / double(d) + double(eps)));
-  row_map(d, [&](int64_t i) { return __fmul_rn(xr[i], inv) * w[i]; }, [&](int64_t i, float r) { yr[i] = r; });
+  row_rounds(d, [&](int64_t i) { return __fmul_rn(xr[i], inv) * w[i]; }, [&](int64_t i, float r) { yr[i] = r; });
 }
 
 // Row t is position pos[t] (pos: a device array) or, without pos, pos0 + t.
@@ -134,7 +124,7 @@ __global__ void norm_pack_kernel(const float* a, int64_t lda, const float* wa, c
   if (br) sb = block_sum(sb);
   const float inva = float(1.0 / sqrt(sa / double(d) + double(eps)));
   const float invb = br ? float(1.0 / sqrt(sb / double(d) + double(eps))) : 0.0f;
-  row_map(
+  row_rounds(
       d,
       [&](int64_t i) {
         // Explicit _rn operations: no contraction into fma (as the separate kernels).
