@@ -9,7 +9,8 @@
 #      (hymba init): batch-1 decode at 1K and 8K context, 8K prefill, and
 #      128 sequences of 8K prompts decoding together;
 #   4. bench/torch_bench.py (the PyTorch baseline, same config) with
-#      TORCH_BUDGET seconds;
+#      TORCH_BUDGET seconds (default 200: less skips the compiled batched
+#      mode, which needs ~60 s left);
 #   5. compute-sanitizer memcheck on the model-level GPU tests and the
 #      matmul test; (PARTS=racecheck) racecheck on the attention and scan tests.
 #   6. (PARTS=profile) `hymba bench --profile`: per-op GPU time of decode,
@@ -19,7 +20,9 @@
 #      tests/cuda): GEMV bandwidth, attention, scan, sampling.
 #   9. (PARTS=ncu) Nsight Compute: each kernel's time and DRAM bytes in a
 #      short decode (NCU_STEPS steps) after a prompt of NCU_PROMPT tokens
-#      (default 1024), as CSV; NCU_ARGS adds ncu options (e.g. --launch-count 200).
+#      (default 1024), as CSV, and where the last decode step's time goes
+#      (bench/ncu_step_summary.py, ncu_step.txt); NCU_BATCH=B decodes B
+#      sequences together (replicated prompt); NCU_ARGS adds ncu options.
 # TORCH_MODES picks the PyTorch decode modes (default eager,graph,compile).
 # PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
 # Build here first with bench/cuda_prepare.sh and carry build-cuda/dist.tar.gz.
@@ -98,8 +101,8 @@ fi
 
 if want torch; then
 echo "== 4. PyTorch baseline"
-timeout $(( ${TORCH_BUDGET:-140} + 60 )) python3 bench/torch_bench.py --preset 1.5b --device cuda \
-  --modes "${TORCH_MODES:-eager,graph,compile}" --time-budget "${TORCH_BUDGET:-140}" --json-out "$out/torch_bench.json" \
+timeout $(( ${TORCH_BUDGET:-200} + 60 )) python3 bench/torch_bench.py --preset 1.5b --device cuda \
+  --modes "${TORCH_MODES:-eager,graph,compile}" --time-budget "${TORCH_BUDGET:-200}" --json-out "$out/torch_bench.json" \
   >"$out/torch_bench.stdout" 2>"$out/torch_bench.log"
 echo "rc=$?"; tail -25 "$out/torch_bench.log"
 fi
@@ -170,11 +173,15 @@ if want ncu; then
 echo "== 9. ncu: per-kernel GPU time and DRAM bytes of a ${NCU_PROMPT:-1024}-token prompt and decode (isolated kernels, clocks and caches untouched)"
 make_model
 nc=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+batch_args=()
+[ -n "${NCU_BATCH:-}" ] && batch_args=(--batch "$NCU_BATCH" --batch-fill replicate)
 timeout 400 "$nc" --clock-control none --cache-control none --csv --print-units base ${NCU_ARGS:-} \
   --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
   --log-file "$out/ncu_decode.csv" "$hymba" bench -m "$model" --device cuda --prompt-len ${NCU_PROMPT:-1024} --gen-len ${NCU_STEPS:-4} \
-  --no-warmup >"$out/ncu_bench.log" 2>&1
+  "${batch_args[@]}" --no-warmup >"$out/ncu_bench.log" 2>&1
 echo "rc=$? $(wc -l <"$out/ncu_decode.csv") lines"
+python3 bench/ncu_step_summary.py "$out/ncu_decode.csv" >"$out/ncu_step.txt" 2>&1
+head -30 "$out/ncu_step.txt"
 fi
 
 if want micro; then
