@@ -1485,7 +1485,8 @@ constexpr int kFCapKeys = 1024;
 constexpr int64_t kFMinSub = 8;
 // A batch launch's blocks: spans of ~kFSpanSubTiles sub-tiles where the
 // batch has the work for that (fewer, longer blocks: less per-block
-// overhead), else one chunk each.
+// overhead), else one chunk each. (Since chunks are at least 8 sub-tiles,
+// a span of 8 is one chunk: untimed since; HYMBA_ATTN_SPAN tries others.)
 constexpr int kFSpanSubTiles = 8;
 constexpr int kFBlocksPerSm = 2;      // resident blocks per SM (launch bounds, register budget)
 
@@ -2243,6 +2244,17 @@ int64_t fast_chunk_cap() {
   return v;
 }
 
+// kFSpanSubTiles, or HYMBA_ATTN_SPAN (1-256 sub-tiles, read once) for A/B
+// timing (a span changes no bit).
+int64_t fast_span_cap() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("HYMBA_ATTN_SPAN");
+    const int c = e ? std::atoi(e) : 0;
+    return int64_t(c >= 1 && c <= 256 ? c : kFSpanSubTiles);
+  }();
+  return v;
+}
+
 int64_t fast_entry_sub(const FLayout& l) {
   int64_t vis = 0, longest = 1;
   for (int r = 0; r < l.n; ++r)
@@ -2467,7 +2479,7 @@ void attention_batch_fast(const AttentionArgs* a, const std::vector<int>& take, 
     if (e.n_chunks > 1) part_floats += (size_t(n_kv) * size_t(e.n_chunks) * size_t(group) * size_t(dv + 2) + 3) / 4 * 4;
   }
   const int64_t slots = int64_t(kFBlocksPerSm) * std::max(host.sm_count, 1);
-  const int64_t span = std::clamp<int64_t>(tiles * n_kv / (4 * slots), 1, kFSpanSubTiles);
+  const int64_t span = std::clamp<int64_t>(tiles * n_kv / (4 * slots), 1, fast_span_cap());
 
   const size_t counter_bytes = (n * size_t(n_kv) * sizeof(unsigned) + 255) / 256 * 256;
   char* scratch = nullptr;
