@@ -30,33 +30,15 @@
 # $OUT/all.tgz at the end (PACK=0: left as files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-dist=${DIST:-build-cuda/dist}
-# What bench/cuda_prepare.sh leaves to carry: the dist folder, compressed.
-[ -d "$dist" ] || [ ! -f build-cuda/dist.tar.gz ] || tar -C build-cuda -xzf build-cuda/dist.tar.gz
+source bench/device_env.sh
 out=${OUT:-/tmp/hymba-gpu-out}
 mkdir -p "$out"
-hymba=$dist/bin/hymba
-tests=$dist/bin/hymba_cuda_tests
-export LD_LIBRARY_PATH="$PWD/$dist/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-if ! ldd "$hymba" | grep -q "libcublasLt.so.13 => /"; then
-  lt=$(find / -xdev -name 'libcublasLt.so.13' 2>/dev/null | head -1)
-  [ -n "$lt" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$(dirname "$lt")"
-fi
-ldd "$hymba" 2>&1 | grep -q "not found" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$PWD/$dist/lib-extra"
-export HYMBA_TEST_WORK=$PWD/$dist/test-work HYMBA_SHARED_DIR=$PWD/$dist/shared HYMBA_REPO_DIR=$PWD
-export OMP_NUM_THREADS=$(nproc)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1
 echo "gpu: $(cat "$out/gpu.txt")"
 "$hymba" --version
 
 parts=${PARTS:-tests,ceilings,bench,torch,memcheck}
 want() { [[ ",$parts," == *",$1,"* ]]; }
-model=/tmp/hymba-1.5b-random-bf16
-make_model() {
-  [ -f "$model/model.safetensors" ] ||
-    timeout 150 "$hymba" init --preset 1.5b --dtype bf16 --seed 1 --out "$model" >"$out/init.log" 2>&1 ||
-    echo "init failed"
-}
 
 if want tests; then
 echo "== 1. GPU tests"
@@ -89,7 +71,7 @@ fi
 
 if want bench; then
 echo "== 3. hymba bench --device cuda"
-make_model
+make_model "$out/init.log"
 i=0
 for args in "--prompt-len 1024 --gen-len 128" "--prompt-len 8192 --gen-len 64" \
             "--prompt-len 8192 --gen-len 16 --batch 128 --batch-fill replicate"; do
@@ -124,7 +106,7 @@ fi
 
 if want profile; then
 echo "== 6. decode profile"
-make_model
+make_model "$out/init.log"
 IFS=';' read -ra profile_runs <<<"${PROFILE_RUNS:---prompt-len 1024 --gen-len 32;--prompt-len 8192 --gen-len 2;--prompt-len 2048 --gen-len 8 --batch 32 --batch-fill replicate}"
 for args in "${profile_runs[@]}"; do
   echo "-- profile: $args"
@@ -136,7 +118,7 @@ fi
 
 if want nsys; then
 echo "== 8. nsys: GPU kernel time of batch-1 decode (1K context) and 8K prefill"
-make_model
+make_model "$out/init.log"
 ns=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
 if [ -z "$ns" ]; then echo "nsys not found"; else
   for args in "--prompt-len 1024 --gen-len 64" "--prompt-len 8192 --gen-len 1"; do
@@ -171,7 +153,7 @@ fi
 
 if want ncu; then
 echo "== 9. ncu: per-kernel GPU time and DRAM bytes of a ${NCU_PROMPT:-1024}-token prompt and decode (isolated kernels, clocks and caches untouched)"
-make_model
+make_model "$out/init.log"
 nc=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 batch_args=()
 [ -n "${NCU_BATCH:-}" ] && batch_args=(--batch "$NCU_BATCH" --batch-fill replicate)
