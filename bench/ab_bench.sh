@@ -20,8 +20,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_env.sh
-out=${OUT:-/tmp/hymba-gpu-out}
-mkdir -p "$out"
 make_model "$out/init.log"
 
 IFS='|' read -ra configs <<<"${AB_CONFIGS:-|HYMBA_PDL=0}"

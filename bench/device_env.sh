@@ -1,7 +1,8 @@
 # Sourced by the device-side scripts (bench/gpu_bench.sh, bench/ab_bench.sh)
 # from the repository root: unpacks what bench/cuda_prepare.sh left to carry
 # (build-cuda/dist.tar.gz) and sets up the carried binaries' environment.
-# Sets dist, hymba, tests, model; defines make_model LOG.
+# Sets dist, hymba, tests, model and out (results: $OUT, made here); defines
+# make_model LOG.
 dist=${DIST:-build-cuda/dist}
 [ -d "$dist" ] || [ ! -f build-cuda/dist.tar.gz ] || tar -C build-cuda -xzf build-cuda/dist.tar.gz
 hymba=$dist/bin/hymba
@@ -15,6 +16,8 @@ fi
 ldd "$hymba" 2>&1 | grep -q "not found" && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$PWD/$dist/lib-extra"
 export HYMBA_TEST_WORK=$PWD/$dist/test-work HYMBA_SHARED_DIR=$PWD/$dist/shared HYMBA_REPO_DIR=$PWD
 export OMP_NUM_THREADS=$(nproc)
+out=${OUT:-/tmp/hymba-gpu-out}
+mkdir -p "$out"
 
 # The benchmark model: random weights of the released 1.5B config, in bf16.
 model=${MODEL:-/tmp/hymba-1.5b-random-bf16}

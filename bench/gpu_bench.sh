@@ -31,8 +31,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source bench/device_env.sh
-out=${OUT:-/tmp/hymba-gpu-out}
-mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/gpu.txt" 2>&1
 echo "gpu: $(cat "$out/gpu.txt")"
 "$hymba" --version

@@ -49,7 +49,8 @@ class Backend {
   // A branch is not itself recorded, but a recording may hold the join:
   // when replayed, it waits for the latest branch issued with the same key
   // (so each recorded join needs its branch issued anew, with that key,
-  // before every replay). The default runs everything in order.
+  // before every replay). side_join() with no branch pending does nothing.
+  // The default runs everything in order.
   virtual void side_begin(int key) { (void)key; }
   virtual void side_end() {}
   virtual void side_join() {}

@@ -279,16 +279,22 @@ void HymbaModel::run_layers(const RowSpan* spans, int n_spans, int64_t n, bool d
   // before the fusion. In recorded decode the join is part of the replayed
   // stretch and waits for the branch issued just before it (the key's latest
   // side_end; CudaVsCpu.RecordedJoinWaitsForTheLatestSideBranch).
-  struct SideBranch {  // (joined on the way out if an op throws)
+  // Joined on the way out too, if an op throws (side_join is a no-op when
+  // nothing is pending). A destructor must not throw while an exception
+  // unwinds, so a failing join there is dropped: the first error is the one
+  // the caller sees.
+  struct SideJoin {
     Backend& be;
-    bool open = false;
-    ~SideBranch() {
-      if (open) be.side_join();
+    ~SideJoin() {
+      try {
+        be.side_join();
+      } catch (...) {
+      }
     }
-  } side{*be_};
+  } side_join_on_exit{*be_};
   for (size_t i = 0; i < layers.size(); ++i) {
     const LayerPlan& lp = layers[i];
-    be_->side_begin(lp.index), side.open = true;
+    be_->side_begin(lp.index);
     layer_attention(lp, spans, n_spans, n, decode);
     be_->side_end();
     const LayerPlan* next = i + 1 < layers.size() ? &layers[i + 1] : nullptr;
