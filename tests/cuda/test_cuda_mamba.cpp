@@ -29,29 +29,12 @@
 #include "util/dtype.h"
 
 #include "cuda_test_util.h"
+#include "test_util.h"
 
 namespace hymba {
 namespace {
 
 using namespace cuda_test;
-
-// Sets HYMBA_SCAN_CHUNK (the CUDA scan's chunk-length override) for a scope.
-class ScanChunkEnv {
- public:
-  explicit ScanChunkEnv(const char* value) {
-    if (const char* old = std::getenv("HYMBA_SCAN_CHUNK")) old_ = old, had_ = true;
-    if (value) setenv("HYMBA_SCAN_CHUNK", value, 1);
-    else unsetenv("HYMBA_SCAN_CHUNK");
-  }
-  ~ScanChunkEnv() {
-    if (had_) setenv("HYMBA_SCAN_CHUNK", old_.c_str(), 1);
-    else unsetenv("HYMBA_SCAN_CHUNK");
-  }
-
- private:
-  std::string old_;
-  bool had_ = false;
-};
 
 // The per-channel parameters of a scan, on both sides. dt_bias and A set the
 // memory of the recurrence: the defaults give decays of ~0.05..0.99 per step,
@@ -437,7 +420,7 @@ class CudaScan : public CudaMamba {
   // pad: extra floats per row of the inputs (odd: rows not 16-byte aligned).
   void successive_calls(const std::vector<ScanShape>& shapes, const std::vector<int64_t>& ns, int64_t pad,
                         const char* env_value) {
-    ScanChunkEnv env(env_value);
+    test::ScopedEnv env("HYMBA_SCAN_CHUNK", env_value);
     for (const ScanShape& sh : shapes) {
       ScanParams p = params(sh.C, sh.N, sh.long_memory);
       std::vector<double> ref_state(p.state.begin(), p.state.end());
@@ -510,7 +493,7 @@ TEST_F(CudaScan, SelectiveScanChunkLengths) {
     const bool long_memory = C == 37;
     const double tol = long_memory ? 1e-4 : 1e-5;
     for (const char* len : {"1", "5", "16", "256", "-1"}) {
-      ScanChunkEnv env(len);
+      test::ScopedEnv env("HYMBA_SCAN_CHUNK", len);
       float* ds = up(p.state);
       float* dy = up(std::vector<float>(yc.size(), kNaN));
       a.state = ds, a.y = dy;
@@ -568,7 +551,7 @@ TEST_F(CudaMamba, DISABLED_MambaTiming) {
     a.n = n, a.channels = C, a.d_state = N;
     const double gbytes = 4.0 * double(n * C) * 4 / 1e9;  // u, delta, z read once, y written
     for (const char* len : {"0", "32", "48", "64", "80", "96", "128", "160", "192", "256"}) {
-      ScanChunkEnv env(len);
+      test::ScopedEnv env("HYMBA_SCAN_CHUNK", len);
       const double ms = time_ms(g, [&] { g.selective_scan(a); }, 20);
       char buf[160];
       std::snprintf(buf, sizeof buf, "selective_scan prefill %lld x 3200 x 16, HYMBA_SCAN_CHUNK=%s%s (%.0f GB/s eq.)",

@@ -56,6 +56,27 @@ inline std::string env_or(const char* name, const char* fallback) {
   const char* v = std::getenv(name);
   return v && *v ? v : fallback;
 }
+// Sets (value) or clears (nullptr) an environment variable for a scope,
+// e.g. a backend switch read when the backend is made.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old, had_ = true;
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (had_) setenv(name_.c_str(), old_.c_str(), 1);
+    else unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_, old_;
+  bool had_ = false;
+};
+
 inline std::string shared_dir() { return env_or("HYMBA_SHARED_DIR", HYMBA_SHARED_DIR); }
 inline std::string work_dir() { return env_or("HYMBA_TEST_WORK", HYMBA_TEST_WORK); }
 

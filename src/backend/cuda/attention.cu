@@ -1485,9 +1485,10 @@ constexpr int kFCapKeys = 1024;
 constexpr int64_t kFMinSub = 8;
 // A batch launch's blocks: spans of ~kFSpanSubTiles sub-tiles where the
 // batch has the work for that (fewer, longer blocks: less per-block
-// overhead), else one chunk each. (Since chunks are at least 8 sub-tiles,
-// a span of 8 is one chunk: untimed since; HYMBA_ATTN_SPAN tries others.)
-constexpr int kFSpanSubTiles = 8;
+// overhead), else one chunk each. H100, 128 x 8K, alternated runs (session
+// 9): 12.33 / 12.50 ms per step with spans of 8 sub-tiles (one chunk),
+// 12.32 with 16, 12.16 / 12.19 with 32, 12.22 with 64, 12.26 with 256.
+constexpr int kFSpanSubTiles = 32;
 constexpr int kFBlocksPerSm = 2;      // resident blocks per SM (launch bounds, register budget)
 
 // A visible key range of one segment: rows [0, len) from k / v (row 0 is
