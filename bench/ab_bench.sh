@@ -22,8 +22,14 @@ cd "$(dirname "$0")/.."
 source bench/device_env.sh
 make_model "$out/init.log"
 
-IFS='|' read -ra configs <<<"${AB_CONFIGS:-|HYMBA_PDL=0}"
-[ ${#configs[@]} -gt 0 ] || configs=("")
+# Split on '|' keeping empty fields, a trailing one included ("X|" is X and
+# the defaults; `read -a` would drop it).
+configs=()
+rest="${AB_CONFIGS-|HYMBA_PDL=0}|"
+while [ -n "$rest" ]; do
+  configs+=("${rest%%|*}")
+  rest="${rest#*|}"
+done
 IFS=',' read -ra runs <<<"${AB_RUNS:-1k,8k,batch}"
 rounds=${AB_ROUNDS:-3}
 
