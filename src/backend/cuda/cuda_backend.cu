@@ -62,8 +62,7 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
-    cudaStreamSynchronize(main_stream_);
-    if (side_stream_) cudaStreamSynchronize(side_stream_);
+    drain_streams();
     for (cudaGraphExec_t g : graphs_) cudaGraphExecDestroy(g);
     for (void* p : retired_scratch_) cudaFree(p);
     for (auto& [k, p] : plans_) {
@@ -112,8 +111,7 @@ class CudaBackend final : public Backend {
     if (!p) return;
     // Work queued on the streams may still use p: cudaFree waits for the
     // device, but only after the streams have been drained is that certain.
-    cudaStreamSynchronize(main_stream_);
-    if (side_stream_) cudaStreamSynchronize(side_stream_);
+    drain_streams();
     cudaFree(p);
   }
   void upload(void* dst, const void* src, size_t bytes) override {
@@ -523,6 +521,13 @@ class CudaBackend final : public Backend {
     auto* packed = static_cast<uint16_t*>(scratch_at(kScratchX, size_t(n) * size_t(ld_b) * 2));
     cuda::norm_pack_bf16(a, lda, wa, b, ldb, wb, n, cols, eps, packed, ld_b, stream_);
     return packed;
+  }
+
+  // Waits for everything queued on both streams (errors are left to the
+  // next checked call: used where nothing may throw).
+  void drain_streams() noexcept {
+    cudaStreamSynchronize(main_stream_);
+    if (side_stream_) cudaStreamSynchronize(side_stream_);
   }
 
   // The cached plan for a shape and operand alignments; nullptr when
