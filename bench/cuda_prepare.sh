@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${JOBS:-2}
-cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHYMBA_NATIVE=OFF -DHYMBA_BUILD_TESTS=ON -DHYMBA_CUDA=ON \
+cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHYMBA_NATIVE=OFF -DHYMBA_BUILD_TESTS=ON -DHYMBA_CUDA=ON -DHYMBA_CUDA_SHARED=ON \
   -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
   >build-cuda.configure.log 2>&1 || { cat build-cuda.configure.log; exit 1; }
 rm -f build-cuda.configure.log
@@ -34,6 +34,7 @@ for b in "$dist/bin/"*; do ldd "$b"; done | awk '/=> \// {print $3}' | sort -u |
     *) cp -L "$lib" "$dist/lib/" ;;
   esac
 done
+[ ! -f "$dist/lib/libhymba_cuda.so" ] || strip --strip-unneeded "$dist/lib/libhymba_cuda.so"
 # Test data the GPU tests read (the device has no ../shared): the reference
 # goldens, made here by the PyTorch reference, and NVIDIA's tiny-a fixture.
 mkdir -p "$dist/test-work" "$dist/shared/fixtures"
