@@ -192,6 +192,9 @@ struct BatchStepCase {
 TEST_F(CudaMamba, NormedSelectiveScanBatch) {
   const std::vector<BatchStepCase> cases = {
       {128, 3200, 100, 16, DType::BF16, false, false, "Hymba-1.5B, 128 sequences"},
+      // Several entry groups per block, the last one short; unaligned states.
+      {125, 3200, 100, 16, DType::BF16, true, false, "125 sequences, unaligned states"},
+      {141, 3200, 100, 16, DType::F16, false, true, "141 sequences, fp16 dt_proj"},
       {7, 3200, 100, 16, DType::F32, false, true, "fp32 dt_proj"},
       {6, 3200, 100, 16, DType::BF16, true, false, "unaligned states"},
       {9, 37, 5, 16, DType::BF16, false, true, "odd sizes"},

@@ -6,6 +6,9 @@
 // (bit-identical per sequence).
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
@@ -505,28 +508,43 @@ __device__ __forceinline__ float normed_value(float x, float inv, float w, bool 
 // step 50-53 -> 47 us per layer with 128 sequences, the single step 8.4 ->
 // 7.7-8.3 us). Longer rows (d_state > 128) take the plain loops. Either
 // way the arithmetic and its order are warp_rms_finish's and normed_value's.
+// warp_norm_row's short-row path in two halves, so that a warp can have the
+// loads of several rows in flight before it reduces any (d, dp <= 128).
+struct ShortRow {
+  float v[4], w[4];
+};
+__device__ __forceinline__ void short_row_load(const float* x, const float* wn, int d, ShortRow& r) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int i = lane + 32 * j;
+    r.v[j] = i < d ? x[i] : 0.0f;
+    r.w[j] = i < d ? wn[i] : 0.0f;
+  }
+}
+template <DType WT>
+__device__ __forceinline__ void short_row_finish(const ShortRow& r, int d, int dp, float eps, bool is_dt, float* out) {
+  const int lane = threadIdx.x % 32;
+  double ss = 0.0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (lane + 32 * j < d) ss += double(r.v[j]) * double(r.v[j]);
+  const float inv = warp_rms_finish(ss, d, eps);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int i = lane + 32 * j;
+    if (i < dp) out[i] = i < d ? normed_value<WT>(r.v[j], inv, r.w[j], is_dt) : 0.0f;
+  }
+}
+
 template <DType WT>
 __device__ __forceinline__ void warp_norm_row(const float* x, const float* wn, int64_t d, int64_t dp, float eps,
                                               bool is_dt, float* out) {
   const int lane = threadIdx.x % 32;
   if (d <= 128 && dp <= 128) {
-    float v[4], w[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = lane + 32 * j;
-      v[j] = i < d ? x[i] : 0.0f;
-      w[j] = i < d ? wn[i] : 0.0f;
-    }
-    double ss = 0.0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      if (lane + 32 * j < d) ss += double(v[j]) * double(v[j]);
-    const float inv = warp_rms_finish(ss, d, eps);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = lane + 32 * j;
-      if (i < dp) out[i] = i < d ? normed_value<WT>(v[j], inv, w[j], is_dt) : 0.0f;
-    }
+    ShortRow r;
+    short_row_load(x, wn, int(d), r);
+    short_row_finish<WT>(r, int(d), int(dp), eps, is_dt, out);
     return;
   }
   double ss = 0.0;
@@ -622,18 +640,16 @@ __global__ void __launch_bounds__(kScanThreads) normed_scan_step_kernel(ScanArgs
 // Backend::normed_selective_scan_batch for entries of one token with
 // d_state <= 16 (the model's batched decode): per entry, bit for bit what
 // normed_scan_step_kernel computes for that sequence alone (the same
-// helpers, its 16-lane sums rebuilt as the same trees; see quad_lane_sum).
-// Bandwidth-bound (128 x 3200 x 16 fp32 states are 26 MB each way), hence
+// helpers, its 16-lane sums rebuilt as the same trees; see
+// quad_sum_scatter). 128 x 3200 x 16 fp32 states are 26 MB each way, hence
 // another thread layout: 4 threads per channel, thread q owning states
 // 4q..4q+3 (one float4; a warp moves 8 channels = 512 contiguous bytes),
-// 64 channels per block, and kNsbEntries entries per block sharing the
-// block's weights (dt_proj rows, A, dt_bias, D loaded once), their state
-// loads all issued before the norms. grid (entry groups, channel blocks):
-// consecutive blocks share their weights in L2.
+// 64 channels per block, and groups of kNsbEntries entries sharing the
+// block's weights (dt_proj rows, A, dt_bias, D loaded once).
 constexpr int kNsbQuads = 4;
 constexpr int kNsbThreads = 256;
 constexpr int kNsbChannels = kNsbThreads / kNsbQuads;
-constexpr int kNsbEntries = 4;
+constexpr int kNsbEntries = 4;  // == kNsbQuads: quad_sum_scatter gives thread q entry q
 constexpr int kNsbMaxState = 16;
 constexpr int kNsbMaxRank = kLanes * kFusedWPerLane;  // the single kernel's limit
 
@@ -656,57 +672,99 @@ struct NormedScanShared {
   const float *dt_bias, *A, *D;
   int channels, N, R, count;
   float eps;
+  bool w_vec;  // R % 4 == 0 and dt_proj aligned for 4-value loads
 };
 
 // The single kernel's lane_sum (butterfly xor 8, 4, 2, 1 over 16 lane
-// values v_L) where this thread holds v_{4q+i}, i < 4, of its channel: xor
-// 8 and 4 are xor 2 and 1 of q (shuffles), xor 2 and 1 pair values inside
-// the thread: (v_0 + v_2) + (v_1 + v_3). Every add pairs the same two
-// values as the butterfly does (fp addition is commutative): same bits.
-// The whole warp must call it.
-__device__ __forceinline__ float quad_lane_sum(float (&v)[4]) {
+// values v_L) for 4 entries at once, where this thread holds v_{4q+i},
+// i < 4, of its channel for each entry (v[e][i]); thread q returns entry
+// q's sum. Xor 8 and 4 are xor 2 and 1 of q (shuffles), xor 2 and 1 pair
+// values inside the thread: (v_0 + v_2) + (v_1 + v_3). Every add pairs the
+// same two values as the butterfly does (fp addition is commutative): the
+// same bits. A thread sends only the half it does not keep (12 shuffles
+// for the 4 entries instead of 32). The whole warp must call it.
+__device__ __forceinline__ float quad_sum_scatter(const float (&v)[4][4]) {
+  const int q = threadIdx.x % 4;
+  const bool hi2 = q & 2, hi1 = q & 1;
+  float a[2][4];  // entries (hi2 ? 2 : 0) + k, summed with thread q ^ 2
 #pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = __fadd_rn(v[i], __shfl_xor_sync(0xffffffffu, v[i], 2));
+  for (int k = 0; k < 2; ++k) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) v[i] = __fadd_rn(v[i], __shfl_xor_sync(0xffffffffu, v[i], 1));
-  return __fadd_rn(__fadd_rn(v[0], v[2]), __fadd_rn(v[1], v[3]));
+    for (int i = 0; i < 4; ++i) {
+      const float keep = hi2 ? v[2 + k][i] : v[k][i];
+      const float send = hi2 ? v[k][i] : v[2 + k][i];
+      a[k][i] = __fadd_rn(keep, __shfl_xor_sync(0xffffffffu, send, 2));
+    }
+  }
+  float b[4];  // entry q, summed with thread q ^ 1
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float keep = hi1 ? a[1][i] : a[0][i];
+    const float send = hi1 ? a[0][i] : a[1][i];
+    b[i] = __fadd_rn(keep, __shfl_xor_sync(0xffffffffu, send, 1));
+  }
+  return __fadd_rn(__fadd_rn(b[0], b[2]), __fadd_rn(b[1], b[3]));
 }
 
+// A block owns 64 channels and `per_block` entries (whole groups of
+// kNsbEntries), so that the grid is about one wave and its dt_proj rows
+// are loaded once (whole 8- or 16-byte pieces where the rows allow), before
+// the PDL wait. Every entry's dt, B and C norms are computed up front, with
+// kNsbRowsInFlight rows' loads in flight per warp; then the groups run in
+// order, the next group's states and u loading while the current one is
+// computed. A group's quad sums are taken together (quad_sum_scatter), so
+// the softplus and the output of an entry run once per quad, not 4 times:
+// the kernel is instruction-bound (H100, 128 x 8K, Nsight: 19.4M -> 14.6M
+// instructions, 50 -> 45 us per layer). At most 112 registers: two blocks
+// take 57K of the SM's 64K, leaving room for a block of the kernels that
+// run beside it (the attention branch on the other stream, PDL
+// neighbours): at 128 registers the batched step went 11.8 -> 13.9 ms.
 // kVec: d_state == 16 and 16-byte aligned states and A (float4 accesses).
+constexpr int kNsbMaxGroups = 7;
+constexpr int kNsbMaxBlockEntries = kNsbMaxGroups * kNsbEntries;
+constexpr int kNsbRowsInFlight = 4;
+
 template <DType WT, bool kVec>
-__global__ void __launch_bounds__(kNsbThreads, 3) normed_scan_batch_kernel(const NormedScanEntry* entries,
-                                                                        NormedScanShared p) {
-  __shared__ NormedScanEntry sEnt[kNsbEntries];
-  __shared__ __align__(16) float sDtn[kNsbEntries][kNsbMaxRank];  // zero-padded to a multiple of 16
-  __shared__ __align__(16) float sB[kNsbEntries][kNsbMaxState];   // zero-padded to 16
-  __shared__ __align__(16) float sC[kNsbEntries][kNsbMaxState];
+__global__ void __maxnreg__(112) normed_scan_batch_kernel(const NormedScanEntry* entries, NormedScanShared p,
+                                                          int per_block) {
+  __shared__ NormedScanEntry sEnt[kNsbMaxBlockEntries];
+  __shared__ float4 sW4[kFusedWPerLane][kNsbThreads];  // this thread's 4 weights of step j (one load)
+  // The entries' normalised rows (nsb_norm_bytes): dt (Rp, zero-padded), B, C (16 each).
+  extern __shared__ float4 nsb_norms4[];
+  const int Rp = (p.R + 15) / 16 * 16;
+  float* const sDtn = reinterpret_cast<float*>(nsb_norms4);
+  float* const sB = sDtn + per_block * Rp;
+  float* const sC = sB + per_block * kNsbMaxState;
 
   const int q = threadIdx.x % kNsbQuads;
   const int64_t c = int64_t(blockIdx.y) * kNsbChannels + threadIdx.x / kNsbQuads;
   const bool live = c < p.channels;
-  const int e0 = blockIdx.x * kNsbEntries;
-  const int ne = min(kNsbEntries, p.count - e0);  // >= 1 (grid)
   const int N = p.N, R = p.R;
 
-  if (threadIdx.x < ne * kNsbEntryWords)
-    reinterpret_cast<unsigned long long*>(sEnt)[threadIdx.x] =
-        reinterpret_cast<const unsigned long long*>(entries + e0)[threadIdx.x];
-
-  // The weights. Value i of this thread stands for the single kernel's
-  // lane 4q + i, whose dt_proj columns are 4q + i + 16j. Each thread keeps
-  // its own in shared memory (sW[j][i][thread]: conflict-free), not in
-  // registers, so that 3 blocks fit on an SM (2 before): the kernel waits on
-  // its loads, and more blocks keep more of them in flight (H100, 128
-  // entries: 55-56 -> 50-53 us per layer at 4 blocks, 52-55 at 3, with the
-  // norms' old load loop; 4 blocks spill since warp_norm_row).
-  __shared__ float sW[kFusedWPerLane][4][kNsbThreads];
+  // The weights (no kernel writes them: before the PDL wait).
 #pragma unroll
-  for (int j = 0; j < kFusedWPerLane; ++j)
+  for (int j = 0; j < kFusedWPerLane; ++j) {
+    const int k0 = 4 * q + 16 * j;
+    float w4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (p.w_vec) {  // R % 4 == 0 and aligned rows: the 4 values in one load
+      if (live && k0 < R) {
+        if constexpr (WT == DType::F32) {
+          const float4 f = *reinterpret_cast<const float4*>(static_cast<const float*>(p.dt_proj) + c * R + k0);
+          w4[0] = f.x, w4[1] = f.y, w4[2] = f.z, w4[3] = f.w;
+        } else {
+          const uint2 b = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(p.dt_proj) + c * R + k0);
+          const uint16_t h[4] = {uint16_t(b.x & 0xffffu), uint16_t(b.x >> 16), uint16_t(b.y & 0xffffu),
+                                 uint16_t(b.y >> 16)};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int k = 4 * q + i + 16 * j;
-      sW[j][i][threadIdx.x] = live && k < R ? load_as_f32(p.dt_proj, WT, c * R + k) : 0.0f;
+          for (int i = 0; i < 4; ++i) w4[i] = WT == DType::BF16 ? bf16_bits_to_f32(h[i]) : f16_bits_to_f32(h[i]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w4[i] = live && k0 + i < R ? load_as_f32(p.dt_proj, WT, c * R + k0 + i) : 0.0f;
     }
+    sW4[j][threadIdx.x] = make_float4(w4[0], w4[1], w4[2], w4[3]);
+  }
   float A[4];
   if (kVec) {
     const float4 a4 = live ? reinterpret_cast<const float4*>(p.A + c * kNsbMaxState)[q] : float4{};
@@ -716,81 +774,135 @@ __global__ void __launch_bounds__(kNsbThreads, 3) normed_scan_batch_kernel(const
     for (int i = 0; i < 4; ++i) A[i] = live && 4 * q + i < N ? p.A[c * N + 4 * q + i] : 0.0f;
   }
   const float bias = live ? p.dt_bias[c] : 0.0f, D = live ? p.D[c] : 0.0f;
-  __syncthreads();  // sEnt
+  pdl_launch_dependents();
+  pdl_wait();  // the entry table (a staged copy), the states and the activations come from earlier work
 
-  // Every entry's state, u and z, in flight together (and during the norms).
-  float h[kNsbEntries][4], u[kNsbEntries], z[kNsbEntries];
+  const int e0 = blockIdx.x * per_block;
+  const int ne = min(per_block, p.count - e0);  // >= 1 (grid)
+  if (threadIdx.x < ne * kNsbEntryWords)
+    reinterpret_cast<unsigned long long*>(sEnt)[threadIdx.x] =
+        reinterpret_cast<const unsigned long long*>(entries + e0)[threadIdx.x];
+  __syncthreads();
+
+  // Group g's states and u into registers, and z of this thread's entry
+  // (g's entry q: the one whose output it writes).
+  auto load_group = [&](int g, float (&h)[kNsbEntries][4], float (&u)[kNsbEntries], float& z) {
+    const int em = g * kNsbEntries + q;
+    z = live && em < ne ? sEnt[em].z[c] : 0.0f;
 #pragma unroll
-  for (int e = 0; e < kNsbEntries; ++e) {
-    const bool on = live && e < ne;
-    const NormedScanEntry& en = sEnt[e];
-    if (kVec) {
-      // Streaming (evict-first): a state is touched once per step, the weights of the other entries' blocks are not.
-      const float4 h4 = on ? __ldcs(reinterpret_cast<const float4*>(en.state + c * kNsbMaxState) + q) : float4{};
-      h[e][0] = h4.x, h[e][1] = h4.y, h[e][2] = h4.z, h[e][3] = h4.w;
-    } else {
+    for (int e = 0; e < kNsbEntries; ++e) {
+      const int ei = g * kNsbEntries + e;
+      const bool on = live && ei < ne;
+      const NormedScanEntry& en = sEnt[on ? ei : 0];
+      if (kVec) {
+        const float4 h4 = on ? __ldcs(reinterpret_cast<const float4*>(en.state + c * kNsbMaxState) + q) : float4{};
+        h[e][0] = h4.x, h[e][1] = h4.y, h[e][2] = h4.z, h[e][3] = h4.w;
+      } else {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) h[e][i] = on && 4 * q + i < N ? en.state[c * N + 4 * q + i] : 0.0f;
+        for (int i = 0; i < 4; ++i) h[e][i] = on && 4 * q + i < N ? en.state[c * N + 4 * q + i] : 0.0f;
+      }
+      u[e] = on ? en.u[c] : 0.0f;
     }
-    u[e] = on ? en.u[c] : 0.0f;
-    z[e] = on ? en.z[c] : 0.0f;
-  }
+  };
+  float h[kNsbEntries][4], u[kNsbEntries], z;
+  load_group(0, h, u, z);
 
-  // The norms: one warp per row (dt, B and C of each entry).
-  const int Rp = (R + 15) / 16 * 16;
-  for (int r = threadIdx.x / 32; r < 3 * ne; r += kNsbThreads / 32) {
-    const int e = r / 3, kind = r % 3;
-    const NormedScanEntry& en = sEnt[e];
-    const float* x = kind == 0 ? en.dt_raw : kind == 1 ? en.B : en.C;
-    const float* wn = kind == 0 ? p.dt_norm_w : kind == 1 ? p.B_norm_w : p.C_norm_w;
-    float* out = kind == 0 ? sDtn[e] : kind == 1 ? sB[e] : sC[e];
-    const int d = kind == 0 ? R : N, dp = kind == 0 ? Rp : kNsbMaxState;
-    warp_norm_row<WT>(x, wn, d, dp, p.eps, kind == 0, out);
+  // Every entry's norms: row r (entry r / 3; dt, B, C) by warp r % 8, the
+  // loads of kNsbRowsInFlight rows issued before any is reduced.
+  const int warp = threadIdx.x / 32;
+  for (int r0 = warp; r0 < 3 * ne; r0 += kNsbRowsInFlight * (kNsbThreads / 32)) {
+    ShortRow rows[kNsbRowsInFlight];
+#pragma unroll
+    for (int b = 0; b < kNsbRowsInFlight; ++b) {
+      const int r = r0 + b * (kNsbThreads / 32);
+      if (r < 3 * ne) {  // uniform over the warp
+        const int e = r / 3, kind = r % 3;
+        const NormedScanEntry& en = sEnt[e];
+        short_row_load(kind == 0 ? en.dt_raw : kind == 1 ? en.B : en.C,
+                       kind == 0 ? p.dt_norm_w : kind == 1 ? p.B_norm_w : p.C_norm_w, kind == 0 ? R : N, rows[b]);
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kNsbRowsInFlight; ++b) {
+      const int r = r0 + b * (kNsbThreads / 32);
+      if (r < 3 * ne) {
+        const int e = r / 3, kind = r % 3;
+        short_row_finish<WT>(rows[b], kind == 0 ? R : N, kind == 0 ? Rp : kNsbMaxState, p.eps, kind == 0,
+                             kind == 0 ? sDtn + e * Rp : (kind == 1 ? sB : sC) + e * kNsbMaxState);
+      }
+    }
   }
   __syncthreads();
 
+  // The groups in order (quad_sum_scatter: thread q ends with entry q's sums).
+  const int lane = threadIdx.x % 32;
+  const int ng = (ne + kNsbEntries - 1) / kNsbEntries;
+  for (int g = 0; g < ng; ++g) {
+    float hn[kNsbEntries][4], un[kNsbEntries];
+    float zn = 0.0f;
+    if (g + 1 < ng) load_group(g + 1, hn, un, zn);
+    float acc[kNsbEntries][4];
 #pragma unroll
-  for (int e = 0; e < kNsbEntries; ++e) {
-    if (e >= ne) break;  // uniform over the block (the shuffles need whole warps)
-    // delta: the single kernel's lane sums, fma by fma. Past R both w and
-    // dtn are +0, and fmaf(+0, +0, acc) == acc (acc, summed from +0, is
-    // never -0), so the padded columns change no bit.
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int e = 0; e < kNsbEntries; ++e) {
+      const int ei = min(g * kNsbEntries + e, ne - 1);  // past ne: any real row (never stored)
 #pragma unroll
-    for (int j = 0; j < kFusedWPerLane; ++j) {
-      if (16 * j < R) {
-        const float4 d4 = reinterpret_cast<const float4*>(sDtn[e] + 16 * j)[q];
-        acc[0] = fmaf(sW[j][0][threadIdx.x], d4.x, acc[0]);
-        acc[1] = fmaf(sW[j][1][threadIdx.x], d4.y, acc[1]);
-        acc[2] = fmaf(sW[j][2][threadIdx.x], d4.z, acc[2]);
-        acc[3] = fmaf(sW[j][3][threadIdx.x], d4.w, acc[3]);
+      for (int i = 0; i < 4; ++i) acc[e][i] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kFusedWPerLane; ++j) {
+        if (16 * j < R) {
+          const float4 d4 = reinterpret_cast<const float4*>(sDtn + ei * Rp + 16 * j)[q];
+          const float4 w4 = sW4[j][threadIdx.x];
+          acc[e][0] = fmaf(w4.x, d4.x, acc[e][0]);
+          acc[e][1] = fmaf(w4.y, d4.y, acc[e][1]);
+          acc[e][2] = fmaf(w4.z, d4.z, acc[e][2]);
+          acc[e][3] = fmaf(w4.w, d4.w, acc[e][3]);
+        }
       }
     }
-    const float delta = quad_lane_sum(acc);
-    const float dt = softplus_f(__fadd_rn(delta, bias));
-    const float du = __fmul_rn(dt, u[e]);
-    const float4 b4 = reinterpret_cast<const float4*>(sB[e])[q];
-    const float4 c4 = reinterpret_cast<const float4*>(sC[e])[q];
-    const float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
-    float part[4];  // the single kernel's lane parts: fma(C, h, +0), +0 where a lane owns no state
+    const float dt_mine = softplus_f(__fadd_rn(quad_sum_scatter(acc), bias));  // entry q's
+    float part[kNsbEntries][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      part[i] = 0.0f;
-      if (kVec || 4 * q + i < N) {
-        h[e][i] = state_step(h[e][i], A[i], dt, du, bv[i]);
-        part[i] = __fmaf_rn(cv[i], h[e][i], 0.0f);
+    for (int e = 0; e < kNsbEntries; ++e) {
+      const int ei = min(g * kNsbEntries + e, ne - 1);
+      const float dt = __shfl_sync(0xffffffffu, dt_mine, (lane & ~(kNsbQuads - 1)) | e);
+      const float du = __fmul_rn(dt, u[e]);
+      const float4 b4 = reinterpret_cast<const float4*>(sB + ei * kNsbMaxState)[q];
+      const float4 c4 = reinterpret_cast<const float4*>(sC + ei * kNsbMaxState)[q];
+      const float bv[4] = {b4.x, b4.y, b4.z, b4.w}, cv[4] = {c4.x, c4.y, c4.z, c4.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // the single kernel's lane parts: fma(C, h, +0), +0 where a lane owns no state
+        part[e][i] = 0.0f;
+        if (kVec || 4 * q + i < N) {
+          h[e][i] = state_step(h[e][i], A[i], dt, du, bv[i]);
+          part[e][i] = __fmaf_rn(cv[i], h[e][i], 0.0f);
+        }
       }
     }
-    const float ch = quad_lane_sum(part);
-    const NormedScanEntry& en = sEnt[e];
-    if (live) {
-      if (q == 0) en.y[c] = scan_out(ch, D, u[e], z[e]);
-      if (kVec) {
-        __stcs(reinterpret_cast<float4*>(en.state + c * kNsbMaxState) + q, make_float4(h[e][0], h[e][1], h[e][2], h[e][3]));
-      } else {
+    const float ch = quad_sum_scatter(part);  // entry q's
+    const float u_mine = q == 0 ? u[0] : q == 1 ? u[1] : q == 2 ? u[2] : u[3];
+    const int em = g * kNsbEntries + q;
+    if (live && em < ne) sEnt[em].y[c] = scan_out(ch, D, u_mine, z);
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-          if (4 * q + i < N) en.state[c * N + 4 * q + i] = h[e][i];
+    for (int e = 0; e < kNsbEntries; ++e) {
+      const int ei = g * kNsbEntries + e;
+      if (live && ei < ne) {
+        float* st = sEnt[ei].state;
+        if (kVec) {
+          __stcs(reinterpret_cast<float4*>(st + c * kNsbMaxState) + q, make_float4(h[e][0], h[e][1], h[e][2], h[e][3]));
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (4 * q + i < N) st[c * N + 4 * q + i] = h[e][i];
+        }
+      }
+    }
+    if (g + 1 < ng) {
+      z = zn;
+#pragma unroll
+      for (int e = 0; e < kNsbEntries; ++e) {
+        u[e] = un[e];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) h[e][i] = hn[e][i];
       }
     }
   }
@@ -1318,6 +1430,32 @@ void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, s
   HYMBA_CUDA_LAUNCHED("selective_scan_batch");
 }
 
+// normed_scan_batch_kernel's dynamic shared memory for `entries` entries of rank R.
+size_t nsb_norm_bytes(int entries, int64_t R) {
+  return size_t(entries) * size_t((R + 15) / 16 * 16 + 2 * kNsbMaxState) * sizeof(float);
+}
+
+// Resident blocks per SM of a normed_scan_batch_kernel instantiation at
+// its largest dynamic shared memory (opted in here; asked once per kernel;
+// 1 if the runtime cannot tell).
+using NsbKernel = void (*)(const NormedScanEntry*, NormedScanShared, int);
+int nsb_blocks_per_sm(NsbKernel k) {
+  static std::mutex mu;
+  static std::vector<std::pair<NsbKernel, int>> known;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& [kk, b] : known)
+    if (kk == k) return b;
+  const size_t smem = nsb_norm_bytes(kNsbMaxBlockEntries, kNsbMaxRank);
+  HYMBA_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  int b = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, k, kNsbThreads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    b = 0;
+  }
+  known.emplace_back(k, b > 0 ? b : 1);
+  return known.back().second;
+}
+
 void normed_selective_scan_batch(const ScanArgs* a, int count, const ScanInputNorms& in, const BatchHost& host,
                                  std::vector<int>& rest) {
   const int64_t R = in.dt_proj.cols;
@@ -1351,12 +1489,22 @@ void normed_selective_scan_batch(const ScanArgs* a, int count, const ScanInputNo
   if (take.empty()) return;
   vec = vec && first->d_state == kNsbMaxState && (reinterpret_cast<uintptr_t>(first->A) & 15) == 0;
   const auto* d = static_cast<const NormedScanEntry*>(host.stage(take.data(), take.size() * sizeof(NormedScanEntry)));
+  const size_t wbytes = wt == DType::F32 ? 4 : 2;
+  const bool w_vec = R % 4 == 0 && reinterpret_cast<uintptr_t>(in.dt_proj.data) % (4 * wbytes) == 0;
   const NormedScanShared p{in.dt_proj.data, in.dt_norm_w, in.B_norm_w, in.C_norm_w, first->dt_bias, first->A,
-                           first->D, int(first->channels), int(first->d_state), int(R), int(take.size()), in.eps};
-  // x: entry groups (consecutive blocks share their weights), y: channel blocks.
-  const dim3 grid(unsigned((take.size() + kNsbEntries - 1) / kNsbEntries),
-                  unsigned((first->channels + kNsbChannels - 1) / kNsbChannels));
-  auto launch = [&](auto kernel) { kernel<<<grid, kNsbThreads, 0, host.stream>>>(d, p); };
+                           first->D, int(first->channels), int(first->d_state), int(R), int(take.size()), in.eps,
+                           w_vec};
+  // Entries per block: about one wave of blocks (at the kernel's occupancy).
+  const int64_t cblocks = (first->channels + kNsbChannels - 1) / kNsbChannels;
+  const int64_t groups = (int64_t(take.size()) + kNsbEntries - 1) / kNsbEntries;
+  auto launch = [&](NsbKernel kernel) {
+    const int64_t resident = std::max<int64_t>(1, int64_t(host.sm_count) * nsb_blocks_per_sm(kernel));
+    const int per_block =
+        int(std::clamp<int64_t>((groups * cblocks + resident - 1) / resident, 1, kNsbMaxGroups)) * kNsbEntries;
+    const dim3 grid(unsigned((int64_t(take.size()) + per_block - 1) / per_block), unsigned(cblocks));
+    launch_pdl("normed_scan_batch", kernel, grid, dim3(kNsbThreads), nsb_norm_bytes(per_block, R), host.stream, d, p,
+               per_block);
+  };
   if (wt == DType::F32) vec ? launch(normed_scan_batch_kernel<DType::F32, true>)
                             : launch(normed_scan_batch_kernel<DType::F32, false>);
   else if (wt == DType::BF16) vec ? launch(normed_scan_batch_kernel<DType::BF16, true>)
