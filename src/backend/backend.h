@@ -34,6 +34,15 @@ class Backend {
   // backend. The CPU backend returns `host` itself: nothing is copied, so a
   // memory-mapped checkpoint stays mapped, never duplicated.
   virtual const void* resident(const void* host, size_t bytes) = 0;
+  // Resident copies of `count` host tensors, placed back to back in one
+  // allocation where the device copies (each at the previous one's end,
+  // rounded up to 16 bytes), so that products over weights that share an
+  // operand (the MLP's gate and up) can run as one; out[i] is hosts[i]'s
+  // copy. The default (and any backend that copies nothing) makes each
+  // resident on its own.
+  virtual void resident_adjacent(const void* const* hosts, const size_t* bytes, int count, const void** out) {
+    for (int i = 0; i < count; ++i) out[i] = resident(hosts[i], bytes[i]);
+  }
   // Waits until all queued work is done (no-op where ops are synchronous).
   virtual void synchronize() {}
   // Tokens per forward chunk that keep this device efficient (the model's

@@ -158,8 +158,16 @@ void ModelWeights::make_resident(Backend& be, const std::function<void(double)>&
   for (size_t i = 0; i < layers.size(); ++i) {
     LayerWeights& l = layers[i];
     if (progress) progress(double(i) / double(layers.size()));
-    for (MatrixView* m : {&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.gate_proj, &l.up_proj, &l.down_proj})
-      matrix(*m);
+    for (MatrixView* m : {&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.down_proj}) matrix(*m);
+    {  // gate and up back to back: a backend may run the two products as one
+      const void* hosts[2] = {l.gate_proj.data, l.up_proj.data};
+      const size_t bytes[2] = {size_t(l.gate_proj.rows * l.gate_proj.cols) * dtype_size(l.gate_proj.dtype),
+                               size_t(l.up_proj.rows * l.up_proj.cols) * dtype_size(l.up_proj.dtype)};
+      const void* out[2] = {nullptr, nullptr};
+      be.resident_adjacent(hosts, bytes, 2, out);
+      l.gate_proj.data = out[0];
+      l.up_proj.data = out[1];
+    }
     for (ParamVector* v : {&l.input_norm, &l.conv_weight, &l.conv_bias, &l.dt_norm, &l.B_norm, &l.C_norm, &l.dt_bias,
                            &l.A, &l.D, &l.attn_out_norm, &l.ssm_out_norm, &l.mlp_norm})
       vec(*v);

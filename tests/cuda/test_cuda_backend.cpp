@@ -260,11 +260,16 @@ TEST_F(CudaVsCpu, FusedProductsForLargeNMatchTheComposition) {
 // order) flip a few of those roundings: measured 1.2e-7 to 2.7e-5, held to
 // 1e-3 (a wrong path is off by ~1). x and y are the same rows (in place),
 // as in the model, in every case.
+// With `adjacent`, gate and up are made resident back to back
+// (resident_adjacent), which lets n > 8 run both as one product (I % 8 ==
+// 0: I = 512; I = 203 keeps two).
 TEST_F(CudaVsCpu, MlpResidual) {
   const float eps = 1e-6f;
-  for (int64_t n : {4, 9, 300}) {
+  for (int64_t n : {4, 9, 300})
+  for (const bool adjacent : {false, true}) {
     for (const auto& [inter, hidden] : std::vector<std::pair<int64_t, int64_t>>{{512, 320}, {203, 96}}) {
-      const std::string what = "n=" + std::to_string(n) + " I=" + std::to_string(inter) + " D=" + std::to_string(hidden);
+      const std::string what = "n=" + std::to_string(n) + " I=" + std::to_string(inter) + " D=" + std::to_string(hidden) +
+                               (adjacent ? " adjacent" : "");
       const std::vector<uint8_t> wg = store_as(randn(size_t(inter * hidden), 0.0f, 0.06f), DType::BF16);
       const std::vector<uint8_t> wu = store_as(randn(size_t(inter * hidden), 0.0f, 0.06f), DType::BF16);
       const std::vector<uint8_t> wd = store_as(randn(size_t(hidden * inter), 0.0f, 0.05f), DType::BF16);
@@ -277,7 +282,17 @@ TEST_F(CudaVsCpu, MlpResidual) {
       float* s1 = up(std::vector<float>(sn.size(), kNaN));
       float* s2 = up(std::vector<float>(su.size(), kNaN));
       float* s3 = up(std::vector<float>(sa.size(), kNaN));
-      gpu_->mlp_residual({up(wg), DType::BF16, inter, hidden}, {up(wu), DType::BF16, inter, hidden},
+      const void* dgu[2] = {nullptr, nullptr};
+      if (adjacent) {
+        const void* hosts[2] = {wg.data(), wu.data()};
+        const size_t bytes[2] = {wg.size(), wu.size()};
+        gpu_->resident_adjacent(hosts, bytes, 2, dgu);
+        ASSERT_EQ(static_cast<const char*>(dgu[1]) - static_cast<const char*>(dgu[0]),
+                  std::ptrdiff_t((wg.size() + 15) / 16 * 16));
+      } else {
+        dgu[0] = up(wg), dgu[1] = up(wu);
+      }
+      gpu_->mlp_residual({dgu[0], DType::BF16, inter, hidden}, {dgu[1], DType::BF16, inter, hidden},
                          {up(wd), DType::BF16, hidden, inter}, dh, n, hidden, up(nw), eps, s1, s2, s3, dh, hidden);
       // The MLP's own contribution (y - x), not the residual sum, is what the
       // tolerance applies to.

@@ -23,6 +23,9 @@ class ProfilingBackend final : public Backend {
   void copy(void* dst, const void* src, size_t bytes) override { inner_->copy(dst, src, bytes); }
   void fill_zero(void* dst, size_t bytes) override { inner_->fill_zero(dst, bytes); }
   const void* resident(const void* host, size_t bytes) override { return inner_->resident(host, bytes); }
+  void resident_adjacent(const void* const* hosts, const size_t* bytes, int count, const void** out) override {
+    inner_->resident_adjacent(hosts, bytes, count, out);
+  }
   void synchronize() override { inner_->synchronize(); }
   int64_t preferred_chunk() const override { return inner_->preferred_chunk(); }
 

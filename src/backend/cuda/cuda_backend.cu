@@ -140,6 +140,20 @@ class CudaBackend final : public Backend {
     resident_[host] = {p, bytes};  // (an earlier copy of another size stays alive in resident_allocs_)
     return p;
   }
+  void resident_adjacent(const void* const* hosts, const size_t* bytes, int count, const void** out) override {
+    std::lock_guard<std::mutex> lock(resident_mutex_);
+    size_t total = 0;
+    std::vector<size_t> offset(size_t(std::max(count, 0)));
+    for (int i = 0; i < count; ++i) offset[size_t(i)] = total, total += (bytes[i] + 15) / 16 * 16;
+    if (count <= 0) return;
+    auto* base = static_cast<char*>(allocate(total));
+    resident_allocs_.push_back(base);
+    for (int i = 0; i < count; ++i) {
+      upload(base + offset[size_t(i)], hosts[i], bytes[i]);
+      out[i] = base + offset[size_t(i)];
+    }
+    HYMBA_CUDA_CHECK(cudaStreamSynchronize(stream_));  // (as resident: the host copies may go away)
+  }
   void synchronize() override {
     side_join();
     HYMBA_CUDA_CHECK(cudaStreamSynchronize(main_stream_));
@@ -314,6 +328,19 @@ class CudaBackend final : public Backend {
         Wg.cols > 0 && Wd.rows > 0) {
       int64_t ld_b = 0;
       const void* b = norm_packed(x, ldx, norm_w, nullptr, 0, nullptr, n, Wg.cols, eps, ld_b);
+      // Gate and up back to back (resident_adjacent): one product of 2I
+      // rows, gate in the first I columns of each output row, up after
+      // (I % 8 == 0: silu_mul's 8-value groups then stay inside each half).
+      const int64_t cols = Wg.cols;
+      if (I % 8 == 0 && static_cast<const char*>(Wu.data) == static_cast<const char*>(Wg.data) + I * cols * 2) {
+        const int64_t ld2 = (2 * I + 7) / 8 * 8;
+        auto* gu = static_cast<uint16_t*>(scratch_at(kScratchMlp, size_t(n * ld2) * 2));
+        if (gemm_to_bf16({Wg.data, DType::BF16, 2 * I, cols}, b, ld_b, n, gu, ld2)) {
+          cuda::silu_mul_bf16(gu, gu + I, ld2, n, I, gu, stream_);
+          gemm(Wd, gu, ld2, n, y, ldy, true);
+          return;
+        }
+      }
       const int64_t ld = (I + 7) / 8 * 8;
       auto* g = static_cast<uint16_t*>(scratch_at(kScratchMlp, size_t(2 * n * ld) * 2));
       uint16_t* u = g + n * ld;
