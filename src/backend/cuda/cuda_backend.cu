@@ -54,7 +54,14 @@ class CudaBackend final : public Backend {
     check(cuda_device_present(), "CUDA backend: no usable CUDA device");
     HYMBA_CUDA_CHECK(cudaGetDevice(&device_));
     HYMBA_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device_));
-    HYMBA_CUDA_CHECK(cudaStreamCreateWithFlags(&main_stream_, cudaStreamNonBlocking));
+    // The main stream at the highest priority, the side stream (attention
+    // beside the Mamba branch) at the default: where both have blocks
+    // waiting, the main line's short kernels go first and the long
+    // attention grid fills the SMs behind them (H100, 128 x 8K batched
+    // decode, alternated: 11.76 -> 11.38 ms per step; batch-1 unchanged).
+    int least = 0, greatest = 0;
+    HYMBA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    HYMBA_CUDA_CHECK(cudaStreamCreateWithPriority(&main_stream_, cudaStreamNonBlocking, greatest));
     stream_ = main_stream_;
     HYMBA_CUBLAS_CHECK(cublasLtCreate(&lt_));
     workspace_bytes_ = 32u << 20;  // cuBLAS' recommendation for Hopper
