@@ -139,9 +139,8 @@ ModelWeights ModelWeights::bind(const SafetensorsCheckpoint& ck, const HymbaConf
 }
 
 void ModelWeights::make_resident(Backend& be, const std::function<void(double)>& progress) {
-  auto matrix = [&](MatrixView& m) {
-    m.data = be.resident(m.data, size_t(m.rows * m.cols) * dtype_size(m.dtype));
-  };
+  auto bytes_of = [](const MatrixView& m) { return size_t(m.rows * m.cols) * dtype_size(m.dtype); };
+  auto matrix = [&](MatrixView& m) { m.data = be.resident(m.data, bytes_of(m)); };
   auto vec = [&](ParamVector& v) {
     if (v.host.empty()) return;
     const void* p = be.resident(v.host.data(), v.size() * sizeof(float));
@@ -161,8 +160,7 @@ void ModelWeights::make_resident(Backend& be, const std::function<void(double)>&
     for (MatrixView* m : {&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.down_proj}) matrix(*m);
     {  // gate and up back to back: a backend may run the two products as one
       const void* hosts[2] = {l.gate_proj.data, l.up_proj.data};
-      const size_t bytes[2] = {size_t(l.gate_proj.rows * l.gate_proj.cols) * dtype_size(l.gate_proj.dtype),
-                               size_t(l.up_proj.rows * l.up_proj.cols) * dtype_size(l.up_proj.dtype)};
+      const size_t bytes[2] = {bytes_of(l.gate_proj), bytes_of(l.up_proj)};
       const void* out[2] = {nullptr, nullptr};
       be.resident_adjacent(hosts, bytes, 2, out);
       l.gate_proj.data = out[0];

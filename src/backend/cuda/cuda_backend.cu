@@ -148,11 +148,11 @@ class CudaBackend final : public Backend {
     return p;
   }
   void resident_adjacent(const void* const* hosts, const size_t* bytes, int count, const void** out) override {
+    if (count <= 0) return;
     std::lock_guard<std::mutex> lock(resident_mutex_);
     size_t total = 0;
-    std::vector<size_t> offset(size_t(std::max(count, 0)));
+    std::vector<size_t> offset(static_cast<size_t>(count));
     for (int i = 0; i < count; ++i) offset[size_t(i)] = total, total += (bytes[i] + 15) / 16 * 16;
-    if (count <= 0) return;
     auto* base = static_cast<char*>(allocate(total));
     resident_allocs_.push_back(base);
     for (int i = 0; i < count; ++i) {

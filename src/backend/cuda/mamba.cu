@@ -500,16 +500,9 @@ __device__ __forceinline__ float normed_value(float x, float inv, float w, bool 
   return is_dt && WT == DType::BF16 ? round_f32(v, DType::BF16) : v;
 }
 
-// One warp normalises a row of d values (x, weights wn) into out[0, dp),
-// zeros past d. Rows of up to 128 values (dt, B and C at the model's
-// ranks) are loaded at once, 4 values and 4 weights per lane, before any is
-// used: the rows were just written by x_proj, so a loop of dependent loads
-// paid an L2 round trip per 32 values, twice (H100, Nsight: the batched
-// step 50-53 -> 47 us per layer with 128 sequences, the single step 8.4 ->
-// 7.7-8.3 us). Longer rows (d_state > 128) take the plain loops. Either
-// way the arithmetic and its order are warp_rms_finish's and normed_value's.
-// warp_norm_row's short-row path in two halves, so that a warp can have the
-// loads of several rows in flight before it reduces any (d, dp <= 128).
+// warp_norm_row's short-row path (below) in two halves, so that a warp can
+// have the loads of several rows in flight before it reduces any (d, dp <=
+// 128).
 struct ShortRow {
   float v[4], w[4];
 };
@@ -537,6 +530,14 @@ __device__ __forceinline__ void short_row_finish(const ShortRow& r, int d, int d
   }
 }
 
+// One warp normalises a row of d values (x, weights wn) into out[0, dp),
+// zeros past d. Rows of up to 128 values (dt, B and C at the model's
+// ranks) are loaded at once, 4 values and 4 weights per lane, before any is
+// used: the rows were just written by x_proj, so a loop of dependent loads
+// paid an L2 round trip per 32 values, twice (H100, Nsight: the batched
+// step 50-53 -> 47 us per layer with 128 sequences, the single step 8.4 ->
+// 7.7-8.3 us). Longer rows (d_state > 128) take the plain loops. Either
+// way the arithmetic and its order are warp_rms_finish's and normed_value's.
 template <DType WT>
 __device__ __forceinline__ void warp_norm_row(const float* x, const float* wn, int64_t d, int64_t dp, float eps,
                                               bool is_dt, float* out) {
@@ -795,6 +796,7 @@ __global__ void __maxnreg__(112) normed_scan_batch_kernel(const NormedScanEntry*
       const bool on = live && ei < ne;
       const NormedScanEntry& en = sEnt[on ? ei : 0];
       if (kVec) {
+        // Streaming (evict-first): a state is touched once per step.
         const float4 h4 = on ? __ldcs(reinterpret_cast<const float4*>(en.state + c * kNsbMaxState) + q) : float4{};
         h[e][0] = h4.x, h[e][1] = h4.y, h[e][2] = h4.z, h[e][3] = h4.w;
       } else {
@@ -841,6 +843,9 @@ __global__ void __maxnreg__(112) normed_scan_batch_kernel(const NormedScanEntry*
     float hn[kNsbEntries][4], un[kNsbEntries];
     float zn = 0.0f;
     if (g + 1 < ng) load_group(g + 1, hn, un, zn);
+    // delta: the single kernel's lane sums, fma by fma. Past R both w and
+    // dtn are +0, and fmaf(+0, +0, acc) == acc (acc, summed from +0, is
+    // never -0), so the padded columns change no bit.
     float acc[kNsbEntries][4];
 #pragma unroll
     for (int e = 0; e < kNsbEntries; ++e) {
