@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -144,6 +145,27 @@ class Backend {
   virtual void conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2) {
     causal_conv_silu(a.x, a.n, a.ldx, a.channels, a.weight, a.bias, a.k_width, a.state, a.y, a.ldy);
     matmul(W, a.y, a.n, a.ldy, y2, ldy2, false);
+  }
+  // conv_silu_matmul for many sequences (batched decode):
+  // causal_conv_silu_batch(a, count), then y2 = Y W^T for Y the entries'
+  // outputs stacked in order, which must be consecutive rows of one matrix
+  // (a[i].y = a[0].y + (the earlier entries' rows) * a[0].ldy, one ldy).
+  virtual void conv_silu_matmul_batch(const ConvArgs* a, int count, const MatrixView& W, float* y2, int64_t ldy2) {
+    if (count <= 0) return;
+    const int64_t n = stacked_rows(a, count);
+    causal_conv_silu_batch(a, count);
+    matmul(W, a[0].y, n, a[0].ldy, y2, ldy2, false);
+  }
+  // The rows of conv_silu_matmul_batch's entries (count >= 1); throws
+  // std::invalid_argument where their outputs are not consecutive rows.
+  static int64_t stacked_rows(const ConvArgs* a, int count) {
+    int64_t n = 0;
+    for (int i = 0; i < count; ++i) {
+      if (a[i].y != a[0].y + n * a[0].ldy || a[i].ldy != a[0].ldy)
+        throw std::invalid_argument("conv_silu_matmul_batch: the entries' outputs are not consecutive rows");
+      n += a[i].n;
+    }
+    return n;
   }
   // The whole SwiGLU MLP added to the residual stream:
   //   y += Wd (silu(Wg xn) * (Wu xn)),  xn = rmsnorm(x; norm_w)

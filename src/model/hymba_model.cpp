@@ -399,8 +399,7 @@ void HymbaModel::layer_rest(const LayerPlan& lp, const LayerWeights& w, const Ro
   if (n_spans == 1) {  // the single-sequence op (what a recording may hold), with x_proj
     be.conv_silu_matmul(ws.conv_args[0], w.x_proj, ws.xdbc.data(), XD);
   } else {
-    be.causal_conv_silu_batch(ws.conv_args.data(), n_spans);
-    be.matmul(w.x_proj, ws.conv.data(), n, Di, ws.xdbc.data(), XD, false);
+    be.conv_silu_matmul_batch(ws.conv_args.data(), n_spans, w.x_proj, ws.xdbc.data(), XD);
   }
   ws.scan_args.resize(size_t(n_spans));
   for (int i = 0; i < n_spans; ++i) {

@@ -539,6 +539,73 @@ TEST_F(CudaVsCpu, ConvSiluMatmul) {
   }
 }
 
+// The batched form (one token per sequence, each with its own state): the
+// GPU's fused launch (the conv kernel writes x_proj's bf16 operand, more
+// than 8 sequences) must equal the GPU's default composition bit for bit
+// (y, y2, states) and the CPU's op at the usual tolerances; entries whose
+// outputs are not consecutive rows are refused with a clear error.
+TEST_F(CudaVsCpu, ConvSiluMatmulBatch) {
+  struct Case {
+    int count;
+    int64_t C, R;
+  };
+  for (const Case& cs : std::vector<Case>{{128, 3200, 132}, {12, 37, 20}, {5, 64, 9}, {9, 128, 40}}) {
+    const int count = cs.count;
+    const int64_t C = cs.C, R = cs.R, ldx = 2 * C + 3, ldy = C + 1, ld2 = R + 3;
+    const std::vector<float> w = randn(size_t(4 * C), 0.0f, 0.5f), b = randn(size_t(C));
+    const std::vector<uint8_t> W = store_as(randn(size_t(R * C), 0.0f, 0.05f), DType::BF16);
+    std::vector<float> sc = randn(size_t(count) * size_t(3 * C));
+    const std::vector<float> x = randn(size_t(count) * size_t(ldx));
+    const float* dw = up(w);
+    const float* db = up(b);
+    const float* dx = up(x);
+    const MatrixView dW{up(W), DType::BF16, R, C};
+    float* ds = up(sc);   // the fused op's states
+    float* ds2 = up(sc);  // the GPU composition's
+    std::vector<float> yc(size_t(count) * size_t(ldy), kNaN), y2c(size_t(count) * size_t(ld2), kNaN);
+    float* dy = up(yc);
+    float* dy2 = up(y2c);
+    float* ey = up(yc);
+    float* ey2 = up(y2c);
+    std::vector<ConvArgs> ac, ag, ae;
+    for (int i = 0; i < count; ++i) {
+      const size_t xo = size_t(i) * size_t(ldx) + size_t(C), so = size_t(i) * size_t(3 * C);
+      const size_t yo = size_t(i) * size_t(ldy);
+      ac.push_back(ConvArgs{x.data() + xo, ldx, 1, C, w.data(), b.data(), 4, sc.data() + so, yc.data() + yo, ldy});
+      ag.push_back(ConvArgs{dx + xo, ldx, 1, C, dw, db, 4, ds + so, dy + yo, ldy});
+      ae.push_back(ConvArgs{dx + xo, ldx, 1, C, dw, db, 4, ds2 + so, ey + yo, ldy});
+    }
+    cpu_->conv_silu_matmul_batch(ac.data(), count, {W.data(), DType::BF16, R, C}, y2c.data(), ld2);
+    gpu_->conv_silu_matmul_batch(ag.data(), count, dW, dy2, ld2);
+    gpu_->Backend::conv_silu_matmul_batch(ae.data(), count, dW, ey2, ld2);
+    const std::string what = std::to_string(count) + " x C=" + std::to_string(C) + " R=" + std::to_string(R);
+    const std::vector<float> gy = down(dy, yc.size()), gy2 = down(dy2, y2c.size());
+    expect_close("conv_silu_matmul_batch y vs gpu composition", what, gy, down(ey, yc.size()), 0.0);
+    expect_close("conv_silu_matmul_batch y2 vs gpu composition", what, gy2, down(ey2, y2c.size()), 0.0);
+    expect_close("conv_silu_matmul_batch state vs gpu composition", what, down(ds, sc.size()), down(ds2, sc.size()),
+                 0.0);
+    expect_close("conv_silu_matmul_batch y vs cpu", what, gy, yc, 1e-5);
+    expect_close("conv_silu_matmul_batch y2 vs cpu", what, gy2, y2c, 1e-4);
+    expect_close("conv_silu_matmul_batch state vs cpu", what, down(ds, sc.size()), sc, 0.0);
+    if (HasFailure()) return;
+    TearDown();
+  }
+  // Outputs that are not consecutive rows: refused before anything runs.
+  const int64_t C = 16;
+  const std::vector<float> w = randn(size_t(4 * C)), b = randn(size_t(C)), x = randn(size_t(2 * C));
+  std::vector<float> st = randn(size_t(6 * C)), y(size_t(4 * C)), y2(size_t(2 * 4));
+  const std::vector<uint8_t> W = store_as(randn(size_t(4 * C)), DType::BF16);
+  const ConvArgs gap[2] = {ConvArgs{x.data(), C, 1, C, w.data(), b.data(), 4, st.data(), y.data(), C},
+                           ConvArgs{x.data() + C, C, 1, C, w.data(), b.data(), 4, st.data() + 3 * C,
+                                    y.data() + 2 * C, C}};
+  try {
+    cpu_->conv_silu_matmul_batch(gap, 2, {W.data(), DType::BF16, 4, C}, y2.data(), 4);
+    ADD_FAILURE() << "no error for outputs with a gap between them";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("consecutive rows"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(CudaVsCpu, SelectiveScan) {
   for (auto [channels, d_state] : std::vector<std::pair<int64_t, int64_t>>{{3200, 16}, {37, 5}, {50, 40}}) {
     const std::vector<float> dt_bias = randn(size_t(channels), -2.0f, 1.0f);

@@ -113,6 +113,12 @@ class ProfilingBackend final : public Backend {
     timed(n <= 8 ? "norm_swiglu (n<=8)" : "norm_swiglu (n>8)", 4.0 * double(Wg.rows) * double(Wg.cols) * double(n),
           [&] { inner_->norm_swiglu(Wg, Wu, x, n, ldx, norm_w, eps, scratch_norm, scratch_up, out, ldo); });
   }
+  void conv_silu_matmul_batch(const ConvArgs* a, int count, const MatrixView& W, float* y2, int64_t ldy2) override {
+    int64_t n = 0;
+    for (int i = 0; i < count; ++i) n += a[i].n;
+    timed("conv+x_proj (batch)", 2.0 * double(W.rows) * double(W.cols) * double(n),
+          [&] { inner_->conv_silu_matmul_batch(a, count, W, y2, ldy2); });
+  }
   void conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2) override {
     timed(a.n <= 8 ? "conv+x_proj (n<=8)" : "conv+x_proj (n>8)", 2.0 * double(W.rows) * double(W.cols) * double(a.n),
           [&] { inner_->conv_silu_matmul(a, W, y2, ldy2); });

@@ -384,6 +384,22 @@ class CudaBackend final : public Backend {
     cuda::attention_batch(a, count, batch_host(), rest);
     for (int i : rest) attention(a[i]);
   }
+  // Batches of one-token entries: the conv kernel writes x_proj's bf16
+  // operand as well (no separate rounding pass), then the product. Decode
+  // sizes (the GEMV) and the rest: the default.
+  void conv_silu_matmul_batch(const ConvArgs* a, int count, const MatrixView& W, float* y2, int64_t ldy2) override {
+    if (count <= 0) return;
+    const int64_t ld_b = (W.cols + 7) / 8 * 8;
+    if (count > cuda::kGemvMaxRows && stacked_rows(a, count) == count && W.dtype == DType::BF16 && W.rows > 0 &&
+        a[0].channels == W.cols) {
+      auto* packed = static_cast<uint16_t*>(scratch_at(kScratchX, size_t(count) * size_t(ld_b) * 2));
+      if (cuda::conv_silu_one_packed(a, count, batch_host(), packed, ld_b)) {
+        gemm(W, packed, ld_b, count, y2, ldy2, false);
+        return;
+      }
+    }
+    Backend::conv_silu_matmul_batch(a, count, W, y2, ldy2);
+  }
   void causal_conv_silu_batch(const ConvArgs* a, int count) override {
     if (count <= 0) return;
     std::vector<int> rest;

@@ -100,6 +100,11 @@ bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cud
 // pointers, sizes and state; conv takes entries of up to 64 tokens (those of
 // one token and one k_width <= 4, the decode step, in a launch of their own).
 void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
+// causal_conv_silu_batch for entries of one token, one k_width <= 4 and one
+// channel count C <= ldp, also writing entry e's output rounded to bf16 into
+// row e of packed (x_proj's operand, as store_rows rounds it); false, with
+// nothing queued, for other entries.
+bool conv_silu_one_packed(const ConvArgs* a, int count, const BatchHost& host, uint16_t* packed, int64_t ldp);
 void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, std::vector<int>& rest);
 // Backend::normed_selective_scan_batch for the entries of one token with
 // d_state <= 16, rank <= 128 and the first such entry's A, D and dt_bias,

@@ -137,9 +137,11 @@ constexpr int kConvOneThreads = 256;
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// packed (nullptr: none): entry e's output rounded to bf16 into row e
+// (leading dimension ldp), as store_rows rounds it: x_proj's operand.
 template <int KW>
 __global__ void __launch_bounds__(kConvOneThreads) conv_silu_one_kernel(const ConvArgs* entries, unsigned quads,
-                                                                        unsigned total) {
+                                                                        unsigned total, uint16_t* packed, int64_t ldp) {
   constexpr int hist = KW - 1;
   const unsigned tid = blockIdx.x * unsigned(kConvOneThreads) + threadIdx.x;
   if (tid >= total) return;
@@ -183,6 +185,16 @@ __global__ void __launch_bounds__(kConvOneThreads) conv_silu_one_kernel(const Co
 #pragma unroll
     for (int k = 0; k < KW; ++k) acc = __fadd_rn(acc, __fmul_rn(w[k][i], in[k][i]));
     out[i] = silu_f(acc);
+  }
+  if (packed) {
+    uint16_t* pr = packed + int64_t(e) * ldp + c0;
+    if (c0 + 4 <= C && ldp % 4 == 0 && (reinterpret_cast<uintptr_t>(packed) & 7) == 0) {
+      const uint32_t lo = uint32_t(f32_to_bf16_bits(out[0])) | uint32_t(f32_to_bf16_bits(out[1])) << 16;
+      const uint32_t hi = uint32_t(f32_to_bf16_bits(out[2])) | uint32_t(f32_to_bf16_bits(out[3])) << 16;
+      *reinterpret_cast<uint2*>(pr) = make_uint2(lo, hi);
+    } else {
+      for (int i = 0; i < 4 && c0 + i < C; ++i) pr[i] = f32_to_bf16_bits(out[i]);
+    }
   }
   // The new state: row j = old row j + 1, the last row = x.
   if (vec) {
@@ -1358,6 +1370,13 @@ bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cud
   return true;
 }
 
+// conv_silu_one_kernel for k_width kw (1 to 4).
+using ConvOneKernel = void (*)(const ConvArgs*, unsigned, unsigned, uint16_t*, int64_t);
+ConvOneKernel conv_one_kernel_for(int kw) {
+  return kw == 1 ? conv_silu_one_kernel<1> : kw == 2 ? conv_silu_one_kernel<2> : kw == 3 ? conv_silu_one_kernel<3>
+                                                                               : conv_silu_one_kernel<4>;
+}
+
 void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
   std::vector<ConvArgs> take, one;  // one: one-token entries of one k_width <= 4 (conv_silu_one_kernel)
   int64_t max_channels = 0, max_one = 0;
@@ -1384,11 +1403,8 @@ void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host,
     } else {
       const auto* d = static_cast<const ConvArgs*>(host.stage(one.data(), one.size() * sizeof(ConvArgs)));
       const unsigned blocks = unsigned((total + kConvOneThreads - 1) / kConvOneThreads);
-      auto* k = one_kw == 1   ? conv_silu_one_kernel<1>
-                : one_kw == 2 ? conv_silu_one_kernel<2>
-                : one_kw == 3 ? conv_silu_one_kernel<3>
-                              : conv_silu_one_kernel<4>;
-      k<<<blocks, kConvOneThreads, 0, host.stream>>>(d, unsigned(quads), unsigned(total));
+      conv_one_kernel_for(one_kw)<<<blocks, kConvOneThreads, 0, host.stream>>>(d, unsigned(quads), unsigned(total),
+                                                                               nullptr, 0);
       HYMBA_CUDA_LAUNCHED("conv_silu_batch (one token)");
     }
   }
@@ -1399,6 +1415,23 @@ void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host,
   const auto* d = static_cast<const ConvArgs*>(host.stage(take.data(), take.size() * sizeof(ConvArgs)));
   conv_silu_batch_kernel<<<unsigned(blocks), kConvBatchThreads, 0, host.stream>>>(d, channel_blocks);
   HYMBA_CUDA_LAUNCHED("conv_silu_batch");
+}
+
+bool conv_silu_one_packed(const ConvArgs* a, int count, const BatchHost& host, uint16_t* packed, int64_t ldp) {
+  if (count <= 0) return false;
+  const int kw = a[0].k_width;
+  const int64_t C = a[0].channels;
+  if (kw < 1 || kw > 4 || C <= 0 || C > ldp) return false;
+  for (int i = 0; i < count; ++i)
+    if (a[i].n != 1 || a[i].k_width != kw || a[i].channels != C) return false;
+  const int64_t quads = (C + 3) / 4, total = int64_t(count) * quads;
+  if (total > 0x7fffff00) return false;
+  const auto* d = static_cast<const ConvArgs*>(host.stage(a, size_t(count) * sizeof(ConvArgs)));
+  const unsigned blocks = unsigned((total + kConvOneThreads - 1) / kConvOneThreads);
+  conv_one_kernel_for(kw)<<<blocks, kConvOneThreads, 0, host.stream>>>(d, unsigned(quads), unsigned(total), packed,
+                                                                       ldp);
+  HYMBA_CUDA_LAUNCHED("conv_silu_batch (one token, packed)");
+  return true;
 }
 
 void selective_scan_batch(const ScanArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
