@@ -1370,11 +1370,17 @@ bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cud
   return true;
 }
 
-// conv_silu_one_kernel for k_width kw (1 to 4).
-using ConvOneKernel = void (*)(const ConvArgs*, unsigned, unsigned, uint16_t*, int64_t);
-ConvOneKernel conv_one_kernel_for(int kw) {
-  return kw == 1 ? conv_silu_one_kernel<1> : kw == 2 ? conv_silu_one_kernel<2> : kw == 3 ? conv_silu_one_kernel<3>
-                                                                               : conv_silu_one_kernel<4>;
+// conv_silu_one_kernel<kw> (kw 1 to 4) over `count` one-token entries of up
+// to 4 * quads channels (host memory, staged here); packed as the kernel's.
+void launch_conv_one(const ConvArgs* entries, size_t count, int64_t quads, int kw, const BatchHost& host,
+                     uint16_t* packed, int64_t ldp) {
+  const int64_t total = int64_t(count) * quads;
+  const auto* d = static_cast<const ConvArgs*>(host.stage(entries, count * sizeof(ConvArgs)));
+  const unsigned blocks = unsigned((total + kConvOneThreads - 1) / kConvOneThreads);
+  auto* k = kw == 1 ? conv_silu_one_kernel<1> : kw == 2 ? conv_silu_one_kernel<2> : kw == 3 ? conv_silu_one_kernel<3>
+                                                                                : conv_silu_one_kernel<4>;
+  k<<<blocks, kConvOneThreads, 0, host.stream>>>(d, unsigned(quads), unsigned(total), packed, ldp);
+  HYMBA_CUDA_LAUNCHED("conv_silu_batch (one token)");
 }
 
 void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host, std::vector<int>& rest) {
@@ -1401,11 +1407,7 @@ void causal_conv_silu_batch(const ConvArgs* a, int count, const BatchHost& host,
       take.insert(take.end(), one.begin(), one.end());
       max_channels = std::max(max_channels, max_one);
     } else {
-      const auto* d = static_cast<const ConvArgs*>(host.stage(one.data(), one.size() * sizeof(ConvArgs)));
-      const unsigned blocks = unsigned((total + kConvOneThreads - 1) / kConvOneThreads);
-      conv_one_kernel_for(one_kw)<<<blocks, kConvOneThreads, 0, host.stream>>>(d, unsigned(quads), unsigned(total),
-                                                                               nullptr, 0);
-      HYMBA_CUDA_LAUNCHED("conv_silu_batch (one token)");
+      launch_conv_one(one.data(), one.size(), quads, one_kw, host, nullptr, 0);
     }
   }
   if (take.empty()) return;
@@ -1424,13 +1426,9 @@ bool conv_silu_one_packed(const ConvArgs* a, int count, const BatchHost& host, u
   if (kw < 1 || kw > 4 || C <= 0 || C > ldp) return false;
   for (int i = 0; i < count; ++i)
     if (a[i].n != 1 || a[i].k_width != kw || a[i].channels != C) return false;
-  const int64_t quads = (C + 3) / 4, total = int64_t(count) * quads;
-  if (total > 0x7fffff00) return false;
-  const auto* d = static_cast<const ConvArgs*>(host.stage(a, size_t(count) * sizeof(ConvArgs)));
-  const unsigned blocks = unsigned((total + kConvOneThreads - 1) / kConvOneThreads);
-  conv_one_kernel_for(kw)<<<blocks, kConvOneThreads, 0, host.stream>>>(d, unsigned(quads), unsigned(total), packed,
-                                                                       ldp);
-  HYMBA_CUDA_LAUNCHED("conv_silu_batch (one token, packed)");
+  const int64_t quads = (C + 3) / 4;
+  if (int64_t(count) * quads > 0x7fffff00) return false;
+  launch_conv_one(a, size_t(count), quads, kw, host, packed, ldp);
   return true;
 }
 
