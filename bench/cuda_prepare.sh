@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${JOBS:-2}
 cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DHYMBA_NATIVE=OFF -DHYMBA_BUILD_TESTS=ON -DHYMBA_CUDA=ON -DHYMBA_CUDA_SHARED=ON \
-  -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90}" \
+  -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90a}" \
   >build-cuda.configure.log 2>&1 || { cat build-cuda.configure.log; exit 1; }
 rm -f build-cuda.configure.log
 grep -q "HYMBA_HAVE_CUDA" build-cuda/compile_commands.json || { echo "build-cuda has no CUDA backend (nvcc not found?)"; exit 1; }

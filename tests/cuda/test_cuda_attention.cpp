@@ -25,6 +25,8 @@
 namespace hymba::cuda {  // backend/cuda/kernels.cuh (which needs the CUDA headers)
 void set_attention_tc_mode(int mode);
 long long attention_tc_launches();
+void set_attention_wgmma(bool on);
+long long attention_wgmma_launches();
 }  // namespace hymba::cuda
 #endif
 
@@ -46,6 +48,37 @@ long long tc_launches() {
   return 0;
 #endif
 }
+
+// The warpgroup-MMA form of the tensor-core kernel (heads 64/128, built for
+// sm_90a): on by default; the tests run those shapes with it and without.
+bool g_wgmma_on = true;
+void set_wgmma(bool on) {
+  g_wgmma_on = on;
+#ifdef HYMBA_HAVE_CUDA
+  cuda::set_attention_wgmma(on);
+#endif
+}
+long long wgmma_launches() {
+#ifdef HYMBA_HAVE_CUDA
+  return cuda::attention_wgmma_launches();
+#else
+  return 0;
+#endif
+}
+// Whether a tensor-core launch of this shape must take the wgmma form: the
+// default build carries sm_90a code, which runs on compute capability 9.0.
+bool expect_wgmma(int dq, int dv) {
+#ifdef HYMBA_HAVE_CUDA
+  return g_wgmma_on && dq == 64 && dv == 128 && cuda_compute_capability() == 90;
+#else
+  (void)dq, (void)dv;
+  return false;
+#endif
+}
+struct WgmmaMode {
+  explicit WgmmaMode(bool on) { set_wgmma(on); }
+  ~WgmmaMode() { set_wgmma(true); }
+};
 
 // Restores the automatic kernel choice when a test ends (also on failure).
 struct TcMode {
@@ -148,11 +181,14 @@ class CudaAttentionTc : public CudaVsCpu {
     a.q = up(in.q);
     a.segments = in.dsegs.data();
     a.out = dout;
-    const long long before = tc_launches();
+    const long long before = tc_launches(), before_wg = wgmma_launches();
     gpu_->attention(a);
     std::vector<float> out = down(dout, n);
     EXPECT_EQ(tc_launches() - before, want_tc ? 1 : 0)
         << what << ": the tensor-core kernel " << (want_tc ? "did not run" : "ran") << " (routing)";
+    const bool want_wg = want_tc && expect_wgmma(a.head_dim_qk, a.head_dim_v);
+    EXPECT_EQ(wgmma_launches() - before_wg, want_wg ? 1 : 0)
+        << what << ": the wgmma form " << (want_wg ? "did not run" : "ran") << " (routing)";
     return out;
   }
 
@@ -248,6 +284,17 @@ std::vector<TcCase> cases() {
                sliding_segs(2000, 333, 128, 1100)});
   v.push_back({"25/5 dq 64 dv 128 global, n_q 1024 (first chunk + meta)", 25, 5, 64, 128, 1024, 128, -1, 0,
                global_segs(128, 1024)});
+  // (64/128 more: a second warpgroup with few or no rows, a wider GQA
+  // group, a window narrower than a tile, padded and odd pitches.)
+  v.push_back({"25/5 64/128 sliding w1024 meta128, n_q 16", 25, 5, 64, 128, 16, 3000, 1024, 128,
+               sliding_segs(3000, 16, 128, 1100)});
+  v.push_back({"25/5 64/128 global causal, 1500 cached, n_q 100, pitch +8", 25, 5, 64, 128, 100, 1500, -1, 0,
+               global_segs(1500, 100, 8)});
+  v.push_back({"8/1 64/128 window 0 meta 3, n_q 40", 8, 1, 64, 128, 40, 10, 0, 3, sliding_segs(10, 40, 3, 7)});
+  v.push_back({"10/2 64/128 window 200 meta 9, odd pitches, n_q 300", 10, 2, 64, 128, 300, 700, 200, 9,
+               sliding_segs(700, 300, 9, 220, 1)});
+  v.push_back({"25/5 64/128 window 100 meta 128 (meta wider than window), n_q 300", 25, 5, 64, 128, 300, 700, 100,
+               128, sliding_segs(700, 300, 128, 200)});
   v.push_back({"4/1 128/128 window 300 meta 16, odd pitches, n_q 257", 4, 1, 128, 128, 257, 700, 300, 16,
                sliding_segs(700, 257, 16, 320, 1)});
   v.push_back({"8/8 64/64 global, pitch +8, n_q 1000", 8, 8, 64, 64, 1000, 500, -1, 0, global_segs(500, 1000, 8)});
@@ -258,14 +305,28 @@ std::vector<TcCase> cases() {
   return v;
 }
 
+// Heads 64/128 run twice: the wgmma form (where the device has it) and the
+// mma.sync form.
 TEST_F(CudaAttentionTc, RandomInputs) {
   TcMode mode(2);  // the tensor-core kernel wherever it applies (also for few blocks)
-  for (const TcCase& c : cases()) check_random(c);
+  for (const TcCase& c : cases()) {
+    check_random(c);
+    if (c.dq == 64 && c.dv == 128) {
+      WgmmaMode off(false);
+      check_random(c);
+    }
+  }
 }
 
 TEST_F(CudaAttentionTc, MaskProbeExact) {
   TcMode mode(2);
-  for (const TcCase& c : cases()) check_probe(c);
+  for (const TcCase& c : cases()) {
+    check_probe(c);
+    if (c.dq == 64 && c.dv == 128) {
+      WgmmaMode off(false);
+      check_probe(c);
+    }
+  }
 }
 
 // Which calls take the tensor-core kernel in the automatic mode: prefill with
@@ -304,7 +365,8 @@ TEST_F(CudaAttentionTc, Routing) {
 
 // Timing (run with --gtest_also_run_disabled_tests): an 8K prompt's last
 // 2048-token chunk at the 1.5B shapes, global causal and sliding window,
-// the tensor-core kernel vs the fp32 SIMT kernel on the same bf16 data.
+// the tensor-core kernel's two forms vs the fp32 SIMT kernel on the same
+// bf16 data.
 TEST_F(CudaAttentionTc, DISABLED_Timing) {
   const int64_t q0 = 6144, n_q = 2048;
   std::vector<TcCase> ts = {
@@ -325,26 +387,29 @@ TEST_F(CudaAttentionTc, DISABLED_Timing) {
     const double flops = 2.0 * double(pairs) * c.n_heads * (c.dq + c.dv);
     AttentionArgs a = in.a;
     const size_t n = size_t(a.n_q * a.ldo);
-    float* d_tc = up(std::vector<float>(n, kNaN));
-    float* d_simt = up(std::vector<float>(n, kNaN));
     a.q = up(in.q);
     a.segments = in.dsegs.data();
-    double ms[2];
-    for (int mode : {2, 1}) {
-      TcMode m(mode);
-      a.out = mode == 2 ? d_tc : d_simt;
+    // The forms: 0 wgmma (where built; else the same as 1), 1 mma.sync, 2 fp32 SIMT.
+    double ms[3];
+    float* outs[3];
+    for (int form = 0; form < 3; ++form) {
+      TcMode m(form == 2 ? 1 : 2);
+      WgmmaMode w(form == 0);
+      outs[form] = up(std::vector<float>(n, kNaN));
+      a.out = outs[form];
       for (int i = 0; i < 2; ++i) gpu_->attention(a);  // warm-up
       gpu_->synchronize();
       const int reps = 10;
       const auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < reps; ++i) gpu_->attention(a);
       gpu_->synchronize();
-      ms[mode == 2 ? 0 : 1] =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
+      ms[form] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
     }
-    std::printf("[ timing   ] %-40s tensor cores %8.3f ms %7.1f TFLOP/s | fp32 SIMT %8.3f ms %7.1f TFLOP/s | x%.1f\n",
-                c.name.c_str(), ms[0], flops / ms[0] * 1e-9, ms[1], flops / ms[1] * 1e-9, ms[1] / ms[0]);
-    expect_close("attention_tc_vs_simt", c.name, down(d_tc, n), down(d_simt, n), 1e-2);
+    std::printf("[ timing   ] %-40s wgmma %7.3f ms %6.1f TFLOP/s | mma.sync %7.3f ms %6.1f | fp32 SIMT %7.3f ms %6.1f\n",
+                c.name.c_str(), ms[0], flops / ms[0] * 1e-9, ms[1], flops / ms[1] * 1e-9, ms[2],
+                flops / ms[2] * 1e-9);
+    expect_close("attention_wgmma_vs_simt", c.name, down(outs[0], n), down(outs[2], n), 1e-2);
+    expect_close("attention_tc_vs_simt", c.name, down(outs[1], n), down(outs[2], n), 1e-2);
     TearDown();
   }
 }

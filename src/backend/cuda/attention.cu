@@ -25,11 +25,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/launch.cuh"
+#include "backend/cuda/wgmma.cuh"
 
 namespace hymba::cuda {
 
@@ -417,7 +420,9 @@ constexpr int kMinQ = 16;         // fewer queries: the SIMT kernel (decode, spl
 }  // namespace tc
 
 std::atomic<int> g_tc_mode{0};               // 0 auto, 1 never, 2 wherever applicable
-std::atomic<long long> g_tc_launches{0};
+std::atomic<long long> g_tc_launches{0};     // tensor-core prefill launches (either kernel)
+std::atomic<int> g_wgmma_mode{-1};           // -1 not read yet, 0 the mma.sync kernel, 1 wgmma where built
+std::atomic<long long> g_wgmma_launches{0};
 
 // Two floats as bf16x2 (lo in the low half), bit-identical to the host's
 // f32_to_bf16: for Q and fp32 K/V, once per element.
@@ -794,6 +799,339 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
     }
 }
 
+// ---- The same attention on Hopper warpgroup MMAs (sm_90a; head dims 64/128,
+// the shape of Hymba-1.5B). Block, rows, tile walk, masks and softmax are
+// those of attention_tc_kernel<64, 128, 8, 1, 128, 1, 3>; what changes is
+// how the products run. The 8 warps form two warpgroups of 64 (query, head)
+// rows; per 128-key tile each warpgroup issues 4 wgmma m64n128k16 for S =
+// Q K^T (Q from registers, K from shared memory) and 16 m64n64k16 for
+// O += P V (P from registers, V from shared memory read transposed), where
+// the mma.sync kernel needed 192 mma, 96 ldmatrix and their address
+// arithmetic per warp: that instruction stream was its limit (Nsight: 8.4
+// instructions per mma at one block per SM). K and V land by cp.async in
+// the 128-byte-swizzled layout wgmma reads (K: 128 keys x 128 bytes; V: two
+// halves of 64 value dims, 128 keys x 128 bytes each), three stages, one
+// barrier per tile. The products accumulate in a different order than
+// mma.sync's, so the bits differ from the older kernel within the bf16
+// tolerance of the tests.
+namespace wg {
+constexpr int kThreads = 256;        // two warpgroups
+[[maybe_unused]] constexpr int kBM = 128;  // (query, head) rows of a block, 64 per warpgroup
+constexpr int kBN = 128;             // keys per tile
+constexpr int kStages = 4;
+[[maybe_unused]] constexpr int kDQ = 64, kDV = 128;
+constexpr uint32_t kRowBytes = 128;                     // one swizzled row: 64 bf16
+constexpr uint32_t kKBytes = kBN * kRowBytes;           // K tile: 128 keys x 64 dims
+constexpr uint32_t kVHalfBytes = kBN * kRowBytes;       // V tile half: 128 keys x 64 value dims
+constexpr uint32_t kStageBytes = kKBytes + 2 * kVHalfBytes;
+constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 1024;  // + the 1024-byte alignment
+}  // namespace wg
+
+#if HYMBA_WGMMA
+// Byte offset of bf16 element (row j, column i < 64) in a 128-byte-swizzled
+// tile of 128-byte rows: chunk i / 8 of row j sits at chunk (i / 8) ^ (j % 8).
+__device__ __forceinline__ uint32_t sw128_offset(int j, int i) {
+  return uint32_t(j) * wg::kRowBytes + uint32_t((((i >> 3) ^ (j & 7)) << 4) | ((i & 7) << 1));
+}
+
+// Rows r0 .. r0 + nk - 1 of a K (64 columns from col0) or V (128 columns,
+// two 64-column halves kVHalfBytes apart) segment into the swizzled layout;
+// rows >= nk become zeros. bf16 with 16-byte-aligned rows: cp.async (the
+// caller commits and waits), a thread taking one 16-byte column chunk of
+// rows j0, j0 + 256 / chunks, ...: all of one row % 8, so one swizzled
+// offset and two pointer steps per copy; otherwise element by element.
+template <int D>
+__device__ __forceinline__ void wg_load_rows(unsigned char* dst, const void* base, DType dt, int64_t ld, int64_t r0,
+                                             int nk, int64_t col0) {
+  constexpr int kChunks = D / 8;                    // 16-byte chunks of a bf16 row
+  constexpr int kRowsPerPass = wg::kThreads / kChunks;
+  static_assert(kRowsPerPass % 8 == 0 && wg::kBN % kRowsPerPass == 0, "one swizzle phase per thread");
+  const bool aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  if (dt == DType::BF16 && aligned && ld % 8 == 0 && col0 % 8 == 0) {
+    const int c = int(threadIdx.x) % kChunks, j0 = int(threadIdx.x) / kChunks;
+    unsigned char* d = dst + (c >> 3) * wg::kVHalfBytes + sw128_offset(j0, (c & 7) * 8);
+    const uint16_t* src = static_cast<const uint16_t*>(base);
+    const uint16_t* s0 = src + (r0 + j0) * ld + col0 + c * 8;
+    const int64_t step = int64_t(kRowsPerPass) * ld;
+#pragma unroll
+    for (int u = 0; u < wg::kBN / kRowsPerPass; ++u) {
+      const bool in = j0 + kRowsPerPass * u < nk;
+      cp_async16(d + u * kRowsPerPass * wg::kRowBytes, in ? s0 + u * step : src, in ? 16 : 0);
+    }
+  } else {
+#pragma unroll 1
+    for (int idx = threadIdx.x; idx < wg::kBN * D; idx += wg::kThreads) {
+      const int j = idx / D, i = idx % D;
+      const uint16_t v = j < nk ? f32_to_bf16_bits(load_as_f32(base, dt, (r0 + j) * ld + col0 + i)) : uint16_t(0);
+      *reinterpret_cast<uint16_t*>(dst + (i >> 6) * wg::kVHalfBytes + sw128_offset(j, i & 63)) = v;
+    }
+  }
+}
+
+#endif  // HYMBA_WGMMA
+
+// grid: x = row tile (reversed, as attention_tc_kernel), y = kv head.
+__global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const Params p) {
+#if HYMBA_WGMMA
+  using namespace wg;
+  extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
+  // (The swizzle atoms must be 1024-byte aligned; the dynamic window's start
+  // need not be.)
+  unsigned char* const smem = wg_smem_raw + ((1024u - (smem_u32(wg_smem_raw) & 1023u)) & 1023u);
+  __shared__ SegDesc sseg[kMaxSegments];
+
+  const Job& jb = p.job;
+  const int n_seg = jb.n_seg;
+  if (int(threadIdx.x) < n_seg) sseg[threadIdx.x] = p.seg[threadIdx.x];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gq = lane >> 2, tq = lane & 3;
+  const int group = p.sh.group;
+  const int kvh = blockIdx.y;
+  const int64_t window = jb.window, nav = jb.n_always_visible;
+  const int64_t n_rows = jb.n_q * group;
+  const int64_t row0 = int64_t(gridDim.x - 1 - blockIdx.x) * kBM;
+  const int64_t p_first = jb.q_pos0 + row0 / group;
+  const int64_t p_last = jb.q_pos0 + (min(row0 + kBM, n_rows) - 1) / group;
+  const int64_t wrow0 = row0 + 16 * warp;  // this warp's 16 rows
+
+  int64_t rpos[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) rpos[i] = jb.q_pos0 + min(wrow0 + gq + 8 * i, n_rows - 1) / group;
+
+  uint32_t qa[kDQ / 16][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = wrow0 + gq + 8 * i, rc = min(r, n_rows - 1);
+    const float* q = jb.q + (rc / group) * jb.ldq + int64_t(kvh * group + int(rc % group)) * kDQ + 2 * tq;
+#pragma unroll
+    for (int kk = 0; kk < kDQ / 16; ++kk)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi)
+        qa[kk][i + 2 * hi] = r < n_rows ? pack_bf16_exact(q[16 * kk + 8 * hi], q[16 * kk + 8 * hi + 1]) : 0u;
+  }
+
+  float o[2][32];  // value dims 64 h + 8 d + 2 tq + (e & 1) in o[h][4 d + e]
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[h][i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const float sl2 = jb.scale * kLog2e;
+
+  // Tile descriptors: thread 0 walks the ranges and publishes tile j in
+  // s_tile[j % kStages] three tiles ahead (read after a barrier), so the
+  // other threads keep no cursor in registers.
+  __shared__ TcTile s_tile[kStages];
+  __shared__ TcCursor s_cur;
+  auto advance = [&](TcTile& dst) {  // thread 0 only
+    TcCursor c = s_cur;
+    TcTile t{};
+    if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, kBN, c, t)) t.nk = 0;
+    s_cur = c;
+    dst = t;
+  };
+  __syncthreads();  // sseg
+  if (threadIdx.x == 0) {
+    s_cur = TcCursor{};
+    advance(s_tile[0]);
+    advance(s_tile[1]);
+    advance(s_tile[2]);
+  }
+  __syncthreads();
+
+  auto load_stage = [&](int stage, const TcTile& t) {
+    const SegDesc& sg = sseg[t.s];
+    unsigned char* st = smem + stage * kStageBytes;
+    wg_load_rows<kDQ>(st, sg.k, sg.dtype, sg.ld_k, t.r0, t.nk, int64_t(kvh) * kDQ);
+    wg_load_rows<kDV>(st + kKBytes, sg.v, sg.dtype, sg.ld_v, t.r0, t.nk, int64_t(kvh) * kDV);
+  };
+  auto issue_pv = [&](const uint32_t (&pa)[kBN / 16][4], int st) {
+    const uint32_t sV = smem_u32(smem + st * kStageBytes) + kKBytes;
+#pragma unroll
+    for (int kc = 0; kc < kBN / 16; ++kc)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        wgmma_m64n64k16_rs_tb(o[h], pa[kc],
+                              wgmma_desc_sw128(sV + h * kVHalfBytes + kc * 16u * kRowBytes, 1024u, 1024u), 1);
+    wgmma_commit();
+  };
+
+  // The pipeline of a warpgroup, tile j: issue S_j = Q K_j^T, then O +=
+  // P_{j-1} V_{j-1} behind it; wait for S_j only, so the softmax of tile j
+  // runs while the tensor cores take P_{j-1} V_{j-1}; then wait for that,
+  // rescale O and keep P_j (bf16) for the next round. Stages hold tiles
+  // j-1 (its V still read), j, and j+1, j+2 in flight: tile j+2 is loaded
+  // into the stage tile j-2 left, which both warpgroups finished with
+  // before the barrier of round j. Every round issues the same wgmma
+  // sequence (no tile is skipped; a tile no row of the warpgroup sees is
+  // all masked, and round 0 multiplies P = 0 by tile 0's V): wgmma on a
+  // path the compiler cannot prove uniform is serialised.
+  uint32_t pa[kBN / 16][4];  // P_{j-1}
+#pragma unroll
+  for (int kc = 0; kc < kBN / 16; ++kc) pa[kc][0] = pa[kc][1] = pa[kc][2] = pa[kc][3] = 0u;
+  int prev_stage = 0;
+  const bool no_tiles = s_tile[0].nk == 0;  // (segments without the queries' own keys)
+  if (s_tile[0].nk > 0) load_stage(0, s_tile[0]);
+  cp_async_commit();
+  if (s_tile[1].nk > 0) load_stage(1, s_tile[1]);
+  cp_async_commit();
+  for (int j = 0;; ++j) {
+    const int stage = j % kStages;
+    const TcTile tile = s_tile[stage];
+    if (tile.nk == 0) break;  // block-uniform
+    cp_async_wait<1>();  // tile j (tile j+1 may still be in flight)
+    fence_proxy_async();
+    __syncthreads();
+    {
+      const int st2 = (j + 2) % kStages;
+      const TcTile next2 = s_tile[st2];
+      if (next2.nk > 0) load_stage(st2, next2);
+      cp_async_commit();
+      if (threadIdx.x == 0) advance(s_tile[(j + 3) % kStages]);
+    }
+
+    const int64_t k0 = sseg[tile.s].pos0 + tile.r0, k1 = k0 + tile.nk - 1;
+    // Per thread (rows beyond n_rows see their clamped position; not stored).
+    const bool full = tile.nk == kBN && k1 <= min(rpos[0], rpos[1]) &&
+                      (window < 0 || max(rpos[0], rpos[1]) - k0 <= window || k1 < nav);
+    const uint32_t sK = smem_u32(smem + stage * kStageBytes);
+
+    float s[64];  // S = Q K^T (raw scores): key 8 nt + 2 tq + (e & 1) in s[4 nt + e]
+    wgmma_fence_operand(o[0]);
+    wgmma_fence_operand(o[1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDQ / 16; ++kk)
+      wgmma_m64n128k16_rs(s, qa[kk], wgmma_desc_sw128(sK + 32u * kk, 16u, 1024u), kk);
+    wgmma_commit();
+    issue_pv(pa, prev_stage);
+    wgmma_wait<1>();  // S_j (the older group)
+    wgmma_fence_operand(s);
+
+    if (!full) {
+      // The mask of attention_tc_kernel (key jj of the tile visible iff jj <
+      // nk, jj <= hi (k <= p) and jj >= lo (p - k <= window) or jj < nv (k <
+      // n_always_visible)) as one range per row, [lo, min(hi, nk - 1)],
+      // tested with one unsigned compare, plus the prefix [0, min(nv, that
+      // end + 1)) where the tile holds always-visible keys.
+      const int nv = int(max(int64_t(0), min(nav - k0, int64_t(kBN))));
+      int base[2], width[2], pre[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t d = rpos[i] - k0;
+        const int hi = int(max(int64_t(-1), min(d, int64_t(tile.nk - 1))));
+        const int lo = window < 0 ? 0 : int(max(int64_t(0), min(d - window, int64_t(kBN))));
+        base[i] = 2 * tq - lo;  // jj - lo = 8 nt + (e & 1) + base
+        width[i] = max(0, hi - lo + 1);
+        pre[i] = min(nv, hi + 1);
+      }
+      if (nv == 0) {  // block-uniform
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1;
+            if (!(unsigned(8 * nt + (e & 1) + base[i]) < unsigned(width[i]))) s[4 * nt + e] = -INFINITY;
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1, jj = 8 * nt + 2 * tq + (e & 1);
+            if (!(unsigned(8 * nt + (e & 1) + base[i]) < unsigned(width[i]) || jj < pre[i])) s[4 * nt + e] = -INFINITY;
+          }
+      }
+    }
+    // Online softmax per row (the 4 lanes of a quad share a row).
+    float corr[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) m4[(nt & 1) * 2 + e] = fmaxf(m4[(nt & 1) * 2 + e], s[4 * nt + 2 * i + e]);
+      float mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[i], mx);
+      const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
+      corr[i] = ex2_fast(m[i] * sl2 - ms);                       // 0 while m was -inf (o, l are 0)
+      m[i] = m_new;
+      float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 2 * i; e < 2 * i + 2; ++e) {
+          const float pe = ex2_fast(fmaf(s[4 * nt + e], sl2, -ms));  // masked: -inf -> 0
+          s[4 * nt + e] = pe;
+          s4[(nt & 1) * 2 + (e & 1)] += pe;
+        }
+      l[i] = l[i] * corr[i] + ((s4[0] + s4[1]) + (s4[2] + s4[3]));
+    }
+    wgmma_wait<0>();  // P_{j-1} V_{j-1} is in O (and pa is free)
+    wgmma_fence_operand(o[0]);
+    wgmma_fence_operand(o[1]);
+    // (No row of the warp whose maximum grew: every factor is exactly 1.)
+    if (!__all_sync(0xffffffffu, corr[0] == 1.0f && corr[1] == 1.0f)) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int d = 0; d < 8; ++d)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[h][4 * d + e] *= corr[e >> 1];
+    }
+    // P_j as the A fragments of its product: keys 16 kc .. 16 kc + 15 (n8
+    // blocks 2 kc, 2 kc + 1 of S), rounded to bf16.
+#pragma unroll
+    for (int kc = 0; kc < kBN / 16; ++kc) {
+      pa[kc][0] = pack_bf16_fast(s[8 * kc + 0], s[8 * kc + 1]);
+      pa[kc][1] = pack_bf16_fast(s[8 * kc + 2], s[8 * kc + 3]);
+      pa[kc][2] = pack_bf16_fast(s[8 * kc + 4], s[8 * kc + 5]);
+      pa[kc][3] = pack_bf16_fast(s[8 * kc + 6], s[8 * kc + 7]);
+    }
+    prev_stage = stage;
+  }
+  // The last tile's product (with no tile at all, a product of zeros with
+  // whatever stage 0 holds: the output is then written as zeros).
+  wgmma_fence_operand(o[0]);
+  wgmma_fence_operand(o[1]);
+  wgmma_fence();
+  issue_pv(pa, prev_stage);
+  wgmma_wait<0>();
+  wgmma_fence_operand(o[0]);
+  wgmma_fence_operand(o[1]);
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = wrow0 + gq + 8 * i;
+    if (r >= n_rows) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    float* out = jb.out + (r / group) * jb.ldo + int64_t(kvh * group + int(r % group)) * kDV + 2 * tq;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int d = 0; d < 8; ++d) {
+        out[64 * h + 8 * d] = no_tiles ? 0.0f : o[h][4 * d + 2 * i] * inv;
+        out[64 * h + 8 * d + 1] = no_tiles ? 0.0f : o[h][4 * d + 2 * i + 1] * inv;
+      }
+  }
+#else
+  __trap();  // dispatched only where wgmma_built() (an sm_90a build on an sm_90 device)
+#endif
+}
+
+// 1 in the sm_90a build of this file (read back per device: which build a
+// device runs is the driver's choice among the embedded ones).
+__device__ int g_wgmma_built = HYMBA_WGMMA;
+
 // Whether a's shape and segments suit the tensor-core kernel (mode aside):
 // enough queries, head dims 64/128, bf16 K/V (fp32 segments alongside are
 // taken as bf16-exact), a positive scale.
@@ -889,6 +1227,42 @@ __global__ void tc_stage_bf16_kernel(const float* k, int64_t ld_k, int cols_k, u
   *reinterpret_cast<uint4*>(dst + r * cols + c) = w;
 }
 
+// Whether the current device runs the sm_90a build of this file (so
+// attention_wgmma_kernel has its body), asked once per device. Not asked
+// inside a stream capture (the answer needs a copy): false there until known.
+bool wgmma_built(cudaStream_t stream) {
+  int dev = 0;
+  HYMBA_CUDA_CHECK(cudaGetDevice(&dev));
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = known.find(dev);
+    if (it != known.end()) return it->second;
+  }
+  cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  HYMBA_CUDA_CHECK(cudaStreamIsCapturing(stream, &cs));
+  if (cs != cudaStreamCaptureStatusNone) return false;
+  int v = 0;
+  HYMBA_CUDA_CHECK(cudaMemcpyFromSymbol(&v, g_wgmma_built, sizeof v));
+  std::lock_guard<std::mutex> lock(mu);
+  known[dev] = v != 0;
+  return v != 0;
+}
+
+// The wgmma kernel for 64/128 heads where built, unless switched off:
+// set_attention_wgmma (tests) or HYMBA_ATTN_WGMMA=0 (A/B timing; read once).
+bool use_wgmma(cudaStream_t stream) {
+  int mode = g_wgmma_mode.load(std::memory_order_relaxed);
+  if (mode < 0) {
+    const char* e = std::getenv("HYMBA_ATTN_WGMMA");
+    int expected = -1;
+    g_wgmma_mode.compare_exchange_strong(expected, e && std::strcmp(e, "0") == 0 ? 0 : 1);
+    mode = g_wgmma_mode.load(std::memory_order_relaxed);
+  }
+  return mode == 1 && wgmma_built(stream);
+}
+
 void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
   Params p{};
   p.sh.n_heads = a.n_heads, p.sh.dq = a.head_dim_qk, p.sh.dv = a.head_dim_v;
@@ -928,13 +1302,22 @@ void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
     HYMBA_CUDA_LAUNCHED("attention_tc");
   };
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
+  g_tc_launches.fetch_add(1, std::memory_order_relaxed);
+  if (dq == 64 && dv == 128 && use_wgmma(stream)) {
+    const auto kernel = attention_wgmma_kernel;
+    HYMBA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::kSmemBytes)));
+    kernel<<<grid, wg::kThreads, wg::kSmemBytes, stream>>>(p);
+    HYMBA_CUDA_LAUNCHED("attention_wgmma");
+    g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
   constexpr int W = tc::kWarps, BN = tc::kBN;
   // (the shapes of tc_cfg)
   if (dq == 64 && dv == 64) launch(attention_tc_kernel<64, 64, 4, 2, 64, 2, 3>);
   else if (dq == 64) launch(attention_tc_kernel<64, 128, 8, 1, 128, 1, 3>);
   else if (dv == 64) launch(attention_tc_kernel<128, 64, W, 1, BN, 1, 2>);
   else launch(attention_tc_kernel<128, 128, W, 1, BN, 1, 2>);
-  g_tc_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -2434,6 +2817,8 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
 
 void set_attention_tc_mode(int mode) { g_tc_mode.store(mode, std::memory_order_relaxed); }
 long long attention_tc_launches() { return g_tc_launches.load(std::memory_order_relaxed); }
+void set_attention_wgmma(bool on) { g_wgmma_mode.store(on ? 1 : 0, std::memory_order_relaxed); }
+long long attention_wgmma_launches() { return g_wgmma_launches.load(std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------- batched decode
 

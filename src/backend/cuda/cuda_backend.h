@@ -19,4 +19,8 @@ std::unique_ptr<Backend> make_cuda_backend();
 // machine without a GPU or driver answers false.
 bool cuda_device_present();
 
+// The current device's compute capability as 10 major + minor (90 for an
+// H100), 0 without a usable device. Never throws.
+int cuda_compute_capability();
+
 }  // namespace hymba
