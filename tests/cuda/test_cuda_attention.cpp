@@ -25,8 +25,9 @@
 namespace hymba::cuda {  // backend/cuda/kernels.cuh (which needs the CUDA headers)
 void set_attention_tc_mode(int mode);
 long long attention_tc_launches();
-void set_attention_wgmma(bool on);
+void set_attention_wgmma(int mode);
 long long attention_wgmma_launches();
+long long attention_wgmma_ws_launches();
 }  // namespace hymba::cuda
 #endif
 
@@ -49,35 +50,37 @@ long long tc_launches() {
 #endif
 }
 
-// The warpgroup-MMA form of the tensor-core kernel (heads 64/128, built for
-// sm_90a): on by default; the tests run those shapes with it and without.
-bool g_wgmma_on = true;
-void set_wgmma(bool on) {
-  g_wgmma_on = on;
+// The warpgroup-MMA forms of the tensor-core kernel (heads 64/128, built
+// for sm_90a): mode 2 (default) the warp-specialised form where TMA can
+// address every K/V segment, else mode 1's; 1 the form with block
+// barriers; 0 the mma.sync kernel. The tests run those shapes in all three.
+int g_wgmma_mode = 2;
+void set_wgmma(int mode) {
+  g_wgmma_mode = mode;
 #ifdef HYMBA_HAVE_CUDA
-  cuda::set_attention_wgmma(on);
+  cuda::set_attention_wgmma(mode);
 #endif
 }
-long long wgmma_launches() {
+std::pair<long long, long long> wgmma_launches() {  // (either wgmma form, warp-specialised)
 #ifdef HYMBA_HAVE_CUDA
-  return cuda::attention_wgmma_launches();
+  return {cuda::attention_wgmma_launches(), cuda::attention_wgmma_ws_launches()};
 #else
-  return 0;
+  return {0, 0};
 #endif
 }
-// Whether a tensor-core launch of this shape must take the wgmma form: the
+// Whether a tensor-core launch of this shape must take a wgmma form: the
 // default build carries sm_90a code, which runs on compute capability 9.0.
 bool expect_wgmma(int dq, int dv) {
 #ifdef HYMBA_HAVE_CUDA
-  return g_wgmma_on && dq == 64 && dv == 128 && cuda_compute_capability() == 90;
+  return g_wgmma_mode >= 1 && dq == 64 && dv == 128 && cuda_compute_capability() == 90;
 #else
   (void)dq, (void)dv;
   return false;
 #endif
 }
 struct WgmmaMode {
-  explicit WgmmaMode(bool on) { set_wgmma(on); }
-  ~WgmmaMode() { set_wgmma(true); }
+  explicit WgmmaMode(int mode) { set_wgmma(mode); }
+  ~WgmmaMode() { set_wgmma(2); }
 };
 
 // Restores the automatic kernel choice when a test ends (also on failure).
@@ -127,6 +130,7 @@ class CudaAttentionTc : public CudaVsCpu {
     std::vector<std::vector<uint8_t>> k, v;
     std::vector<KVSegment> hsegs, dsegs;
     AttentionArgs a;  // q, segments, out unset
+    bool tma_pitches = true;  // every bf16 segment's rows 16-byte aligned (TMA can address them)
   };
 
   template <typename KV>
@@ -145,6 +149,7 @@ class CudaAttentionTc : public CudaVsCpu {
       }
       in.k.push_back(store_as(kf, sg.dtype));
       in.v.push_back(store_as(vf, sg.dtype));
+      if (sg.dtype == DType::BF16 && ((ldk * 2) % 16 != 0 || (ldv * 2) % 16 != 0)) in.tma_pitches = false;
       KVSegment seg;
       seg.dtype = sg.dtype;
       seg.ld_k = ldk;
@@ -181,14 +186,19 @@ class CudaAttentionTc : public CudaVsCpu {
     a.q = up(in.q);
     a.segments = in.dsegs.data();
     a.out = dout;
-    const long long before = tc_launches(), before_wg = wgmma_launches();
+    const long long before = tc_launches();
+    const auto before_wg = wgmma_launches();
     gpu_->attention(a);
     std::vector<float> out = down(dout, n);
     EXPECT_EQ(tc_launches() - before, want_tc ? 1 : 0)
         << what << ": the tensor-core kernel " << (want_tc ? "did not run" : "ran") << " (routing)";
     const bool want_wg = want_tc && expect_wgmma(a.head_dim_qk, a.head_dim_v);
-    EXPECT_EQ(wgmma_launches() - before_wg, want_wg ? 1 : 0)
-        << what << ": the wgmma form " << (want_wg ? "did not run" : "ran") << " (routing)";
+    const bool want_ws = want_wg && g_wgmma_mode == 2 && in.tma_pitches;
+    const auto after_wg = wgmma_launches();
+    EXPECT_EQ(after_wg.first - before_wg.first, want_wg ? 1 : 0)
+        << what << ": a wgmma form " << (want_wg ? "did not run" : "ran") << " (routing, mode " << g_wgmma_mode << ")";
+    EXPECT_EQ(after_wg.second - before_wg.second, want_ws ? 1 : 0)
+        << what << ": the warp-specialised form " << (want_ws ? "did not run" : "ran") << " (routing)";
     return out;
   }
 
@@ -305,16 +315,17 @@ std::vector<TcCase> cases() {
   return v;
 }
 
-// Heads 64/128 run twice: the wgmma form (where the device has it) and the
-// mma.sync form.
+// Heads 64/128 run in each form: warp-specialised (the default), wgmma
+// with block barriers, mma.sync.
 TEST_F(CudaAttentionTc, RandomInputs) {
   TcMode mode(2);  // the tensor-core kernel wherever it applies (also for few blocks)
   for (const TcCase& c : cases()) {
     check_random(c);
-    if (c.dq == 64 && c.dv == 128) {
-      WgmmaMode off(false);
-      check_random(c);
-    }
+    if (c.dq == 64 && c.dv == 128)
+      for (int form : {1, 0}) {
+        WgmmaMode w(form);
+        check_random(c);
+      }
   }
 }
 
@@ -322,10 +333,11 @@ TEST_F(CudaAttentionTc, MaskProbeExact) {
   TcMode mode(2);
   for (const TcCase& c : cases()) {
     check_probe(c);
-    if (c.dq == 64 && c.dv == 128) {
-      WgmmaMode off(false);
-      check_probe(c);
-    }
+    if (c.dq == 64 && c.dv == 128)
+      for (int form : {1, 0}) {
+        WgmmaMode w(form);
+        check_probe(c);
+      }
   }
 }
 
@@ -389,12 +401,13 @@ TEST_F(CudaAttentionTc, DISABLED_Timing) {
     const size_t n = size_t(a.n_q * a.ldo);
     a.q = up(in.q);
     a.segments = in.dsegs.data();
-    // The forms: 0 wgmma (where built; else the same as 1), 1 mma.sync, 2 fp32 SIMT.
-    double ms[3];
-    float* outs[3];
-    for (int form = 0; form < 3; ++form) {
-      TcMode m(form == 2 ? 1 : 2);
-      WgmmaMode w(form == 0);
+    // The forms: 0 warp-specialised wgmma, 1 wgmma with block barriers
+    // (both, where not built, the same as 2), 2 mma.sync, 3 fp32 SIMT.
+    double ms[4];
+    float* outs[4];
+    for (int form = 0; form < 4; ++form) {
+      TcMode m(form == 3 ? 1 : 2);
+      WgmmaMode w(form == 0 ? 2 : form == 1 ? 1 : 0);
       outs[form] = up(std::vector<float>(n, kNaN));
       a.out = outs[form];
       for (int i = 0; i < 2; ++i) gpu_->attention(a);  // warm-up
@@ -405,11 +418,14 @@ TEST_F(CudaAttentionTc, DISABLED_Timing) {
       gpu_->synchronize();
       ms[form] = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / reps;
     }
-    std::printf("[ timing   ] %-40s wgmma %7.3f ms %6.1f TFLOP/s | mma.sync %7.3f ms %6.1f | fp32 SIMT %7.3f ms %6.1f\n",
-                c.name.c_str(), ms[0], flops / ms[0] * 1e-9, ms[1], flops / ms[1] * 1e-9, ms[2],
-                flops / ms[2] * 1e-9);
-    expect_close("attention_wgmma_vs_simt", c.name, down(outs[0], n), down(outs[2], n), 1e-2);
-    expect_close("attention_tc_vs_simt", c.name, down(outs[1], n), down(outs[2], n), 1e-2);
+    std::printf(
+        "[ timing   ] %-40s wgmma ws %7.3f ms %6.1f TFLOP/s | wgmma %7.3f ms %6.1f | mma.sync %7.3f ms %6.1f | "
+        "fp32 SIMT %7.3f ms %6.1f\n",
+        c.name.c_str(), ms[0], flops / ms[0] * 1e-9, ms[1], flops / ms[1] * 1e-9, ms[2], flops / ms[2] * 1e-9, ms[3],
+        flops / ms[3] * 1e-9);
+    for (int form = 0; form < 3; ++form)
+      expect_close("attention_tc_vs_simt", c.name + " form " + std::to_string(form), down(outs[form], n),
+                   down(outs[3], n), 1e-2);
     TearDown();
   }
 }

@@ -34,6 +34,9 @@
 #include "backend/cuda/launch.cuh"
 #include "backend/cuda/wgmma.cuh"
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
 namespace hymba::cuda {
 
 namespace {
@@ -421,8 +424,9 @@ constexpr int kMinQ = 16;         // fewer queries: the SIMT kernel (decode, spl
 
 std::atomic<int> g_tc_mode{0};               // 0 auto, 1 never, 2 wherever applicable
 std::atomic<long long> g_tc_launches{0};     // tensor-core prefill launches (either kernel)
-std::atomic<int> g_wgmma_mode{-1};           // -1 not read yet, 0 the mma.sync kernel, 1 wgmma where built
-std::atomic<long long> g_wgmma_launches{0};
+std::atomic<int> g_wgmma_mode{-1};           // -1 not read yet; else wgmma_mode's answer before the build check
+std::atomic<long long> g_wgmma_launches{0};  // either wgmma form
+std::atomic<long long> g_wgmma_ws_launches{0};
 
 // Two floats as bf16x2 (lo in the low half), bit-identical to the host's
 // f32_to_bf16: for Q and fp32 K/V, once per element.
@@ -868,6 +872,158 @@ __device__ __forceinline__ void wg_load_rows(unsigned char* dst, const void* bas
   }
 }
 
+// This thread's rows wrow0 + lane / 4 + 8 i: their positions, and Q as the
+// bf16 A fragments of S (qa[kk]: dims 16 kk .. 16 kk + 15); rows past n_rows
+// get zeros (their position is clamped; they are not stored).
+__device__ __forceinline__ void wg_load_q(const Job& jb, int group, int kvh, int64_t wrow0, int lane,
+                                          int64_t (&rpos)[2], uint32_t (&qa)[wg::kDQ / 16][4]) {
+  const int gq = lane >> 2, tq = lane & 3;
+  const int64_t n_rows = jb.n_q * group;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = wrow0 + gq + 8 * i, rc = min(r, n_rows - 1);
+    rpos[i] = jb.q_pos0 + rc / group;
+    const float* q = jb.q + (rc / group) * jb.ldq + int64_t(kvh * group + int(rc % group)) * wg::kDQ + 2 * tq;
+#pragma unroll
+    for (int kk = 0; kk < wg::kDQ / 16; ++kk)
+#pragma unroll
+      for (int hi = 0; hi < 2; ++hi)
+        qa[kk][i + 2 * hi] = r < n_rows ? pack_bf16_exact(q[16 * kk + 8 * hi], q[16 * kk + 8 * hi + 1]) : 0u;
+  }
+}
+
+// O += P V for one 128-key tile whose V halves start at shared address sV.
+__device__ __forceinline__ void wg_issue_pv(float (&o)[2][32], const uint32_t (&pa)[wg::kBN / 16][4], uint32_t sV) {
+#pragma unroll
+  for (int kc = 0; kc < wg::kBN / 16; ++kc)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      wgmma_m64n64k16_rs_tb(o[h], pa[kc],
+                            wgmma_desc_sw128(sV + h * wg::kVHalfBytes + kc * 16u * wg::kRowBytes, 1024u, 1024u), 1);
+  wgmma_commit();
+}
+
+// The quad's partial sums, then O / l for this thread's rows (zeros when
+// the block had no tile).
+__device__ __forceinline__ void wg_store(const Job& jb, int group, int kvh, int64_t wrow0, int lane,
+                                         const float (&o)[2][32], float (&l)[2], bool no_tiles) {
+  const int gq = lane >> 2, tq = lane & 3;
+  const int64_t n_rows = jb.n_q * group;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = wrow0 + gq + 8 * i;
+    if (r >= n_rows) continue;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    float* out = jb.out + (r / group) * jb.ldo + int64_t(kvh * group + int(r % group)) * wg::kDV + 2 * tq;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int d = 0; d < 8; ++d) {
+        out[64 * h + 8 * d] = no_tiles ? 0.0f : o[h][4 * d + 2 * i] * inv;
+        out[64 * h + 8 * d + 1] = no_tiles ? 0.0f : o[h][4 * d + 2 * i + 1] * inv;
+      }
+  }
+}
+
+// The scores s of a 128-key tile at key position k0 (key 8 nt + 2 tq + (e &
+// 1) in s[4 nt + e], of the row at position rpos[e >> 1]) masked as
+// attention_tc_kernel masks them, then the online softmax: s becomes the
+// probabilities, m and l the running maximum and sum, corr the factor for O.
+__device__ __forceinline__ void wg_mask_softmax(float (&s)[64], bool full, int nk, int64_t k0, const int64_t (&rpos)[2],
+                                                int64_t window, int64_t nav, int tq, float sl2, float (&m)[2],
+                                                float (&l)[2], float (&corr)[2]) {
+  using wg::kBN;
+  if (!full) {
+    // The mask of attention_tc_kernel (key jj of the tile visible iff jj <
+    // nk, jj <= hi (k <= p) and jj >= lo (p - k <= window) or jj < nv (k <
+    // n_always_visible)) as one range per row, [lo, min(hi, nk - 1)],
+    // tested with one unsigned compare, plus the prefix [0, min(nv, that
+    // end + 1)) where the tile holds always-visible keys.
+    const int nv = int(max(int64_t(0), min(nav - k0, int64_t(kBN))));
+    int base[2], width[2], pre[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t d = rpos[i] - k0;
+      const int hi = int(max(int64_t(-1), min(d, int64_t(nk - 1))));
+      const int lo = window < 0 ? 0 : int(max(int64_t(0), min(d - window, int64_t(kBN))));
+      base[i] = 2 * tq - lo;  // jj - lo = 8 nt + (e & 1) + base
+      width[i] = max(0, hi - lo + 1);
+      pre[i] = min(nv, hi + 1);
+    }
+    if (nv == 0) {  // block-uniform
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          if (!(unsigned(8 * nt + (e & 1) + base[i]) < unsigned(width[i]))) s[4 * nt + e] = -INFINITY;
+        }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1, jj = 8 * nt + 2 * tq + (e & 1);
+          if (!(unsigned(8 * nt + (e & 1) + base[i]) < unsigned(width[i]) || jj < pre[i])) s[4 * nt + e] = -INFINITY;
+        }
+    }
+  }
+  // Online softmax per row (the 4 lanes of a quad share a row).
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) m4[(nt & 1) * 2 + e] = fmaxf(m4[(nt & 1) * 2 + e], s[4 * nt + 2 * i + e]);
+    float mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[i], mx);
+    const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
+    corr[i] = ex2_fast(m[i] * sl2 - ms);                       // 0 while m was -inf (o, l are 0)
+    m[i] = m_new;
+    float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 2 * i; e < 2 * i + 2; ++e) {
+        const float pe = ex2_fast(fmaf(s[4 * nt + e], sl2, -ms));  // masked: -inf -> 0
+        s[4 * nt + e] = pe;
+        s4[(nt & 1) * 2 + (e & 1)] += pe;
+      }
+    l[i] = l[i] * corr[i] + ((s4[0] + s4[1]) + (s4[2] + s4[3]));
+  }
+}
+
+// O *= corr per row, skipped where every factor of the warp is exactly 1.
+__device__ __forceinline__ void wg_rescale(float (&o)[2][32], const float (&corr)[2]) {
+  if (__all_sync(0xffffffffu, corr[0] == 1.0f && corr[1] == 1.0f)) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int d = 0; d < 8; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[h][4 * d + e] *= corr[e >> 1];
+}
+
+// P as the A fragments of its product: keys 16 kc .. 16 kc + 15 (n8 blocks
+// 2 kc, 2 kc + 1 of S), rounded to bf16.
+__device__ __forceinline__ void wg_pack_p(const float (&s)[64], uint32_t (&pa)[wg::kBN / 16][4]) {
+#pragma unroll
+  for (int kc = 0; kc < wg::kBN / 16; ++kc) {
+    pa[kc][0] = pack_bf16_fast(s[8 * kc + 0], s[8 * kc + 1]);
+    pa[kc][1] = pack_bf16_fast(s[8 * kc + 2], s[8 * kc + 3]);
+    pa[kc][2] = pack_bf16_fast(s[8 * kc + 4], s[8 * kc + 5]);
+    pa[kc][3] = pack_bf16_fast(s[8 * kc + 6], s[8 * kc + 7]);
+  }
+}
+
 #endif  // HYMBA_WGMMA
 
 // grid: x = row tile (reversed, as attention_tc_kernel), y = kv head.
@@ -885,7 +1041,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
   if (int(threadIdx.x) < n_seg) sseg[threadIdx.x] = p.seg[threadIdx.x];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gq = lane >> 2, tq = lane & 3;
+  const int tq = lane & 3;
   const int group = p.sh.group;
   const int kvh = blockIdx.y;
   const int64_t window = jb.window, nav = jb.n_always_visible;
@@ -896,20 +1052,8 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
   const int64_t wrow0 = row0 + 16 * warp;  // this warp's 16 rows
 
   int64_t rpos[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) rpos[i] = jb.q_pos0 + min(wrow0 + gq + 8 * i, n_rows - 1) / group;
-
   uint32_t qa[kDQ / 16][4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t r = wrow0 + gq + 8 * i, rc = min(r, n_rows - 1);
-    const float* q = jb.q + (rc / group) * jb.ldq + int64_t(kvh * group + int(rc % group)) * kDQ + 2 * tq;
-#pragma unroll
-    for (int kk = 0; kk < kDQ / 16; ++kk)
-#pragma unroll
-      for (int hi = 0; hi < 2; ++hi)
-        qa[kk][i + 2 * hi] = r < n_rows ? pack_bf16_exact(q[16 * kk + 8 * hi], q[16 * kk + 8 * hi + 1]) : 0u;
-  }
+  wg_load_q(jb, group, kvh, wrow0, lane, rpos, qa);
 
   float o[2][32];  // value dims 64 h + 8 d + 2 tq + (e & 1) in o[h][4 d + e]
 #pragma unroll
@@ -947,14 +1091,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
     wg_load_rows<kDV>(st + kKBytes, sg.v, sg.dtype, sg.ld_v, t.r0, t.nk, int64_t(kvh) * kDV);
   };
   auto issue_pv = [&](const uint32_t (&pa)[kBN / 16][4], int st) {
-    const uint32_t sV = smem_u32(smem + st * kStageBytes) + kKBytes;
-#pragma unroll
-    for (int kc = 0; kc < kBN / 16; ++kc)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        wgmma_m64n64k16_rs_tb(o[h], pa[kc],
-                              wgmma_desc_sw128(sV + h * kVHalfBytes + kc * 16u * kRowBytes, 1024u, 1024u), 1);
-    wgmma_commit();
+    wg_issue_pv(o, pa, smem_u32(smem + st * kStageBytes) + kKBytes);
   };
 
   // The pipeline of a warpgroup, tile j: issue S_j = Q K_j^T, then O +=
@@ -1009,89 +1146,13 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
     wgmma_wait<1>();  // S_j (the older group)
     wgmma_fence_operand(s);
 
-    if (!full) {
-      // The mask of attention_tc_kernel (key jj of the tile visible iff jj <
-      // nk, jj <= hi (k <= p) and jj >= lo (p - k <= window) or jj < nv (k <
-      // n_always_visible)) as one range per row, [lo, min(hi, nk - 1)],
-      // tested with one unsigned compare, plus the prefix [0, min(nv, that
-      // end + 1)) where the tile holds always-visible keys.
-      const int nv = int(max(int64_t(0), min(nav - k0, int64_t(kBN))));
-      int base[2], width[2], pre[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int64_t d = rpos[i] - k0;
-        const int hi = int(max(int64_t(-1), min(d, int64_t(tile.nk - 1))));
-        const int lo = window < 0 ? 0 : int(max(int64_t(0), min(d - window, int64_t(kBN))));
-        base[i] = 2 * tq - lo;  // jj - lo = 8 nt + (e & 1) + base
-        width[i] = max(0, hi - lo + 1);
-        pre[i] = min(nv, hi + 1);
-      }
-      if (nv == 0) {  // block-uniform
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e >> 1;
-            if (!(unsigned(8 * nt + (e & 1) + base[i]) < unsigned(width[i]))) s[4 * nt + e] = -INFINITY;
-          }
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e >> 1, jj = 8 * nt + 2 * tq + (e & 1);
-            if (!(unsigned(8 * nt + (e & 1) + base[i]) < unsigned(width[i]) || jj < pre[i])) s[4 * nt + e] = -INFINITY;
-          }
-      }
-    }
-    // Online softmax per row (the 4 lanes of a quad share a row).
     float corr[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float m4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) m4[(nt & 1) * 2 + e] = fmaxf(m4[(nt & 1) * 2 + e], s[4 * nt + 2 * i + e]);
-      float mx = fmaxf(fmaxf(m4[0], m4[1]), fmaxf(m4[2], m4[3]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[i], mx);
-      const float ms = m_new == -INFINITY ? 0.0f : m_new * sl2;  // nothing visible yet: p = 0, no NaN
-      corr[i] = ex2_fast(m[i] * sl2 - ms);                       // 0 while m was -inf (o, l are 0)
-      m[i] = m_new;
-      float s4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 2 * i; e < 2 * i + 2; ++e) {
-          const float pe = ex2_fast(fmaf(s[4 * nt + e], sl2, -ms));  // masked: -inf -> 0
-          s[4 * nt + e] = pe;
-          s4[(nt & 1) * 2 + (e & 1)] += pe;
-        }
-      l[i] = l[i] * corr[i] + ((s4[0] + s4[1]) + (s4[2] + s4[3]));
-    }
+    wg_mask_softmax(s, full, tile.nk, k0, rpos, window, nav, tq, sl2, m, l, corr);
     wgmma_wait<0>();  // P_{j-1} V_{j-1} is in O (and pa is free)
     wgmma_fence_operand(o[0]);
     wgmma_fence_operand(o[1]);
-    // (No row of the warp whose maximum grew: every factor is exactly 1.)
-    if (!__all_sync(0xffffffffu, corr[0] == 1.0f && corr[1] == 1.0f)) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int d = 0; d < 8; ++d)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[h][4 * d + e] *= corr[e >> 1];
-    }
-    // P_j as the A fragments of its product: keys 16 kc .. 16 kc + 15 (n8
-    // blocks 2 kc, 2 kc + 1 of S), rounded to bf16.
-#pragma unroll
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      pa[kc][0] = pack_bf16_fast(s[8 * kc + 0], s[8 * kc + 1]);
-      pa[kc][1] = pack_bf16_fast(s[8 * kc + 2], s[8 * kc + 3]);
-      pa[kc][2] = pack_bf16_fast(s[8 * kc + 4], s[8 * kc + 5]);
-      pa[kc][3] = pack_bf16_fast(s[8 * kc + 6], s[8 * kc + 7]);
-    }
+    wg_rescale(o, corr);
+    wg_pack_p(s, pa);  // P_j
     prev_stage = stage;
   }
   // The last tile's product (with no tile at all, a product of zeros with
@@ -1104,27 +1165,186 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
   wgmma_fence_operand(o[0]);
   wgmma_fence_operand(o[1]);
 
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t r = wrow0 + gq + 8 * i;
-    if (r >= n_rows) continue;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    float* out = jb.out + (r / group) * jb.ldo + int64_t(kvh * group + int(r % group)) * kDV + 2 * tq;
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int d = 0; d < 8; ++d) {
-        out[64 * h + 8 * d] = no_tiles ? 0.0f : o[h][4 * d + 2 * i] * inv;
-        out[64 * h + 8 * d + 1] = no_tiles ? 0.0f : o[h][4 * d + 2 * i + 1] * inv;
-      }
-  }
+  wg_store(jb, group, kvh, wrow0, lane, o, l, no_tiles);
 #else
   __trap();  // dispatched only where wgmma_built() (an sm_90a build on an sm_90 device)
+#endif
+}
+
+// ---- The warp-specialised form (the default where every segment suits
+// TMA): a producer warp and two consumer warpgroups that never wait for
+// each other at a block barrier. The producer walks the tiles and loads
+// each into its stage with three TMA copies (K, the two V halves; the
+// tensor maps give the same 128-byte swizzle, and rows past a segment's
+// end arrive as zeros), signalling a per-stage "full" mbarrier by bytes;
+// consumers release a stage on its "empty" mbarrier once their P V on it
+// has completed. The consumers take turns issuing their products (two
+// named barriers), so one warpgroup's softmax overlaps the other's
+// products (FlashAttention-3's ping-pong); within a warpgroup the round is
+// that of attention_wgmma_kernel (S_j, then P_{j-1} V_{j-1}, softmax of j).
+namespace wg {
+constexpr int kWsThreads = kThreads + 128;  // + the producer warpgroup (one thread of it works)
+// Registers per thread after setmaxnreg: the producer warpgroup gives
+// its share to the consumers (128 x 40 + 256 x 232 <= 64K).
+[[maybe_unused]] constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+}  // namespace wg
+
+// The kernel's parameters: Params and a K and a V tensor map per segment
+// (__grid_constant__: TMA reads the maps where they lie, in parameter space).
+struct WsParams {  // (CUtensorMap brings its own alignment)
+  CUtensorMap k[kMaxSegments];
+  CUtensorMap v[kMaxSegments];
+  Params p;
+};
+
+#if HYMBA_WGMMA
+__device__ __forceinline__ void tma_load_2d(uint32_t smem_dst, const CUtensorMap* map, int c0, int c1,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::
+          "r"(smem_dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(uint32_t(__cvta_generic_to_shared(bar)))
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(uint32_t(__cvta_generic_to_shared(bar))),
+               "r"(bytes)
+               : "memory");
+}
+#endif  // HYMBA_WGMMA
+
+// grid: x = row tile (reversed), y = kv head; 384 threads (warps 0-7
+// consumers, warps 8-11 the producer warpgroup, of which one thread works).
+__global__ void __launch_bounds__(wg::kWsThreads, 1) attention_wgmma_ws_kernel(const __grid_constant__ WsParams wp) {
+#if HYMBA_WGMMA
+  using namespace wg;
+  extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
+  unsigned char* const smem = wg_smem_raw + ((1024u - (smem_u32(wg_smem_raw) & 1023u)) & 1023u);
+  __shared__ SegDesc sseg[kMaxSegments];
+  __shared__ TcTile s_tile[kStages];
+  __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
+
+  const Params& p = wp.p;
+  const Job& jb = p.job;
+  const int n_seg = jb.n_seg;
+  if (int(threadIdx.x) < n_seg) sseg[threadIdx.x] = p.seg[threadIdx.x];
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(&full_bar[st], 1);         // the producer's arrive (with the tile's bytes)
+      mbar_init(&empty_bar[st], wg::kThreads / 32);  // one per consumer warp
+    }
+  }
+  __syncthreads();  // sseg, barriers (the last block-wide barrier)
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int group = p.sh.group;
+  const int kvh = blockIdx.y;
+  const int64_t window = jb.window, nav = jb.n_always_visible;
+  const int64_t n_rows = jb.n_q * group;
+  const int64_t row0 = int64_t(gridDim.x - 1 - blockIdx.x) * kBM;
+
+  if (warp >= wg::kThreads / 32) {  // the producer warpgroup: one thread
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    if (warp != wg::kThreads / 32 || lane != 0) return;
+    const int64_t p_first = jb.q_pos0 + row0 / group;
+    const int64_t p_last = jb.q_pos0 + (min(row0 + kBM, n_rows) - 1) / group;
+    TcCursor cur{};
+    for (int t = 0;; ++t) {
+      const int st = t % kStages;
+      if (t >= kStages) mbar_wait(&empty_bar[st], unsigned((t / kStages - 1) & 1));  // tile t - 4 consumed
+      TcTile tile{};
+      if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, kBN, cur, tile)) tile.nk = 0;
+      s_tile[st] = tile;
+      if (tile.nk == 0) {
+        mbar_arrive(&full_bar[st]);  // the end: no bytes
+        return;
+      }
+      mbar_arrive_expect_tx(&full_bar[st], kStageBytes);
+      const uint32_t dst = smem_u32(smem + st * kStageBytes);
+      const int row = int(tile.r0);  // (TMA coordinates are int32; attention_tc checks the counts)
+      tma_load_2d(dst, &wp.k[tile.s], kvh * kDQ, row, &full_bar[st]);
+      tma_load_2d(dst + kKBytes, &wp.v[tile.s], kvh * kDV, row, &full_bar[st]);
+      tma_load_2d(dst + kKBytes + kVHalfBytes, &wp.v[tile.s], kvh * kDV + 64, row, &full_bar[st]);
+    }
+  }
+
+  // Consumers.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
+  const int wgi = warp / 4;  // warpgroup 0 or 1
+  const int tq = lane & 3;
+  const int64_t wrow0 = row0 + 16 * warp;
+  int64_t rpos[2];
+  uint32_t qa[kDQ / 16][4];
+  wg_load_q(jb, group, kvh, wrow0, lane, rpos, qa);
+  float o[2][32];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[h][i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const float sl2 = jb.scale * kLog2e;
+  uint32_t pa[kBN / 16][4];  // P_{j-1} (round 0: zeros against tile 0's V)
+#pragma unroll
+  for (int kc = 0; kc < kBN / 16; ++kc) pa[kc][0] = pa[kc][1] = pa[kc][2] = pa[kc][3] = 0u;
+
+  // Turns: warpgroup 0 issues on barrier 1 and hands over on 2, warpgroup
+  // 1 the reverse; warpgroup 1 hands the first turn over up front and skips
+  // its last hand-over, so both barriers end balanced.
+  constexpr int kConsumers = wg::kThreads;
+  const int my_turn = wgi == 0 ? 1 : 2, their_turn = wgi == 0 ? 2 : 1;
+  if (wgi == 1) named_bar_arrive(1, kConsumers);
+
+  int prev_stage = 0;
+  bool no_tiles = true;
+  for (int j = 0;; ++j) {
+    const int stage = j % kStages;
+    mbar_wait(&full_bar[stage], unsigned((j / kStages) & 1));
+    const TcTile tile = s_tile[stage];
+    if (tile.nk == 0) break;  // block-uniform
+    no_tiles = false;
+    const int64_t k0 = sseg[tile.s].pos0 + tile.r0, k1 = k0 + tile.nk - 1;
+    const bool full = tile.nk == kBN && k1 <= min(rpos[0], rpos[1]) &&
+                      (window < 0 || max(rpos[0], rpos[1]) - k0 <= window || k1 < nav);
+    const uint32_t sK = smem_u32(smem + stage * kStageBytes);
+
+    float s[64];
+    named_bar_sync(my_turn, kConsumers);
+    wgmma_fence_operand(o[0]);
+    wgmma_fence_operand(o[1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDQ / 16; ++kk)
+      wgmma_m64n128k16_rs(s, qa[kk], wgmma_desc_sw128(sK + 32u * kk, 16u, 1024u), kk);
+    wgmma_commit();
+    wg_issue_pv(o, pa, smem_u32(smem + prev_stage * kStageBytes) + kKBytes);
+    named_bar_arrive(their_turn, kConsumers);
+    wgmma_wait<1>();  // S_j
+    wgmma_fence_operand(s);
+
+    float corr[2];
+    wg_mask_softmax(s, full, tile.nk, k0, rpos, window, nav, tq, sl2, m, l, corr);
+    wgmma_wait<0>();  // P_{j-1} V_{j-1} is in O: its stage is free
+    wgmma_fence_operand(o[0]);
+    wgmma_fence_operand(o[1]);
+    if (j > 0 && lane == 0) mbar_arrive(&empty_bar[prev_stage]);
+    wg_rescale(o, corr);
+    wg_pack_p(s, pa);
+    prev_stage = stage;
+  }
+  // The last tile's product, in turn (warpgroup 1 hands no turn back).
+  named_bar_sync(my_turn, kConsumers);
+  wgmma_fence_operand(o[0]);
+  wgmma_fence_operand(o[1]);
+  wgmma_fence();
+  wg_issue_pv(o, pa, smem_u32(smem + prev_stage * kStageBytes) + kKBytes);
+  if (wgi == 0) named_bar_arrive(their_turn, kConsumers);
+  wgmma_wait<0>();
+  wgmma_fence_operand(o[0]);
+  wgmma_fence_operand(o[1]);
+  wg_store(jb, group, kvh, wrow0, lane, o, l, no_tiles);
+#else
+  __trap();
 #endif
 }
 
@@ -1250,17 +1470,77 @@ bool wgmma_built(cudaStream_t stream) {
   return v != 0;
 }
 
-// The wgmma kernel for 64/128 heads where built, unless switched off:
-// set_attention_wgmma (tests) or HYMBA_ATTN_WGMMA=0 (A/B timing; read once).
-bool use_wgmma(cudaStream_t stream) {
+// Which form 64/128 heads take where the wgmma build runs: 2 (default) the
+// warp-specialised kernel where every segment suits TMA, else 1; 1 the
+// wgmma kernel with block barriers; 0 the mma.sync kernel. Set by
+// set_attention_wgmma (tests) or HYMBA_ATTN_WGMMA (A/B timing; read once).
+int wgmma_mode(cudaStream_t stream) {
   int mode = g_wgmma_mode.load(std::memory_order_relaxed);
   if (mode < 0) {
     const char* e = std::getenv("HYMBA_ATTN_WGMMA");
     int expected = -1;
-    g_wgmma_mode.compare_exchange_strong(expected, e && std::strcmp(e, "0") == 0 ? 0 : 1);
+    g_wgmma_mode.compare_exchange_strong(expected, e && std::strcmp(e, "0") == 0   ? 0
+                                                   : e && std::strcmp(e, "1") == 0 ? 1
+                                                                                   : 2);
     mode = g_wgmma_mode.load(std::memory_order_relaxed);
   }
-  return mode == 1 && wgmma_built(stream);
+  return mode > 0 && wgmma_built(stream) ? mode : 0;
+}
+
+// cuTensorMapEncodeTiled from the driver (through the runtime, so nothing
+// links libcuda); null where the driver has none.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    (void)cudaGetLastError();
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A 2-D map of `cols` bf16 columns x `rows` rows (pitch ld elements), read
+// in boxes of 64 columns x 128 rows with the 128-byte swizzle; rows past
+// the end read as zeros. False where TMA cannot address it.
+bool encode_kv_map(CUtensorMap& map, const void* base, int64_t cols, int64_t rows, int64_t ld) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (!encode || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (ld * 2) % 16 != 0 || rows < 1 ||
+      rows >= (int64_t(1) << 31) || cols < 64 || ld < cols)
+    return false;
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(ld * 2)};
+  const cuuint32_t box[2] = {64, uint32_t(wg::kBN)};
+  const cuuint32_t elem[2] = {1, 1};
+  return encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The warp-specialised launch, if every non-empty segment (bf16 by now)
+// gets its tensor maps; false leaves the launch to the caller.
+bool launch_wgmma_ws(const AttentionArgs& a, const Params& p, dim3 grid, cudaStream_t stream) {
+  static WsParams wp;  // (large: not on the stack; launches are serialised by the caller's stream use)
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  std::memset(static_cast<void*>(&wp), 0, sizeof wp);
+  wp.p = p;
+  for (int s = 0; s < p.job.n_seg; ++s) {
+    const SegDesc& sg = p.seg[s];
+    if (sg.count <= 0) continue;
+    if (sg.dtype != DType::BF16) return false;
+    if (!encode_kv_map(wp.k[s], sg.k, int64_t(a.n_kv_heads) * wg::kDQ, sg.count, sg.ld_k) ||
+        !encode_kv_map(wp.v[s], sg.v, int64_t(a.n_kv_heads) * wg::kDV, sg.count, sg.ld_v))
+      return false;
+  }
+  const auto kernel = attention_wgmma_ws_kernel;
+  HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::kSmemBytes)));
+  kernel<<<grid, wg::kWsThreads, wg::kSmemBytes, stream>>>(wp);
+  HYMBA_CUDA_LAUNCHED("attention_wgmma_ws");
+  return true;
 }
 
 void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
@@ -1303,7 +1583,13 @@ void attention_tc(const AttentionArgs& a, void* staging, cudaStream_t stream) {
   };
   const int dq = a.head_dim_qk, dv = a.head_dim_v;
   g_tc_launches.fetch_add(1, std::memory_order_relaxed);
-  if (dq == 64 && dv == 128 && use_wgmma(stream)) {
+  const int wmode = dq == 64 && dv == 128 ? wgmma_mode(stream) : 0;
+  if (wmode == 2 && launch_wgmma_ws(a, p, grid, stream)) {
+    g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+    g_wgmma_ws_launches.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (wmode >= 1) {
     const auto kernel = attention_wgmma_kernel;
     HYMBA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(wg::kSmemBytes)));
@@ -2817,8 +3103,9 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
 
 void set_attention_tc_mode(int mode) { g_tc_mode.store(mode, std::memory_order_relaxed); }
 long long attention_tc_launches() { return g_tc_launches.load(std::memory_order_relaxed); }
-void set_attention_wgmma(bool on) { g_wgmma_mode.store(on ? 1 : 0, std::memory_order_relaxed); }
+void set_attention_wgmma(int mode) { g_wgmma_mode.store(mode < 0 ? 0 : mode > 2 ? 2 : mode, std::memory_order_relaxed); }
 long long attention_wgmma_launches() { return g_wgmma_launches.load(std::memory_order_relaxed); }
+long long attention_wgmma_ws_launches() { return g_wgmma_ws_launches.load(std::memory_order_relaxed); }
 
 // ---------------------------------------------------------------- batched decode
 

@@ -137,11 +137,15 @@ void attention(const AttentionArgs& a, int splits, void* scratch, cudaStream_t s
 // of its launches so far.
 void set_attention_tc_mode(int mode);
 long long attention_tc_launches();
-// Head dims 64/128 on an sm_90 device with the sm_90a build take the
-// warpgroup-MMA (wgmma) form of the tensor-core kernel; false selects the
-// mma.sync form (also HYMBA_ATTN_WGMMA=0). The count of wgmma launches.
-void set_attention_wgmma(bool on);
+// Head dims 64/128 on an sm_90 device with the sm_90a build take a
+// warpgroup-MMA (wgmma) form of the tensor-core kernel. Mode 2 (default):
+// the warp-specialised form (TMA loads, mbarriers) where every K/V segment
+// suits TMA, else mode 1's; 1: the wgmma form with block barriers and
+// cp.async loads; 0: the mma.sync kernel. Also HYMBA_ATTN_WGMMA=0/1/2.
+// The counts of wgmma launches (either form) and of warp-specialised ones.
+void set_attention_wgmma(int mode);
 long long attention_wgmma_launches();
+long long attention_wgmma_ws_launches();
 // Batched decode: the entries the decode kernel takes (see above; the heads
 // of the first such entry) in one launch of that kernel over (span of key
 // chunks, kv head), each entry chunked as attention() chunks it alone, so

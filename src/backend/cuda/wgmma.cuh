@@ -47,6 +47,38 @@ __device__ __forceinline__ void wgmma_wait() {
 // wgmma's reads (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// ---- mbarriers (shared memory, CTA scope) and named barriers
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(uint32_t(__cvta_generic_to_shared(bar))), "r"(count)
+               : "memory");
+}
+// One arrival (release: this thread's earlier writes are visible to whoever
+// completes a wait on the phase it helps complete).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(uint32_t(__cvta_generic_to_shared(bar)))
+               : "memory");
+}
+// Waits until the phase with parity `parity` has completed (acquire).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+  const uint32_t a = uint32_t(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(a),
+      "r"(parity)
+      : "memory");
+}
+// Named barrier `id` (1-15; 0 is __syncthreads') over `count` threads:
+// sync waits for the count, arrive only counts.
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+
 template <int N>
 __device__ __forceinline__ void wgmma_fence_operand(float (&r)[N]) {
 #pragma unroll
