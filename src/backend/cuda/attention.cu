@@ -1523,9 +1523,7 @@ bool encode_kv_map(CUtensorMap& map, const void* base, int64_t cols, int64_t row
 // The warp-specialised launch, if every non-empty segment (bf16 by now)
 // gets its tensor maps; false leaves the launch to the caller.
 bool launch_wgmma_ws(const AttentionArgs& a, const Params& p, dim3 grid, cudaStream_t stream) {
-  static WsParams wp;  // (large: not on the stack; launches are serialised by the caller's stream use)
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
+  WsParams wp;  // (~5 KB: the launch copies it)
   std::memset(static_cast<void*>(&wp), 0, sizeof wp);
   wp.p = p;
   for (int s = 0; s < p.job.n_seg; ++s) {
