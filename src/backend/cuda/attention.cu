@@ -1300,7 +1300,13 @@ __global__ void __launch_bounds__(wg::kWsThreads, 1) attention_wgmma_ws_kernel(c
   for (int j = 0;; ++j) {
     const int stage = j % kStages;
     mbar_wait(&full_bar[stage], unsigned((j / kStages) & 1));
-    const TcTile tile = s_tile[stage];
+    // Lane 0 reads the descriptor for its warp (and is the lane that
+    // releases the stage later: its own read comes before its release).
+    TcTile tile{};
+    if (lane == 0) tile = s_tile[stage];
+    tile.s = __shfl_sync(0xffffffffu, tile.s, 0);
+    tile.nk = __shfl_sync(0xffffffffu, tile.nk, 0);
+    tile.r0 = __shfl_sync(0xffffffffu, tile.r0, 0);
     if (tile.nk == 0) break;  // block-uniform
     no_tiles = false;
     const int64_t k0 = sseg[tile.s].pos0 + tile.r0, k1 = k0 + tile.nk - 1;
@@ -1327,6 +1333,8 @@ __global__ void __launch_bounds__(wg::kWsThreads, 1) attention_wgmma_ws_kernel(c
     wgmma_wait<0>();  // P_{j-1} V_{j-1} is in O: its stage is free
     wgmma_fence_operand(o[0]);
     wgmma_fence_operand(o[1]);
+    // (Lane 0 releases the stage for its warp once every lane is past the wait.)
+    __syncwarp();
     if (j > 0 && lane == 0) mbar_arrive(&empty_bar[prev_stage]);
     wg_rescale(o, corr);
     wg_pack_p(s, pa);
