@@ -315,30 +315,27 @@ std::vector<TcCase> cases() {
   return v;
 }
 
-// Heads 64/128 run in each form: warp-specialised (the default), wgmma
-// with block barriers, mma.sync.
-TEST_F(CudaAttentionTc, RandomInputs) {
+// Every case, heads 64/128 in each form: warp-specialised (the default),
+// wgmma with block barriers, mma.sync.
+template <typename Check>
+void in_each_form(Check check) {
   TcMode mode(2);  // the tensor-core kernel wherever it applies (also for few blocks)
   for (const TcCase& c : cases()) {
-    check_random(c);
+    check(c);
     if (c.dq == 64 && c.dv == 128)
       for (int form : {1, 0}) {
         WgmmaMode w(form);
-        check_random(c);
+        check(c);
       }
   }
 }
 
+TEST_F(CudaAttentionTc, RandomInputs) {
+  in_each_form([&](const TcCase& c) { check_random(c); });
+}
+
 TEST_F(CudaAttentionTc, MaskProbeExact) {
-  TcMode mode(2);
-  for (const TcCase& c : cases()) {
-    check_probe(c);
-    if (c.dq == 64 && c.dv == 128)
-      for (int form : {1, 0}) {
-        WgmmaMode w(form);
-        check_probe(c);
-      }
-  }
+  in_each_form([&](const TcCase& c) { check_probe(c); });
 }
 
 // Which calls take the tensor-core kernel in the automatic mode: prefill with

@@ -495,6 +495,17 @@ __device__ __forceinline__ bool next_tile(const SegDesc* seg, int n_seg, int64_t
   return false;
 }
 
+// next_tile for a cursor that may live in shared memory (the one thread
+// that walks publishes tiles to the others): dst.nk == 0 at the end.
+__device__ __forceinline__ void next_tile_shared(const SegDesc* seg, int n_seg, int64_t window, int64_t nav,
+                                                 int64_t p_first, int64_t p_last, int bn, TcCursor& cur, TcTile& dst) {
+  TcCursor c = cur;
+  TcTile t{};
+  if (!next_tile(seg, n_seg, window, nav, p_first, p_last, bn, c, t)) t.nk = 0;
+  cur = c;
+  dst = t;
+}
+
 // Rows r0 .. r0 + nk - 1, columns col0 .. col0 + D - 1 of a bf16 or fp32
 // K/V segment as bf16 into dst[j * (D + kPad) + i]; rows j >= nk become
 // zeros (masked, but 0 * garbage could be NaN). bf16 with 16-byte-aligned
@@ -611,11 +622,7 @@ __global__ void __launch_bounds__(32 * W, MINB) attention_tc_kernel(const Params
   __shared__ TcTile s_tile[ST];
   __shared__ TcCursor s_cur;
   auto advance = [&](TcTile& dst) {  // thread 0 only
-    TcCursor c = s_cur;
-    TcTile t{};
-    if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, BN, c, t)) t.nk = 0;
-    s_cur = c;
-    dst = t;
+    next_tile_shared(sseg, n_seg, window, nav, p_first, p_last, BN, s_cur, dst);
   };
   __syncthreads();  // sseg
   if (threadIdx.x == 0) {
@@ -1069,11 +1076,7 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
   __shared__ TcTile s_tile[kStages];
   __shared__ TcCursor s_cur;
   auto advance = [&](TcTile& dst) {  // thread 0 only
-    TcCursor c = s_cur;
-    TcTile t{};
-    if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, kBN, c, t)) t.nk = 0;
-    s_cur = c;
-    dst = t;
+    next_tile_shared(sseg, n_seg, window, nav, p_first, p_last, kBN, s_cur, dst);
   };
   __syncthreads();  // sseg
   if (threadIdx.x == 0) {
@@ -1253,8 +1256,8 @@ __global__ void __launch_bounds__(wg::kWsThreads, 1) attention_wgmma_ws_kernel(c
     for (int t = 0;; ++t) {
       const int st = t % kStages;
       if (t >= kStages) mbar_wait(&empty_bar[st], unsigned((t / kStages - 1) & 1));  // tile t - 4 consumed
-      TcTile tile{};
-      if (!next_tile(sseg, n_seg, window, nav, p_first, p_last, kBN, cur, tile)) tile.nk = 0;
+      TcTile tile;
+      next_tile_shared(sseg, n_seg, window, nav, p_first, p_last, kBN, cur, tile);
       s_tile[st] = tile;
       if (tile.nk == 0) {
         mbar_arrive(&full_bar[st]);  // the end: no bytes
