@@ -1175,8 +1175,9 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
 }
 
 // ---- The warp-specialised form (the default where every segment suits
-// TMA): a producer warp and two consumer warpgroups that never wait for
-// each other at a block barrier. The producer walks the tiles and loads
+// TMA): a producer (one thread of its own warpgroup) and two consumer
+// warpgroups that never wait for each other at a block barrier. The
+// producer walks the tiles and loads
 // each into its stage with three TMA copies (K, the two V halves; the
 // tensor maps give the same 128-byte swizzle, and rows past a segment's
 // end arrive as zeros), signalling a per-stage "full" mbarrier by bytes;
