@@ -1,8 +1,9 @@
 // The CUDA Mamba kernels against the CPU backend: the fused decode step
 // (normed_selective_scan for n <= 4: dt/B/C norms, dt_proj and the scan in
-// one kernel) and the chunked-parallel selective scan of prefill (every
-// chunk length the planner may pick, forced ones through HYMBA_SCAN_CHUNK,
-// and the sequential kernel). Same harness as test_cuda_backend.cpp
+// one kernel) and its prefill path (one norms launch, dt_proj on padded
+// weights, then the scan), and the chunked-parallel selective scan of
+// prefill (every chunk length the planner may pick, forced ones through
+// HYMBA_SCAN_CHUNK, and the sequential kernel). Same harness as test_cuda_backend.cpp
 // (cuda_test_util.h): fresh random inputs (the seed is printed), NaN-poisoned
 // outputs, relative L2 error. Without a CUDA build or a GPU every test skips.
 //
@@ -113,8 +114,10 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
     const int64_t C = sc.C, R = sc.R, N = sc.N;
     ScanParams p = params(C, N);
     const ScanNormWeights nw = norm_weights(C, R, N, sc.wt);
-    // Successive calls carry the state (n = 5: the default composition, between fused steps).
-    for (int64_t n : {1, 2, 3, 1, 4, 5, 1}) {
+    // Successive calls carry the state (n = 5, 37, 300: more tokens than the
+    // fused step takes, between fused steps; bf16 weights: the prefill path,
+    // the others the default composition).
+    for (int64_t n : {1, 2, 3, 1, 4, 5, 1, 37, 300, 1}) {
       // As the model lays them out: x_proj's output rows [dt | B | C | pad],
       // u | delta | z as column slices of one wide buffer, y strided.
       const int64_t ld_x = R + 2 * N + 3, ld_in = 3 * C + 1, ldy = C + 2;
@@ -150,7 +153,8 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
 
       const std::string what = std::string(dtype_name(sc.wt)) + " C=" + std::to_string(C) +
                                " R=" + std::to_string(R) + " N=" + std::to_string(N) + " n=" + std::to_string(n) +
-                               (n > 4 || R > 128 ? " (default)" : " (fused)");
+                               (n > 4 ? (sc.wt == DType::BF16 ? " (prefill path)" : " (default)")
+                                      : R > 128 ? " (default)" : " (fused)");
       // delta goes through a matmul summed in another order: a little looser than the scan alone.
       expect_close("normed_scan_y", what, down(dy, yc.size()), yc, 2e-5);
       expect_close("normed_scan_state", what, down(p.d_state, p.state.size()), p.state, 2e-5);

@@ -368,7 +368,21 @@ class CudaBackend final : public Backend {
                            v_out, v_width);
   }
   void normed_selective_scan(const ScanArgs& a, const ScanInputNorms& in) override {
-    if (!cuda::normed_selective_scan_step(a, in, stream_)) Backend::normed_selective_scan(a, in);
+    if (cuda::normed_selective_scan_step(a, in, stream_)) return;
+    const MatrixView& W = in.dt_proj;
+    if (W.dtype == DType::BF16 && a.n > 0 && W.rows == a.channels && W.cols > 0) {
+      // More tokens than the fused step takes (prefill): the three norms in
+      // one launch, dt's straight into dt_proj's bf16 operand, then dt_proj
+      // on a copy of its weights with 16-byte rows (rank 100: rows of 200
+      // bytes get cuBLASLt's slow 4-byte-aligned kernels), then the scan.
+      const int64_t ld = (W.cols + 7) / 8 * 8;
+      auto* dtn = static_cast<uint16_t*>(scratch_at(kScratchX, size_t(a.n) * size_t(ld) * 2));
+      cuda::scan_input_norms(a, in, dtn, ld, stream_);
+      gemm(rows_padded(W), dtn, ld, a.n, const_cast<float*>(a.delta), a.ld_delta, false);
+      selective_scan(a);
+      return;
+    }
+    Backend::normed_selective_scan(a, in);
   }
   void sample_tokens(const float* logits, int64_t rows, int64_t vocab, int64_t ld, const SampleArgs* args,
                      int32_t* out_ids) override {
@@ -563,6 +577,22 @@ class CudaBackend final : public Backend {
   // plan for these operands; false (nothing queued) when cuBLASLt has none.
   bool lt_matmul(const MatrixView& W, const void* b, int64_t ld_b, int64_t n, void* y, DType yt, int64_t ldy,
                  bool accumulate);
+  // W with rows padded to a multiple of 8 elements (zeros), copied once per
+  // matrix (W itself where its rows are already 16-byte aligned).
+  MatrixView rows_padded(const MatrixView& W) {
+    const int64_t es = int64_t(dtype_size(W.dtype)), ld = (W.cols + 7) / 8 * 8;
+    if (ld == W.cols && reinterpret_cast<uintptr_t>(W.data) % 16 == 0) return W;
+    std::lock_guard<std::mutex> lock(resident_mutex_);
+    auto it = padded_.find(W.data);
+    if (it == padded_.end()) {
+      void* p = allocate(size_t(W.rows) * size_t(ld) * size_t(es));  // zeroed
+      resident_allocs_.push_back(p);
+      HYMBA_CUDA_CHECK(cudaMemcpy2DAsync(p, size_t(ld * es), W.data, size_t(W.cols * es), size_t(W.cols * es),
+                                         size_t(W.rows), cudaMemcpyDeviceToDevice, stream_));
+      it = padded_.emplace(W.data, p).first;
+    }
+    return MatrixView{it->second, W.dtype, W.rows, ld};
+  }
   // rmsnorm(a) (or the average of the rmsnorms of a and b) as a bf16 GEMM
   // operand in scratch (dense rows of ld_b = cols rounded up to 8).
   const void* norm_packed(const float* a, int64_t lda, const float* wa, const float* b, int64_t ldb, const float* wb,
@@ -609,6 +639,7 @@ class CudaBackend final : public Backend {
   std::map<GemmKey, GemmPlan> plans_;
   std::mutex resident_mutex_;
   std::unordered_map<const void*, std::pair<void*, size_t>> resident_;
+  std::unordered_map<const void*, void*> padded_;  // rows_padded copies, by the original's address
   std::vector<cudaGraphExec_t> graphs_;  // recordings (see begin_recording)
   std::vector<void*> retired_scratch_;    // outgrown scratch a recording may use
   std::vector<void*> resident_allocs_;  // every resident copy, freed with the backend

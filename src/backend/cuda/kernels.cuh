@@ -90,6 +90,13 @@ bool conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t
 // 0/unset automatic, < 0 the sequential kernel, > 0 that many steps).
 size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count);
 void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream);
+// The dt/B/C norms of normed_selective_scan over many tokens (prefill), one
+// warp per token and one launch: rmsnorm(dt_raw; dt_norm_w) rounded to bf16
+// into dtn (rows of ld_dtn >= rank, zeros past rank: dt_proj's GEMM operand,
+// the bits the default's matmul would round it to), rmsnorm(B) and
+// rmsnorm(C) in place (a.B, a.C). rmsnorm_kernel's arithmetic.
+void scan_input_norms(const ScanArgs& a, const ScanInputNorms& in, uint16_t* dtn, int64_t ld_dtn,
+                      cudaStream_t stream);
 // Backend::normed_selective_scan in one launch for n <= 4 tokens (decode):
 // every block normalises dt/B/C itself and computes delta for its own
 // channels; a.delta, a.B, a.C and in.dt_scratch are not written. Returns

@@ -925,6 +925,45 @@ __global__ void __maxnreg__(112) normed_scan_batch_kernel(const NormedScanEntry*
   }
 }
 
+// ---------------------------------------------------------------- prefill input norms
+__device__ __forceinline__ double warp_sum_double(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// 1 / rms of a row of d floats (the warp's lanes take every 32nd), as
+// rmsnorm_kernel computes it (double sum).
+__device__ __forceinline__ float warp_inv_rms(const float* row, int64_t d, float eps, int lane) {
+  double ss = 0.0;
+  for (int64_t i = lane; i < d; i += 32) ss += double(row[i]) * double(row[i]);
+  ss = warp_sum_double(ss);
+  return float(1.0 / sqrt(ss / double(d) + double(eps)));
+}
+
+// rmsnorm of a row in place (all reads precede the writes: the warp sum
+// orders them).
+__device__ __forceinline__ void warp_norm_in_place(float* row, int64_t d, const float* w, float eps, int lane) {
+  const float inv = warp_inv_rms(row, d, eps, lane);
+  for (int64_t i = lane; i < d; i += 32) row[i] = __fmul_rn(row[i], inv) * w[i];
+}
+
+constexpr int kNormWarps = 8;
+
+__global__ void __launch_bounds__(32 * kNormWarps)
+    scan_input_norms_kernel(ScanArgs a, ScanInputNorms in, uint16_t* dtn, int64_t ld_dtn) {
+  const int64_t t = int64_t(blockIdx.x) * kNormWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (t >= a.n) return;
+  const int64_t rank = in.dt_proj.cols;
+  const float* xr = in.dt_raw + t * in.ld_dt;
+  const float inv = warp_inv_rms(xr, rank, in.eps, lane);
+  uint16_t* out = dtn + t * ld_dtn;
+  for (int64_t i = lane; i < ld_dtn; i += 32)
+    out[i] = i < rank ? f32_to_bf16_bits(__fmul_rn(xr[i], inv) * in.dt_norm_w[i]) : uint16_t(0);
+  warp_norm_in_place(const_cast<float*>(a.B) + t * a.ldb, a.d_state, in.B_norm_w, in.eps, lane);
+  warp_norm_in_place(const_cast<float*>(a.C) + t * a.ldc, a.d_state, in.C_norm_w, in.eps, lane);
+}
+
 // ---------------------------------------------------------------- chunked scan
 // The recurrence h_t = a_t h_{t-1} + b_t (a_t = exp(dt_t A), b_t = dt_t B_t
 // u_t) over a long chunk of tokens, parallel over time: the tokens are cut
@@ -1342,6 +1381,15 @@ void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t
   }
   chunk_out_kernel<<<dim3(cblocks, unsigned(p.K)), kCkThreads, 2 * row_bytes, stream>>>(a, int(p.L), p.K, init);
   HYMBA_CUDA_LAUNCHED("scan_chunk_out");
+}
+
+void scan_input_norms(const ScanArgs& a, const ScanInputNorms& in, uint16_t* dtn, int64_t ld_dtn,
+                      cudaStream_t stream) {
+  if (a.n <= 0) return;
+  const int64_t blocks = (a.n + kNormWarps - 1) / kNormWarps;
+  check(blocks <= 0x7fffffff, "scan_input_norms: too many tokens (", a.n, ")");
+  scan_input_norms_kernel<<<unsigned(blocks), 32 * kNormWarps, 0, stream>>>(a, in, dtn, ld_dtn);
+  HYMBA_CUDA_LAUNCHED("scan_input_norms");
 }
 
 bool normed_selective_scan_step(const ScanArgs& a, const ScanInputNorms& in, cudaStream_t stream) {
