@@ -1,8 +1,9 @@
 // The CUDA Mamba kernels against the CPU backend: the fused decode step
 // (normed_selective_scan for n <= 4: dt/B/C norms, dt_proj and the scan in
 // one kernel) and its prefill path (one norms launch, dt_proj on padded
-// weights, then the scan), and the chunked-parallel selective scan of
-// prefill (every chunk length the planner may pick, forced ones through
+// weights, then the scan), and the selective scans of prefill: the one-pass
+// scan (short runs; HYMBA_SCAN_ONEPASS=1 forces it) and the chunked-parallel
+// one (every chunk length the planner may pick, forced ones through
 // HYMBA_SCAN_CHUNK, and the sequential kernel). Same harness as test_cuda_backend.cpp
 // (cuda_test_util.h): fresh random inputs (the seed is printed), NaN-poisoned
 // outputs, relative L2 error. Without a CUDA build or a GPU every test skips.
@@ -425,9 +426,11 @@ struct ScanShape {
 class CudaScan : public CudaMamba {
  protected:
   // pad: extra floats per row of the inputs (odd: rows not 16-byte aligned).
+  // onepass: HYMBA_SCAN_ONEPASS for the calls (null: unset, the default).
   void successive_calls(const std::vector<ScanShape>& shapes, const std::vector<int64_t>& ns, int64_t pad,
-                        const char* env_value) {
+                        const char* env_value, const char* onepass = nullptr) {
     test::ScopedEnv env("HYMBA_SCAN_CHUNK", env_value);
+    test::ScopedEnv env_onepass("HYMBA_SCAN_ONEPASS", onepass);
     for (const ScanShape& sh : shapes) {
       ScanParams p = params(sh.C, sh.N, sh.long_memory);
       std::vector<double> ref_state(p.state.begin(), p.state.end());
@@ -456,8 +459,9 @@ class CudaScan : public CudaMamba {
         a.y = dy;
         gpu_->selective_scan(a);
         const std::string what = "C=" + std::to_string(C) + " N=" + std::to_string(N) + " n=" + std::to_string(n) +
-                                 (sh.long_memory ? " long memory" : "") + " HYMBA_SCAN_CHUNK=" +
-                                 (env_value ? env_value : "(unset)");
+                                 (sh.long_memory ? " long memory" : "") + " pad=" + std::to_string(pad) +
+                                 " HYMBA_SCAN_CHUNK=" + (env_value ? env_value : "(unset)") +
+                                 " HYMBA_SCAN_ONEPASS=" + (onepass ? onepass : "(unset)");
         const std::vector<float> yg = down(dy, yc.size()), sg = down(p.d_state, p.state.size());
         expect_close("scan_y", what, yg, yc, tol);
         expect_close("scan_state", what, sg, p.state, tol);
@@ -474,7 +478,22 @@ class CudaScan : public CudaMamba {
 // Rows not 16-byte aligned: the chunked scan at every length the planner picks.
 TEST_F(CudaScan, SelectiveScanChunked) {
   successive_calls({{3200, 16, false}, {37, 5, false}, {200, 8, true}, {130, 16, true}}, {1, 7, 256, 1000, 2048}, 1,
-                   nullptr);
+                   nullptr, "0");
+}
+
+// The one-pass scan (HYMBA_SCAN_ONEPASS=1: at every length from 16 tokens
+// on), with rows 16-byte aligned (pad 0: copied 16 bytes at a time where
+// d_state is 16 and the channel count a multiple of 4) and not (pad 1);
+// partial blocks of channels, d_state below 16, runs that end inside a tile
+// or a group of 8, and a call below 16 tokens (the chunked scan) between
+// them, all carrying one state.
+TEST_F(CudaScan, SelectiveScanOnePass) {
+  const std::vector<ScanShape> shapes{{3200, 16, false}, {36, 16, false}, {37, 5, false}, {200, 8, true},
+                                      {130, 16, true}};
+  for (const int64_t pad : {0, 1}) {
+    successive_calls(shapes, {64, 7, 100, 1000, 16, 2048}, pad, nullptr, "1");
+    if (HasFailure()) return;
+  }
 }
 
 // Forced chunk lengths (1: a chunk per token, the most carries; 5: odd
@@ -499,6 +518,7 @@ TEST_F(CudaScan, SelectiveScanChunkLengths) {
     a.dt_bias = p.d_bias, a.A = p.dA, a.D = p.dD;
     const bool long_memory = C == 37;
     const double tol = long_memory ? 1e-4 : 1e-5;
+    test::ScopedEnv chunked("HYMBA_SCAN_ONEPASS", "0");
     for (const char* len : {"1", "5", "16", "256", "-1"}) {
       test::ScopedEnv env("HYMBA_SCAN_CHUNK", len);
       float* ds = up(p.state);
@@ -544,8 +564,8 @@ TEST_F(CudaMamba, DISABLED_MambaTiming) {
     report("normed_selective_scan decode (default: 5 launches)",
            time_ms(g, [&] { g.Backend::normed_selective_scan(a, ni); }, 200));
   }
-  // Prefill: the chunked scan (automatic and forced chunk lengths) and the sequential kernel.
-  for (const int64_t n : {int64_t(2048), int64_t(8192)}) {
+  // Prefill: the one-pass scan, the chunked scan (automatic and forced chunk lengths).
+  for (const int64_t n : {int64_t(64), int64_t(256), int64_t(512), int64_t(1024), int64_t(2048), int64_t(8192)}) {
     const int64_t ld_in = 3 * C;
     const float* in = up(randn(size_t(n * ld_in)));
     const float* bc = up(randn(size_t(n * 2 * N)));
@@ -557,7 +577,16 @@ TEST_F(CudaMamba, DISABLED_MambaTiming) {
     a.y = y, a.ldy = C;
     a.n = n, a.channels = C, a.d_state = N;
     const double gbytes = 4.0 * double(n * C) * 4 / 1e9;  // u, delta, z read once, y written
-    for (const char* len : {"0", "32", "48", "64", "80", "96", "128", "160", "192", "256"}) {
+    {
+      test::ScopedEnv env("HYMBA_SCAN_ONEPASS", "1");
+      const double ms = time_ms(g, [&] { g.selective_scan(a); }, 20);
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "selective_scan prefill %lld x 3200 x 16, one pass (%.0f GB/s eq.)",
+                    static_cast<long long>(n), gbytes / ms * 1e3);
+      report(buf, ms);
+    }
+    test::ScopedEnv chunked("HYMBA_SCAN_ONEPASS", "0");
+    for (const char* len : {"0", "96", "160"}) {
       test::ScopedEnv env("HYMBA_SCAN_CHUNK", len);
       const double ms = time_ms(g, [&] { g.selective_scan(a); }, 20);
       char buf[160];

@@ -82,12 +82,14 @@ void causal_conv_silu(const float* x, int64_t n, int64_t ldx, int64_t channels, 
 size_t conv_silu_matmul_scratch_bytes(const ConvArgs& a);
 bool conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t ldy2, void* scratch,
                       cudaStream_t stream);
-// The single-sequence scan. d_state <= 16: chunked-parallel over time (three
-// launches when n is long enough to split, one otherwise), needing device
-// scratch of selective_scan_scratch_bytes(a, sm_count) (0: none, scratch may
-// be null); larger d_state: sequential over time per channel. The
-// environment variable HYMBA_SCAN_CHUNK overrides the chunk length (tuning:
-// 0/unset automatic, < 0 the sequential kernel, > 0 that many steps).
+// The single-sequence scan. d_state <= 16: from 16 to 1279 tokens one pass
+// over time (lanes own states; HYMBA_SCAN_ONEPASS=0 never, =1 at any length
+// from 16), otherwise chunked-parallel over time (three launches when n is
+// long enough to split, one otherwise), needing device scratch of
+// selective_scan_scratch_bytes(a, sm_count) (0: none, scratch may be null);
+// larger d_state: sequential over time per channel. The environment variable
+// HYMBA_SCAN_CHUNK overrides the chunk length (tuning: 0/unset automatic,
+// < 0 the sequential kernel, > 0 that many steps).
 size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count);
 void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream);
 // The dt/B/C norms of normed_selective_scan over many tokens (prefill), one

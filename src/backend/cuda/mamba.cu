@@ -1171,6 +1171,270 @@ __global__ void __launch_bounds__(kCkThreads) chunk_out_kernel(ScanArgs a, int L
   chunk_out(a, L, K, init, blockIdx.x, blockIdx.y, reinterpret_cast<float*>(ck_smem));
 }
 
+// ---------------------------------------------------------------- one-pass scan
+// The whole run of tokens in one pass, sequential in time: lane q of a group
+// of 8 owns states 2q and 2q+1 of one channel (in registers), a warp 4
+// channels, so a state step costs one exp (the chunked scan pays two: its
+// local pass and its rerun) and u, delta and z are read once. The
+// parallelism is channels x states / 2 (25,600 lanes for Hymba-1.5B), and a
+// state's serial dependence is one multiply-add per step, so each warp needs
+// independent work beside its chains: it works in groups of 8 tokens, and
+// beside a group's steps it prepares the next group's (dt, dt u) (lane q:
+// token q of the group, for its channel; dt = softplus(delta + bias), once
+// per token and channel) and finishes the group's y (the 8 lanes' parts of
+// C.h summed by a transposing shuffle tree, so lane q holds token q's sum;
+// y = (C.h + D u) silu(z)). Tiles of T tokens of u, delta, z (the block's
+// channels) and B, C are staged by cp.async in a ring of 3 (tile k is
+// scanned while k+1 is prepared from and k+2 loads), one block barrier per
+// tile. Tokens past n get (dt, dt u) = (0, 0): exp(0) h + 0 leaves h exactly
+// as it was. States past d_state are padded with A = B = C = 0 (they stay 0).
+constexpr int kOpStages = 3;
+
+constexpr int kOpSpl = 2;  // states per lane (4 was slower: fewer warps than schedulers, each stalled)
+
+template <int WPB, int T>
+struct OnePass {
+  static constexpr int kLpc = kCkN / kOpSpl;      // lanes per channel = tokens per group
+  static constexpr int kCpw = 32 / kLpc;       // channels per warp
+  static constexpr int kCpb = kCpw * WPB;      // channels per block
+  static constexpr int kThreads = 32 * WPB;
+  // Staged row pitch: an odd multiple of kCpw, so the L rows a warp reads at
+  // once (lane q: row q, its channel's column) fall on distinct banks.
+  static constexpr int kLd = (kCpb / kCpw) % 2 == 1 ? kCpb : kCpb + kCpw;
+  static constexpr int kRaw = 3 * T * kLd;     // u, delta, z: [3][T][kLd]
+  static constexpr int kStage = kRaw + 2 * T * kCkN;  // + B, C: [2][T][16]
+  static constexpr int kDtPerWarp = 2 * kLpc * kCpw;  // two groups of (dt, dt u): [2][kLpc][kCpw] float2
+  static constexpr size_t kSmemBytes = sizeof(float) * size_t(kOpStages * kStage + WPB * kDtPerWarp * 2);
+  static_assert(T % kLpc == 0, "a tile is whole groups");
+};
+
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// Stages tokens t0 .. t0+T-1 (zeros past n, past the last channel or state):
+// u, delta, z of channels cb .. cb+kCpb-1 and the B, C rows. vec_c / vec_bc:
+// those rows may be copied 16 bytes at a time (the host checked alignment;
+// vec_bc also means d_state == 16).
+template <class P, int T>
+__device__ __forceinline__ void onepass_stage(const ScanArgs& a, int64_t cb, int64_t t0, bool vec_c, bool vec_bc,
+                                              float* st) {
+  if (vec_c) {
+    constexpr int kQ = P::kCpb / 4;
+    for (int i = threadIdx.x; i < 3 * T * kQ; i += P::kThreads) {
+      const int arr = i / (T * kQ), t = i / kQ % T, q = i % kQ;
+      const float* base = arr == 0 ? a.u : arr == 1 ? a.delta : a.z;
+      const int64_t ld = arr == 0 ? a.ldu : arr == 1 ? a.ld_delta : a.ldz, c = cb + 4 * q;
+      const bool ok = t0 + t < a.n && c < a.channels;
+      cp_async16(st + (arr * T + t) * P::kLd + 4 * q, ok ? base + (t0 + t) * ld + c : base, ok ? 16 : 0);
+    }
+  } else {
+    for (int i = threadIdx.x; i < 3 * T * P::kCpb; i += P::kThreads) {
+      const int arr = i / (T * P::kCpb), t = i / P::kCpb % T, cc = i % P::kCpb;
+      const float* base = arr == 0 ? a.u : arr == 1 ? a.delta : a.z;
+      const int64_t ld = arr == 0 ? a.ldu : arr == 1 ? a.ld_delta : a.ldz, c = cb + cc;
+      const bool ok = t0 + t < a.n && c < a.channels;
+      cp_async4(st + (arr * T + t) * P::kLd + cc, ok ? base + (t0 + t) * ld + c : base, ok ? 4 : 0);
+    }
+  }
+  float* bc = st + P::kRaw;
+  if (vec_bc) {
+    for (int i = threadIdx.x; i < 2 * T * 4; i += P::kThreads) {
+      const int arr = i / (T * 4), t = i / 4 % T, q = i % 4;
+      const float* base = arr == 0 ? a.B : a.C;
+      const int64_t ld = arr == 0 ? a.ldb : a.ldc;
+      const bool ok = t0 + t < a.n;
+      cp_async16(bc + i * 4, ok ? base + (t0 + t) * ld + 4 * q : base, ok ? 16 : 0);
+    }
+  } else {
+    for (int i = threadIdx.x; i < 2 * T * kCkN; i += P::kThreads) {
+      const int arr = i / (T * kCkN), t = i / kCkN % T, s = i % kCkN;
+      const float* base = arr == 0 ? a.B : a.C;
+      const int64_t ld = arr == 0 ? a.ldb : a.ldc;
+      const bool ok = t0 + t < a.n && s < a.d_state;
+      cp_async4(bc + i, ok ? base + (t0 + t) * ld + s : base, ok ? 4 : 0);
+    }
+  }
+}
+
+// The sum over the L lanes of a channel of p[q], left in lane q (a
+// transposing butterfly: each round halves what a lane holds, the lane with
+// bit o set keeping the upper half; fp addition commutes, so both lanes of a
+// pair get the same bits).
+template <int L>
+__device__ __forceinline__ float group_transpose_sum(const float (&p)[L], int q) {
+  float r[L];
+#pragma unroll
+  for (int j = 0; j < L; ++j) r[j] = p[j];
+#pragma unroll
+  for (int o = L / 2; o > 0; o /= 2) {
+    const bool upper = q & o;
+#pragma unroll
+    for (int j = 0; j < o; ++j) {
+      const float keep = upper ? r[j + o] : r[j], send = upper ? r[j] : r[j + o];
+      r[j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+  }
+  return r[0];
+}
+
+// softplus_f and silu_f without branches, so that the one-pass scan's
+// instruction stream stays one block the compiler can interleave with the
+// state steps (log1pf and the IEEE division branch). Within ~2 ulp of them.
+//
+// log1p(x) for 0 <= x < 2^64: u = 1 + x rounded and log1p(x) = log(u) +
+// (x - (u - 1)) / u, the rounding of u corrected to first order (u - 1 is
+// exact below 2^24; above, the correction is below 1e-7 of the result). log(u)
+// = e ln2 + log(1 + f) with u = 2^e (1 + f), 1 + f in [sqrt(1/2), sqrt(2)),
+// and log(1 + f) = f - f^2/2 + s (f^2/2 + R(s^2)), s = f / (2 + f), R the
+// minimax polynomial of the classic single-precision logf (its coefficients).
+__device__ __forceinline__ float log1p_nb(float x) {
+  const float u = 1.0f + x;
+  const int bits = __float_as_int(u);
+  const int e = (bits - 0x3f3504f3) >> 23;
+  const float f = __int_as_float(bits - (e << 23)) - 1.0f;
+  const float s = __fdividef(f, 2.0f + f), z = s * s, w = z * z;
+  const float R = z * (0.66666662693f + w * 0.28498786688f) + w * (0.40000972152f + w * 0.24279078841f);
+  const float hfsq = 0.5f * f * f, fe = float(e);
+  const float log_u = fe * 6.9313812256e-01f + (f - (hfsq - (s * (hfsq + R) + fe * 9.0580006145e-06f)));
+  return log_u + __fdividef(x - (u - 1.0f), u);
+}
+__device__ __forceinline__ float softplus_nb(float v) {
+  const float l = log1p_nb(expf(fminf(v, 20.0f)));
+  return v > 20.0f ? v : l;
+}
+__device__ __forceinline__ float silu_nb(float x) { return __fdividef(x, 1.0f + expf(-x)); }
+
+template <int WPB, int T>
+__global__ void __launch_bounds__(32 * WPB) scan_onepass_kernel(ScanArgs a, bool vec_c, bool vec_bc) {
+  using P = OnePass<WPB, T>;
+  constexpr int L = P::kLpc, kGroups = T / L;
+  extern __shared__ float4 op_smem[];
+  float* stages = reinterpret_cast<float*>(op_smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, q = lane % L;
+  float2* sDt = reinterpret_cast<float2*>(stages + kOpStages * P::kStage) + warp * P::kDtPerWarp;
+  const int cw = lane / L;                   // the lane's channel in the warp
+  const int cb_local = warp * P::kCpw + cw;  // ... in the block
+  const int64_t cb = int64_t(blockIdx.x) * P::kCpb, c = cb + cb_local, N = a.d_state;
+  const bool live = c < a.channels;
+  float A2[kOpSpl], h[kOpSpl];
+#pragma unroll
+  for (int j = 0; j < kOpSpl; ++j) {
+    const int s = q * kOpSpl + j;
+    const bool ok = live && s < N;
+    A2[j] = ok ? a.A[c * N + s] * kLog2e : 0.0f;
+    h[j] = ok ? a.state[c * N + s] : 0.0f;
+  }
+  const float bias = live ? a.dt_bias[c] : 0.0f, D = live ? a.D[c] : 0.0f;
+
+  // (dt, dt u) of token t of stage st (absolute position pos) for this
+  // lane's channel. Branch-free, so that it fills the scan's latencies.
+  auto prepare = [&](const float* st, int t, int64_t pos) {
+    const float u = st[t * P::kLd + cb_local], dt = softplus_nb(st[(T + t) * P::kLd + cb_local] + bias);
+    const bool in = pos < a.n;
+    return make_float2(in ? dt : 0.0f, in ? dt * u : 0.0f);
+  };
+  float2* my_dt = sDt + q * P::kCpw + cw;  // this lane's slot in half 0 (half 1: + L * kCpw)
+
+  const int64_t tiles = (a.n + T - 1) / T;
+  onepass_stage<P, T>(a, cb, 0, vec_c, vec_bc, stages);
+  cp_async_commit();
+  if (tiles > 1) onepass_stage<P, T>(a, cb, T, vec_c, vec_bc, stages + P::kStage);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+  my_dt[0] = prepare(stages, q, q);
+  __syncwarp();
+  int half = 0;
+  for (int64_t k = 0; k < tiles; ++k) {
+    const int64_t t0 = k * T;
+    const float* st = stages + (k % kOpStages) * P::kStage;
+    const float* next = stages + ((k + 1) % kOpStages) * P::kStage;
+    cp_async_wait<0>();
+    __syncthreads();  // tile k+1 is staged; every warp is done with tile k-1, whose stage k+2 reuses
+    if (k + 2 < tiles) onepass_stage<P, T>(a, cb, t0 + 2 * T, vec_c, vec_bc, stages + ((k + 2) % kOpStages) * P::kStage);
+    cp_async_commit();
+    const float* sB = st + P::kRaw;
+    const float* sC = sB + T * kCkN;
+    float* yrow = a.y + t0 * a.ldy + (live ? c : 0);
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      // The next group's (dt, dt u) (the next tile's first group after the
+      // last), independent of this group's steps.
+      const float2 dt_next =
+          prepare(g + 1 < kGroups ? st : next, (g + 1) % kGroups * L + q, t0 + (g + 1) * L + q);
+      const float2* dts = sDt + half * L * P::kCpw + cw;
+      float p[L];
+#pragma unroll
+      for (int j = 0; j < L; ++j) {
+        const int t = g * L + j;
+        const float2 dd = dts[j * P::kCpw];
+        const float2 b2 = *reinterpret_cast<const float2*>(sB + t * kCkN + 2 * q);
+        const float2 c2 = *reinterpret_cast<const float2*>(sC + t * kCkN + 2 * q);
+        const float b[kOpSpl] = {b2.x, b2.y}, cv[kOpSpl] = {c2.x, c2.y};
+        float part = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kOpSpl; ++i) {
+          h[i] = ex2_fast(dd.x * A2[i]) * h[i] + dd.y * b[i];
+          part = i == 0 ? cv[0] * h[0] : part + cv[i] * h[i];
+        }
+        p[j] = part;
+      }
+      const float ch = group_transpose_sum<L>(p, q);
+      const int t = g * L + q;
+      const float y =
+          __fmul_rn(__fmaf_rn(D, st[t * P::kLd + cb_local], ch), silu_nb(st[(2 * T + t) * P::kLd + cb_local]));
+      if (live && t0 + t < a.n) yrow[t * a.ldy] = y;
+      half ^= 1;
+      my_dt[half * L * P::kCpw] = dt_next;
+      __syncwarp();  // the next group's (dt, dt u) written; this group's read before it is overwritten
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kOpSpl; ++j) {
+    const int s = q * kOpSpl + j;
+    if (live && s < N) a.state[c * N + s] = h[j];
+  }
+}
+
+// The one-pass scan's launch shape: 4 warps (16 channels) a block, tiles of
+// 64 tokens. Against the chunked scan (H100, 3200 channels x 16 states): 64
+// tokens 8 us against 25, 512 38 against 53, 1024 75 against 79, 2048 144
+// against 130, 8192 558 against 429 (its warps, ~1.5 per scheduler, stall on
+// their chains; 4 states a lane, fewer warps, was slower still), hence the
+// token limit.
+using OnePassShape = OnePass<4, 64>;
+constexpr int64_t kOnePassMinTokens = 16, kOnePassMaxTokens = 1280;
+
+bool aligned16(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 4 == 0; }
+
+// Whether the one-pass scan takes a: d_state <= 16 and kOnePassMinTokens <=
+// n < kOnePassMaxTokens. HYMBA_SCAN_ONEPASS (A/B timing, tests): 0 never, 1
+// at any length from kOnePassMinTokens on.
+bool onepass_for(const ScanArgs& a) {
+  int mode = -1;
+  if (const char* e = std::getenv("HYMBA_SCAN_ONEPASS")) mode = std::atoi(e);
+  if (mode == 0 || a.d_state > kCkN || a.n < kOnePassMinTokens || (mode < 0 && a.n >= kOnePassMaxTokens))
+    return false;
+  return (a.channels + OnePassShape::kCpb - 1) / OnePassShape::kCpb <= 0x7fffffff;
+}
+
+bool selective_scan_onepass(const ScanArgs& a, cudaStream_t stream) {
+  if (!onepass_for(a)) return false;
+  using P = OnePassShape;
+  const int64_t blocks = (a.channels + P::kCpb - 1) / P::kCpb;
+  const bool vec_c = aligned16(a.u, a.ldu) && aligned16(a.delta, a.ld_delta) && aligned16(a.z, a.ldz) &&
+                     a.channels % 4 == 0;
+  const bool vec_bc = a.d_state == kCkN && aligned16(a.B, a.ldb) && aligned16(a.C, a.ldc);
+  auto* kernel = scan_onepass_kernel<4, 64>;
+  HYMBA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(P::kSmemBytes)));
+  kernel<<<unsigned(blocks), unsigned(P::kThreads), P::kSmemBytes, stream>>>(a, vec_c, vec_bc);
+  HYMBA_CUDA_LAUNCHED("scan_onepass");
+  return true;
+}
+
 // Batched decode with d_state <= 16: lane l of a 16-lane group owns state l
 // of a channel (scan_block's layout and arithmetic, so no staging), and each
 // thread takes kStepItems channels 16 apart, their loads issued together: a
@@ -1345,6 +1609,7 @@ bool conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t
 }
 
 size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count) {
+  if (onepass_for(a)) return 0;
   const ScanPlan p = plan_scan(a, sm_count);
   if (p.carry_floats == 0) return 0;
   return carry_bytes_aligned(p) + p.sum_dt_floats * sizeof(float);
@@ -1354,6 +1619,7 @@ void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t
   check(a.d_state >= 1 && a.d_state <= kLanes * kMaxK, "selective_scan: d_state ", a.d_state,
         " is outside the supported 1..", kLanes * kMaxK);
   if (a.n <= 0 || a.channels <= 0) return;
+  if (selective_scan_onepass(a, stream)) return;
   const ScanPlan p = plan_scan(a, sm_count);
   if (!p.chunked) {
     const size_t smem = sizeof(float) * size_t(2 * kChunk * a.d_state + 3 * kChunk * kChannels);
