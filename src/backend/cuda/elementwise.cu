@@ -135,6 +135,73 @@ __global__ void norm_pack_kernel(const float* a, int64_t lda, const float* wa, c
       [&](int64_t i, float r) { orow[i] = f32_to_bf16_bits(r); });
 }
 
+// norm_pack for rows that are 16-byte aligned and at most 512 R floats wide
+// (Hymba-1.5B's 1600 and 3200 columns): a block of 128 threads per row holds
+// its float4s in registers (all loads issued at once, the row read once),
+// and writes 4 bf16 per 8-byte store. Same sums (double) and products as
+// norm_pack_kernel, so the same bits. d4 = d / 4.
+constexpr int kPackThreads = 128;
+
+template <int R, bool kTwo>
+__global__ void __launch_bounds__(kPackThreads)
+    norm_pack_vec_kernel(const float* a, int64_t lda, const float* wa, const float* b, int64_t ldb, const float* wb,
+                         int d4, float eps, uint16_t* out, int64_t ldo) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const float4* ar = reinterpret_cast<const float4*>(a + int64_t(blockIdx.x) * lda);
+  const float4* br = kTwo ? reinterpret_cast<const float4*>(b + int64_t(blockIdx.x) * ldb) : nullptr;
+  float4 va[R], vb[R];
+  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = threadIdx.x + r * kPackThreads;
+    va[r] = i < d4 ? ar[i] : zero;
+    if (kTwo) vb[r] = i < d4 ? br[i] : zero;
+  }
+  auto sq = [](const float4& v) {
+    return double(v.x) * double(v.x) + double(v.y) * double(v.y) + double(v.z) * double(v.z) +
+           double(v.w) * double(v.w);
+  };
+  double sa = 0.0, sb = 0.0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    sa += sq(va[r]);
+    if (kTwo) sb += sq(vb[r]);
+  }
+  __shared__ double sums[2][kPackThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    sa += __shfl_xor_sync(0xffffffffu, sa, o);
+    if (kTwo) sb += __shfl_xor_sync(0xffffffffu, sb, o);
+  }
+  if (threadIdx.x % 32 == 0) sums[0][threadIdx.x / 32] = sa, sums[1][threadIdx.x / 32] = sb;
+  __syncthreads();
+  sa = sb = 0.0;
+#pragma unroll
+  for (int w = 0; w < kPackThreads / 32; ++w) sa += sums[0][w], sb += sums[1][w];
+  const double d = 4.0 * double(d4);
+  const float inva = float(1.0 / sqrt(sa / d + double(eps)));
+  const float invb = kTwo ? float(1.0 / sqrt(sb / d + double(eps))) : 0.0f;
+  const float4* wa4 = reinterpret_cast<const float4*>(wa);
+  const float4* wb4 = reinterpret_cast<const float4*>(wb);
+  uint2* orow = reinterpret_cast<uint2*>(out + int64_t(blockIdx.x) * ldo);
+  // Explicit _rn operations: no contraction into fma (as norm_pack_kernel).
+  auto one = [&](float x, float w, float y, float v) {
+    float r = __fmul_rn(__fmul_rn(x, inva), w);
+    if (kTwo) r = __fmul_rn(__fadd_rn(r, __fmul_rn(__fmul_rn(y, invb), v)), 0.5f);
+    return uint32_t(f32_to_bf16_bits(r));
+  };
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = threadIdx.x + r * kPackThreads;
+    if (i < d4) {
+      const float4 x = va[r], w = wa4[i];
+      const float4 y = kTwo ? vb[r] : zero, v = kTwo ? wb4[i] : zero;
+      orow[i] = make_uint2(one(x.x, w.x, y.x, v.x) | one(x.y, w.y, y.y, v.y) << 16,
+                           one(x.z, w.z, y.z, v.z) | one(x.w, w.w, y.w, v.w) << 16);
+    }
+  }
+}
+
 // The loop every strided n x d elementwise kernel shares: f(t, c).
 template <typename F>
 __device__ __forceinline__ void for_each_element(int64_t n, int64_t d, F f) {
@@ -314,6 +381,19 @@ void norm_pack_bf16(const float* a, int64_t lda, const float* wa, const float* b
                     int64_t n, int64_t d, float eps, uint16_t* out, int64_t ldo, cudaStream_t stream) {
   if (n <= 0) return;
   check(n <= 0x7fffffff, "norm_pack: too many rows (", n, ")");
+  auto al16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool vec = d % 4 == 0 && d <= 8 * 4 * kPackThreads && lda % 4 == 0 && al16(a) && al16(wa) &&
+                   (!b || (ldb % 4 == 0 && al16(b) && al16(wb))) && ldo % 4 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 8 == 0;
+  if (vec) {
+    const int d4 = int(d / 4);
+    const dim3 grid{unsigned(n)}, block{unsigned(kPackThreads)};
+    const bool wide = d4 > 4 * kPackThreads;
+    auto* k = b ? (wide ? &norm_pack_vec_kernel<8, true> : &norm_pack_vec_kernel<4, true>)
+                : (wide ? &norm_pack_vec_kernel<8, false> : &norm_pack_vec_kernel<4, false>);
+    launch_pdl("norm_pack", k, grid, block, 0, stream, a, lda, wa, b, ldb, wb, d4, eps, out, ldo);
+    return;
+  }
   launch_pdl("norm_pack", norm_pack_kernel, dim3(unsigned(n)), dim3(kThreads), 0, stream, a, lda, wa, b, ldb, wb, d,
              eps, out, ldo);
 }
