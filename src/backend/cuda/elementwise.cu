@@ -301,44 +301,51 @@ __device__ __forceinline__ void rotate_pair(float& a, float& b, float cs, float 
   b = __fmul_rn(y, cs) + __fmul_rn(x, sn);
 }
 
-__global__ void prepare_qkv_kernel(const QkvParams p) {
+// Element i (of the per_token of a token: q pairs, then k pairs or columns,
+// then v columns) of token t.
+__device__ __forceinline__ void qkv_element(const QkvParams& p, int64_t t, int i, int half, int nq, int nk) {
+  const bool rope = p.c != nullptr;
+  const float* ct = rope ? p.c + t * half : nullptr;
+  const float* st = rope ? p.s + t * half : nullptr;
+  if (i < nq) {
+    const int h = i / half, j = i % half;
+    float* x = p.q + t * p.ld + int64_t(h) * p.head_dim;
+    float a = x[j], b = x[j + half];
+    rotate_pair(a, b, ct[j], st[j]);
+    x[j] = a, x[j + half] = b;
+    return;
+  }
+  i -= nq;
+  if (i < nk) {
+    const float* src = p.k + t * p.ld;
+    float* dst = p.k_out + t * p.k_width;
+    if (!rope) {
+      dst[i] = round_f32(src[i], p.dt);
+      return;
+    }
+    const int g = i / half, j = i % half;
+    const int64_t o = int64_t(g) * p.head_dim + j;
+    float a = src[o], b = src[o + half];
+    rotate_pair(a, b, ct[j], st[j]);
+    dst[o] = round_f32(a, p.dt), dst[o + half] = round_f32(b, p.dt);
+    return;
+  }
+  i -= nk;
+  p.v_out[t * p.v_width + i] = round_f32(p.v[t * p.ld + i], p.dt);
+}
+
+// grid.x over a token's per_token elements, grid.y strides over the tokens
+// (32-bit element arithmetic: 64-bit divisions by the row width made the
+// one-dimensional form instruction-bound).
+__global__ void prepare_qkv_kernel(const QkvParams p, int per_token) {
   pdl_launch_dependents();
   pdl_wait();  // launched with launch_pdl: earlier kernels' writes first
+  const int i = int(blockIdx.x) * int(blockDim.x) + int(threadIdx.x);
+  if (i >= per_token) return;
   const int half = p.head_dim / 2;
-  const bool rope = p.c != nullptr;
-  const int64_t nq = rope ? int64_t(p.n_heads) * half : 0;
-  const int64_t nk = p.k ? (rope ? int64_t(p.n_kv_heads) * half : p.k_width) : 0;
-  const int64_t nv = p.k ? p.v_width : 0;
-  const int64_t per_token = nq + nk + nv;
-  for_each_element(p.n, per_token, [&](int64_t t, int64_t i) {
-    const float* ct = rope ? p.c + t * half : nullptr;
-    const float* st = rope ? p.s + t * half : nullptr;
-    if (i < nq) {
-      const int h = int(i / half), j = int(i % half);
-      float* x = p.q + t * p.ld + int64_t(h) * p.head_dim;
-      float a = x[j], b = x[j + half];
-      rotate_pair(a, b, ct[j], st[j]);
-      x[j] = a, x[j + half] = b;
-      return;
-    }
-    i -= nq;
-    if (i < nk) {
-      const float* src = p.k + t * p.ld;
-      float* dst = p.k_out + t * p.k_width;
-      if (!rope) {
-        dst[i] = round_f32(src[i], p.dt);
-        return;
-      }
-      const int g = int(i / half), j = int(i % half);
-      const int64_t o = int64_t(g) * p.head_dim + j;
-      float a = src[o], b = src[o + half];
-      rotate_pair(a, b, ct[j], st[j]);
-      dst[o] = round_f32(a, p.dt), dst[o + half] = round_f32(b, p.dt);
-      return;
-    }
-    i -= nk;
-    p.v_out[t * p.v_width + i] = round_f32(p.v[t * p.ld + i], p.dt);
-  });
+  const int nq = p.c ? p.n_heads * half : 0;
+  const int nk = p.k ? (p.c ? p.n_kv_heads * half : int(p.k_width)) : 0;
+  for (int64_t t = blockIdx.y; t < p.n; t += gridDim.y) qkv_element(p, t, i, half, nq, nk);
 }
 
 // grid.y = entry (of count), grid.x strides over the entry's n x d elements.
@@ -478,8 +485,9 @@ bool prepare_qkv(float* q, const float* k, const float* v, int64_t ld, int64_t n
   const int64_t per_token = (cos_t ? int64_t(n_heads) * half : 0) +
                             (k ? (cos_t ? int64_t(n_kv_heads) * half : k_width) + v_width : 0);
   if (per_token <= 0) return true;
-  launch_pdl("prepare_qkv", prepare_qkv_kernel, dim3(blocks_for(n * per_token, kThreads)), dim3(kThreads), 0, stream,
-             p);
+  check(per_token <= 0x7fffffff, "prepare_qkv: rows too wide (", per_token, " elements)");
+  const dim3 grid{unsigned((per_token + kThreads - 1) / kThreads), unsigned(std::min<int64_t>(n, 65535))};
+  launch_pdl("prepare_qkv", prepare_qkv_kernel, grid, dim3(kThreads), 0, stream, p, int(per_token));
   return true;
 }
 
