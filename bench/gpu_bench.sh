@@ -21,7 +21,9 @@
 #   9. (PARTS=ncu) Nsight Compute: each kernel's time and DRAM bytes in a
 #      short decode (NCU_STEPS steps) after a prompt of NCU_PROMPT tokens
 #      (default 1024), as CSV, and where the last decode step's time goes
-#      (bench/ncu_step_summary.py, ncu_step.txt); NCU_BATCH=B decodes B
+#      (bench/ncu_step_summary.py, ncu_step.txt) and where the prompt's
+#      time goes (ncu_prefill.txt; NCU_PROMPT=8192 NCU_STEPS=1 for the 8K
+#      prefill); NCU_BATCH=B decodes B
 #      sequences together (replicated prompt); NCU_ARGS adds ncu options.
 # TORCH_MODES picks the PyTorch decode modes (default eager,graph,compile).
 # PARTS selects steps (default tests,ceilings,bench,torch,memcheck).
@@ -161,7 +163,9 @@ timeout 400 "$nc" --clock-control none --cache-control none --csv --print-units 
   "${batch_args[@]}" --no-warmup >"$out/ncu_bench.log" 2>&1
 echo "rc=$? $(wc -l <"$out/ncu_decode.csv") lines"
 python3 bench/ncu_step_summary.py "$out/ncu_decode.csv" >"$out/ncu_step.txt" 2>&1
+python3 bench/ncu_step_summary.py "$out/ncu_decode.csv" --prefill >"$out/ncu_prefill.txt" 2>&1
 head -30 "$out/ncu_step.txt"
+head -25 "$out/ncu_prefill.txt"
 fi
 
 if want micro; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where one decode step's GPU time goes, from an Nsight Compute CSV.
+"""Where one decode step's (or the prompt's) GPU time goes, from an Nsight Compute CSV.
 
 Reads the CSV that `ncu --csv --print-units base --metrics
 gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size` writes over a
@@ -7,10 +7,13 @@ gpu__time_duration.sum,dram__bytes_read.sum,launch__grid_size` writes over a
 last complete decode step (those after the second-to-last token sampling
 kernel, up to and including the last one) and prints them grouped by kernel
 name: total time, launches and the DRAM read rate, then the step's first
-kernels in order. Kernels are timed in isolation (ncu serialises them), so
-the sum is an upper bound on the step's time with overlap.
+kernels in order. With --prefill it takes the timed prompt instead: from the
+last embedding gather before the first sampling kernel up to that kernel
+(the meta-token prefix computed at load comes earlier and is left out).
+Kernels are timed in isolation (ncu serialises them), so the sum is an upper
+bound on the time with overlap.
 
-Usage: python3 bench/ncu_step_summary.py NCU_CSV [--first N]
+Usage: python3 bench/ncu_step_summary.py NCU_CSV [--first N] [--prefill]
 """
 import argparse
 import csv
@@ -20,6 +23,7 @@ from collections import OrderedDict, defaultdict
 TIME = "gpu__time_duration.sum"
 DRAM = "dram__bytes_read.sum"
 SAMPLE_KERNEL = "sample"  # the token sampling kernel ends every decode step
+EMBED_KERNEL = "embed_rows"  # the embedding gather starts the prompt and every step
 
 
 def number(text):
@@ -51,6 +55,17 @@ def last_step(kernels):
     return [i for i in ids if ends[-2] < i <= ends[-1]]
 
 
+def prompt_kernels(kernels):
+    ids = list(kernels)
+    first_sample = next((i for i in ids if SAMPLE_KERNEL in kernels[i]["name"]), None)
+    if first_sample is None:
+        raise SystemExit("no sampling kernel: the run did not finish its prompt under ncu")
+    starts = [i for i in ids if i < first_sample and EMBED_KERNEL in kernels[i]["name"]]
+    if not starts:
+        raise SystemExit("no embedding kernel before the first sampling kernel")
+    return [i for i in ids if starts[-1] <= i <= first_sample]
+
+
 def short(name, width=80):
     return name.split("(")[0][:width]
 
@@ -59,11 +74,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv")
     ap.add_argument("--first", type=int, default=40, help="kernels of the step to list in order")
+    ap.add_argument("--prefill", action="store_true", help="the timed prompt instead of the last decode step")
     args = ap.parse_args()
     kernels = read_kernels(args.csv)
-    step = last_step(kernels)
+    step = prompt_kernels(kernels) if args.prefill else last_step(kernels)
     total = sum(kernels[i].get(TIME, 0.0) for i in step)
-    print(f"{len(kernels)} kernels profiled; the last decode step: {len(step)} kernels, {total / 1e3:.1f} us")
+    what = "the prompt" if args.prefill else "the last decode step"
+    print(f"{len(kernels)} kernels profiled; {what}: {len(step)} kernels, {total / 1e3:.1f} us")
     groups = defaultdict(lambda: [0, 0.0, 0.0])
     for i in step:
         g = groups[short(kernels[i]["name"])]
@@ -74,7 +91,7 @@ def main():
     for name, (calls, t, b) in sorted(groups.items(), key=lambda x: -x[1][1]):
         rate = b / t if t > 0 else 0.0  # bytes per ns = GB/s
         print(f"{t / 1e3:9.1f} {100 * t / total if total else 0:5.1f}% {calls:5d} {rate:8.1f}  {name}")
-    print(f"--- the step's first {min(args.first, len(step))} kernels")
+    print(f"--- {what}: its first {min(args.first, len(step))} kernels")
     for i in step[: args.first]:
         k = kernels[i]
         print(f"{k.get(TIME, 0.0) / 1e3:9.1f} us {k.get(DRAM, 0.0) / 1e6:9.2f} MB  grid {k['grid']:>14}  {short(k['name'], 70)}")
