@@ -926,27 +926,8 @@ __global__ void __maxnreg__(112) normed_scan_batch_kernel(const NormedScanEntry*
 }
 
 // ---------------------------------------------------------------- prefill input norms
-__device__ __forceinline__ double warp_sum_double(double v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// 1 / rms of a row of d floats (the warp's lanes take every 32nd), as
-// rmsnorm_kernel computes it (double sum).
-__device__ __forceinline__ float warp_inv_rms(const float* row, int64_t d, float eps, int lane) {
-  double ss = 0.0;
-  for (int64_t i = lane; i < d; i += 32) ss += double(row[i]) * double(row[i]);
-  ss = warp_sum_double(ss);
-  return float(1.0 / sqrt(ss / double(d) + double(eps)));
-}
-
-// rmsnorm of a row in place (all reads precede the writes: the warp sum
-// orders them).
-__device__ __forceinline__ void warp_norm_in_place(float* row, int64_t d, const float* w, float eps, int lane) {
-  const float inv = warp_inv_rms(row, d, eps, lane);
-  for (int64_t i = lane; i < d; i += 32) row[i] = __fmul_rn(row[i], inv) * w[i];
-}
-
+// One warp per token, with the fused step's warp helpers (warp_rms_finish,
+// normed_value, warp_norm_row): the same sums and products, so the same bits.
 constexpr int kNormWarps = 8;
 
 __global__ void __launch_bounds__(32 * kNormWarps)
@@ -956,12 +937,17 @@ __global__ void __launch_bounds__(32 * kNormWarps)
   if (t >= a.n) return;
   const int64_t rank = in.dt_proj.cols;
   const float* xr = in.dt_raw + t * in.ld_dt;
-  const float inv = warp_inv_rms(xr, rank, in.eps, lane);
+  double ss = 0.0;
+  for (int64_t i = lane; i < rank; i += 32) ss += double(xr[i]) * double(xr[i]);
+  const float inv = warp_rms_finish(ss, rank, in.eps);
   uint16_t* out = dtn + t * ld_dtn;
   for (int64_t i = lane; i < ld_dtn; i += 32)
-    out[i] = i < rank ? f32_to_bf16_bits(__fmul_rn(xr[i], inv) * in.dt_norm_w[i]) : uint16_t(0);
-  warp_norm_in_place(const_cast<float*>(a.B) + t * a.ldb, a.d_state, in.B_norm_w, in.eps, lane);
-  warp_norm_in_place(const_cast<float*>(a.C) + t * a.ldc, a.d_state, in.C_norm_w, in.eps, lane);
+    out[i] = i < rank ? f32_to_bf16_bits(normed_value<DType::F32>(xr[i], inv, in.dt_norm_w[i], false)) : uint16_t(0);
+  // B and C in place (warp_norm_row reads a row before it writes it).
+  float* B = const_cast<float*>(a.B) + t * a.ldb;
+  float* C = const_cast<float*>(a.C) + t * a.ldc;
+  warp_norm_row<DType::F32>(B, in.B_norm_w, a.d_state, a.d_state, in.eps, false, B);
+  warp_norm_row<DType::F32>(C, in.C_norm_w, a.d_state, a.d_state, in.eps, false, C);
 }
 
 // ---------------------------------------------------------------- chunked scan
