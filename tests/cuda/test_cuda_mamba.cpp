@@ -117,8 +117,20 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
     const ScanNormWeights nw = norm_weights(C, R, N, sc.wt);
     // Successive calls carry the state (n = 5, 37, 300: more tokens than the
     // fused step takes, between fused steps; bf16 weights: the prefill path,
-    // the others the default composition).
-    for (int64_t n : {1, 2, 3, 1, 4, 5, 1, 37, 300, 1}) {
+    // the others the default composition). The two calls with a chunk
+    // length (the chunked scan forced, as at >= 1280 tokens) cover its
+    // first pass handing dt over to the second in the prefill path's delta
+    // scratch, the last chunk (13 and 12 steps) included.
+    struct Call {
+      int64_t n;
+      const char* chunk;  // HYMBA_SCAN_CHUNK, or null: the automatic choice
+    };
+    for (const Call call : {Call{1, nullptr}, Call{2, nullptr}, Call{3, nullptr}, Call{1, nullptr}, Call{4, nullptr},
+                            Call{5, nullptr}, Call{1, nullptr}, Call{37, nullptr}, Call{300, nullptr},
+                            Call{77, "16"}, Call{1, nullptr}, Call{300, "32"}, Call{1, nullptr}}) {
+      const int64_t n = call.n;
+      test::ScopedEnv onepass("HYMBA_SCAN_ONEPASS", call.chunk ? "0" : nullptr);
+      test::ScopedEnv chunk("HYMBA_SCAN_CHUNK", call.chunk);
       // As the model lays them out: x_proj's output rows [dt | B | C | pad],
       // u | delta | z as column slices of one wide buffer, y strided.
       const int64_t ld_x = R + 2 * N + 3, ld_in = 3 * C + 1, ldy = C + 2;
@@ -155,7 +167,8 @@ TEST_F(CudaMamba, NormedSelectiveScanStep) {
       const std::string what = std::string(dtype_name(sc.wt)) + " C=" + std::to_string(C) +
                                " R=" + std::to_string(R) + " N=" + std::to_string(N) + " n=" + std::to_string(n) +
                                (n > 4 ? (sc.wt == DType::BF16 ? " (prefill path)" : " (default)")
-                                      : R > 128 ? " (default)" : " (fused)");
+                                      : R > 128 ? " (default)" : " (fused)") +
+                               (call.chunk ? std::string(" HYMBA_SCAN_CHUNK=") + call.chunk : std::string());
       // delta goes through a matmul summed in another order: a little looser than the scan alone.
       expect_close("normed_scan_y", what, down(dy, yc.size()), yc, 2e-5);
       expect_close("normed_scan_state", what, down(p.d_state, p.state.size()), p.state, 2e-5);

@@ -268,11 +268,13 @@ class CudaBackend final : public Backend {
       return;
     Backend::conv_silu_matmul(a, W, y2, ldy2);
   }
-  void selective_scan(const ScanArgs& a) override {
+  void selective_scan(const ScanArgs& a) override { run_scan(a, false); }
+  // delta_is_scratch: a.delta may be overwritten (normed_selective_scan).
+  void run_scan(const ScanArgs& a, bool delta_is_scratch) {
     // The chunked scan's carries (prefill only: short scans need none, so
     // recorded decode steps never grow scratch).
     void* scratch = scratch_at(kScratchBatchPartial, cuda::selective_scan_scratch_bytes(a, sm_count_));
-    cuda::selective_scan(a, sm_count_, scratch, stream_);
+    cuda::selective_scan(a, sm_count_, scratch, stream_, delta_is_scratch);
   }
 
   // ---- fused ops (backend.h): one kernel each where the kernels take the
@@ -379,7 +381,7 @@ class CudaBackend final : public Backend {
       auto* dtn = static_cast<uint16_t*>(scratch_at(kScratchX, size_t(a.n) * size_t(ld) * 2));
       cuda::scan_input_norms(a, in, dtn, ld, stream_);
       gemm(rows_padded(W), dtn, ld, a.n, const_cast<float*>(a.delta), a.ld_delta, false);
-      selective_scan(a);
+      run_scan(a, true);
       return;
     }
     Backend::normed_selective_scan(a, in);

@@ -89,9 +89,12 @@ bool conv_silu_matmul(const ConvArgs& a, const MatrixView& W, float* y2, int64_t
 // selective_scan_scratch_bytes(a, sm_count) (0: none, scratch may be null);
 // larger d_state: sequential over time per channel. The environment variable
 // HYMBA_SCAN_CHUNK overrides the chunk length (tuning: 0/unset automatic,
-// < 0 the sequential kernel, > 0 that many steps).
+// < 0 the sequential kernel, > 0 that many steps). delta_is_scratch: a.delta
+// may be overwritten (normed_selective_scan's contract); the chunked scan
+// then leaves dt = softplus(delta + bias) there for its second pass.
 size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count);
-void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream);
+void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream,
+                    bool delta_is_scratch = false);
 // The dt/B/C norms of normed_selective_scan over many tokens (prefill), one
 // warp per token and one launch: rmsnorm(dt_raw; dt_norm_w) rounded to bf16
 // into dtn (rows of ld_dtn >= rank, zeros past rank: dt_proj's GEMM operand,

@@ -1008,26 +1008,41 @@ __device__ __forceinline__ void chunk_step(float (&h)[kCkN], const float (&A2)[k
   }
 }
 
-// Pass 1. grid (channel blocks, K-1). carry [K][channels][d_state],
-// sum_dt [K][channels]; chunk k's results go to slot k.
-__global__ void __launch_bounds__(kCkThreads) chunk_local_kernel(ScanArgs a, int L, float* carry, float* sum_dt) {
+// Pass 1. grid (channel blocks, K-1, or K with dt_out). carry
+// [K][channels][d_state], sum_dt [K][channels]; chunk k's results go to slot
+// k. dt_out (null: not written) gets each step's dt = softplus(delta + bias)
+// in delta's layout (the caller's delta itself where it is scratch), so that
+// pass 3 reads dt instead of computing it again (the softplus is ~1/4 of
+// pass 3's instructions; the bits are the same either way); the blocks of
+// chunk K-1, which needs no carry, only write its dt.
+__global__ void __launch_bounds__(kCkThreads) chunk_local_kernel(ScanArgs a, int L, float* carry, float* sum_dt,
+                                                                 float* dt_out) {
   extern __shared__ float4 ck_smem[];
   float* sB = reinterpret_cast<float*>(ck_smem);  // [L][kCkN]
   const int64_t N = a.d_state, k = blockIdx.y, t0 = k * L;
   const int steps = int(min(int64_t(L), a.n - t0));
+  const int64_t c = blockIdx.x * int64_t(kCkThreads) + threadIdx.x;
+  if (dt_out && k == gridDim.y - 1) {  // the last chunk (block-uniform): its dt only
+    if (c >= a.channels) return;
+    const float bias = a.dt_bias[c];
+    const float* pd = a.delta + t0 * a.ld_delta + c;
+    float* pdt = dt_out + t0 * a.ld_delta + c;
+    for (int j = 0; j < steps; ++j, pd += a.ld_delta, pdt += a.ld_delta) *pdt = softplus_f(*pd + bias);
+    return;
+  }
   stage_rows(a.B, a.ldb, t0, steps, N, sB);
   __syncthreads();  // the only barrier: threads past the last channel may leave after it
-  const int64_t c = blockIdx.x * int64_t(kCkThreads) + threadIdx.x;
   if (c >= a.channels) return;
+  const float bias = a.dt_bias[c];
 
   float A2[kCkN], h[kCkN];
   load_chunk_A(a, c, A2);
 #pragma unroll
   for (int s = 0; s < kCkN; ++s) h[s] = k == 0 && s < N ? a.state[c * N + s] : 0.0f;
-  const float bias = a.dt_bias[c];
   float sdt = 0.0f;
   const float* pu = a.u + t0 * a.ldu + c;  // row pointers, advanced step by step (no 64-bit products)
   const float* pd = a.delta + t0 * a.ld_delta + c;
+  float* pdt = dt_out ? dt_out + t0 * a.ld_delta + c : nullptr;
   for (int g = 0; g < steps; g += kCkGroup) {
     float u[kCkGroup], d[kCkGroup];
 #pragma unroll
@@ -1042,6 +1057,7 @@ __global__ void __launch_bounds__(kCkThreads) chunk_local_kernel(ScanArgs a, int
     for (int j = 0; j < kCkGroup; ++j) {
       if (g + j < steps) {
         const float dt = softplus_f(d[j] + bias);
+        if (pdt) *pdt = dt, pdt += a.ld_delta;
         sdt += dt;
         chunk_step(h, A2, dt, dt * u[j], sB + (g + j) * kCkN);
       }
@@ -1092,7 +1108,9 @@ __global__ void __launch_bounds__(kCarryThreads) chunk_carry_kernel(ScanArgs a, 
 // Pass 3. grid (channel blocks, K). init [K][channels][d_state]: the chunks'
 // start states (K == 1: a.state itself, read before this thread writes it).
 // The work of block (channel block cb, chunk k); the caller's whole block
-// calls it (it has a barrier).
+// calls it (it has a barrier). kDt: a.delta holds dt itself (pass 1's
+// dt_out) rather than delta.
+template <bool kDt>
 __device__ __forceinline__ void chunk_out(const ScanArgs& a, int L, int64_t K, const float* init, int64_t cb,
                                           int64_t k, float* sB) {
   float* sC = sB + L * kCkN;  // sB, sC: [L][kCkN]
@@ -1127,7 +1145,7 @@ __device__ __forceinline__ void chunk_out(const ScanArgs& a, int L, int64_t K, c
 #pragma unroll
     for (int j = 0; j < kCkGroup; ++j) {
       if (g + j < steps) {
-        const float dt = softplus_f(d[j] + bias);
+        const float dt = kDt ? d[j] : softplus_f(d[j] + bias);
         chunk_step(h, A2, dt, dt * u[j], sB + (g + j) * kCkN);
         // y as the CPU sums it: D u first, then C[s] h[s] in order of s.
         const float4* c4 = reinterpret_cast<const float4*>(sC + (g + j) * kCkN);
@@ -1152,9 +1170,10 @@ __device__ __forceinline__ void chunk_out(const ScanArgs& a, int L, int64_t K, c
   }
 }
 
+template <bool kDt>
 __global__ void __launch_bounds__(kCkThreads) chunk_out_kernel(ScanArgs a, int L, int64_t K, const float* init) {
   extern __shared__ float4 ck_smem[];
-  chunk_out(a, L, K, init, blockIdx.x, blockIdx.y, reinterpret_cast<float*>(ck_smem));
+  chunk_out<kDt>(a, L, K, init, blockIdx.x, blockIdx.y, reinterpret_cast<float*>(ck_smem));
 }
 
 // ---------------------------------------------------------------- one-pass scan
@@ -1484,7 +1503,7 @@ int chunk_blocks_per_sm() {
   static const int blocks = [] {
     int b = 0;
     const size_t smem = 2 * size_t(kCkMaxLen) * kCkN * sizeof(float);
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, chunk_out_kernel, kCkThreads, smem) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, chunk_out_kernel<true>, kCkThreads, smem) != cudaSuccess) {
       (void)cudaGetLastError();
       b = 0;
     }
@@ -1600,7 +1619,7 @@ size_t selective_scan_scratch_bytes(const ScanArgs& a, int sm_count) {
   return carry_bytes_aligned(p) + p.sum_dt_floats * sizeof(float);
 }
 
-void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream) {
+void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t stream, bool delta_is_scratch) {
   check(a.d_state >= 1 && a.d_state <= kLanes * kMaxK, "selective_scan: d_state ", a.d_state,
         " is outside the supported 1..", kLanes * kMaxK);
   if (a.n <= 0 || a.channels <= 0) return;
@@ -1617,12 +1636,14 @@ void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t
   const unsigned cblocks = unsigned((a.channels + kCkThreads - 1) / kCkThreads);
   const size_t row_bytes = size_t(p.L) * kCkN * sizeof(float);  // one staged [L][16] matrix
   const float* init = a.state;  // K == 1: the chunk starts from the state itself
+  float* dt = nullptr;          // pass 1's dt, over delta (where delta is scratch)
   if (p.K > 1) {
     check(scratch != nullptr, "selective_scan: the chunked scan needs scratch (selective_scan_scratch_bytes)");
     float* carry = static_cast<float*>(scratch);
     float* sum_dt = reinterpret_cast<float*>(static_cast<char*>(scratch) + carry_bytes_aligned(p));
-    chunk_local_kernel<<<dim3(cblocks, unsigned(p.K - 1)), kCkThreads, row_bytes, stream>>>(a, int(p.L), carry,
-                                                                                            sum_dt);
+    dt = delta_is_scratch ? const_cast<float*>(a.delta) : nullptr;
+    const unsigned chunks = unsigned(dt ? p.K : p.K - 1);
+    chunk_local_kernel<<<dim3(cblocks, chunks), kCkThreads, row_bytes, stream>>>(a, int(p.L), carry, sum_dt, dt);
     HYMBA_CUDA_LAUNCHED("scan_chunk_local");
     const int64_t cn = a.channels * a.d_state;
     chunk_carry_kernel<<<blocks_for(cn, kCarryThreads, 0x7fffffff), kCarryThreads, 0, stream>>>(a, p.K, carry,
@@ -1630,7 +1651,11 @@ void selective_scan(const ScanArgs& a, int sm_count, void* scratch, cudaStream_t
     HYMBA_CUDA_LAUNCHED("scan_chunk_carry");
     init = carry;
   }
-  chunk_out_kernel<<<dim3(cblocks, unsigned(p.K)), kCkThreads, 2 * row_bytes, stream>>>(a, int(p.L), p.K, init);
+  const dim3 grid(cblocks, unsigned(p.K));
+  if (dt)  // a.delta now holds dt
+    chunk_out_kernel<true><<<grid, kCkThreads, 2 * row_bytes, stream>>>(a, int(p.L), p.K, init);
+  else
+    chunk_out_kernel<false><<<grid, kCkThreads, 2 * row_bytes, stream>>>(a, int(p.L), p.K, init);
   HYMBA_CUDA_LAUNCHED("scan_chunk_out");
 }
 
