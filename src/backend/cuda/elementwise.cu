@@ -215,14 +215,16 @@ __global__ void silu_mul_kernel(const float* g, int64_t ldg, const float* u, int
   for_each_element(n, d, [&](int64_t t, int64_t c) { o[t * ldo + c] = silu_f(g[t * ldg + c]) * u[t * ldu + c]; });
 }
 
-// One thread per 8 columns (16-byte loads and stores).
+// One thread per 8 columns (16-byte loads and stores); grid x over a row's
+// groups of 8, y over rows (no 64-bit division per thread).
 // Columns d .. 8 d8 - 1 of o (the row padding, if any) get zeros: g and u
 // hold nothing there.
 __global__ void silu_mul_bf16_kernel(const uint16_t* g, const uint16_t* u, int64_t ld, int64_t n, int64_t d,
                                      int64_t d8, uint16_t* o) {
-  const int64_t total = n * d8;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c0 = (i % d8) * 8, off = (i / d8) * ld + c0;
+  const int64_t i8 = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i8 >= d8) return;
+  for (int64_t row = blockIdx.y; row < n; row += gridDim.y) {
+    const int64_t c0 = i8 * 8, off = row * ld + c0;
     uint32_t ow[4] = {0u, 0u, 0u, 0u};
     if (c0 + 8 <= d) {
       const uint4 gv = *reinterpret_cast<const uint4*>(g + off), uv = *reinterpret_cast<const uint4*>(u + off);
@@ -441,7 +443,8 @@ void silu_mul_bf16(const uint16_t* g, const uint16_t* u, int64_t ld, int64_t n, 
             reinterpret_cast<uintptr_t>(o) % 16 == 0,
         "silu_mul_bf16: rows must be 16-byte aligned with a pitch that is a multiple of 8");
   const int64_t d8 = (d + 7) / 8;
-  silu_mul_bf16_kernel<<<blocks_for(n * d8, kThreads), kThreads, 0, stream>>>(g, u, ld, n, d, d8, o);
+  const dim3 grid(blocks_for(d8, kThreads, 0x7fffffff), unsigned(std::min<int64_t>(n, 65535)));
+  silu_mul_bf16_kernel<<<grid, kThreads, 0, stream>>>(g, u, ld, n, d, d8, o);
   HYMBA_CUDA_LAUNCHED("silu_mul_bf16");
 }
 

@@ -45,7 +45,9 @@ __global__ void conv_silu_kernel(const float* x, int64_t n, int64_t ldx, int64_t
 // kConvRun tokens) slides a window of K inputs along its run, so each input
 // is loaded once instead of K times (the kernel above loads every tap; at
 // 2K tokens x 3200 channels it ran ~10x slower than the bytes allow). Same
-// arithmetic, tap by tap in the same order.
+// arithmetic, tap by tap in the same order. The run's inputs are all
+// requested before the first is used: one load in flight per thread left
+// the kernel waiting on memory latency.
 constexpr int kConvRun = 16;
 
 // yb (nullptr: none): y rounded to bf16 as well (a bf16 product's operand, ld ldb).
@@ -67,16 +69,26 @@ __global__ void conv_silu_run_kernel(const float* x, int64_t n, int64_t ldx, int
     const int64_t tau = t0 - H + k;  // negative: from the state
     win[k] = tau >= 0 ? x[tau * ldx + c] : state[(tau + H) * channels + c];
   }
-  for (int64_t t = t0; t < t1; ++t) {
-    win[H] = x[t * ldx + c];
-    float acc = b;
+  const int steps = int(t1 - t0);
+  float in[kConvRun];
+  const float* px = x + t0 * ldx + c;
 #pragma unroll
-    for (int k = 0; k < K; ++k) acc = __fadd_rn(acc, __fmul_rn(w[k], win[k]));
-    const float v = silu_f(acc);
-    y[t * ldy + c] = v;
-    if (yb) yb[t * ldb + c] = f32_to_bf16_bits(v);
+  for (int i = 0; i < kConvRun; ++i) in[i] = i < steps ? px[i * ldx] : 0.0f;
+  float* py = y + t0 * ldy + c;
+  uint16_t* pb = yb ? yb + t0 * ldb + c : nullptr;
 #pragma unroll
-    for (int k = 0; k < H; ++k) win[k] = win[k + 1];
+  for (int i = 0; i < kConvRun; ++i) {
+    if (i < steps) {
+      win[H] = in[i];
+      float acc = b;
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc = __fadd_rn(acc, __fmul_rn(w[k], win[k]));
+      const float v = silu_f(acc);
+      py[i * ldy] = v;
+      if (pb) pb[i * ldb] = f32_to_bf16_bits(v);
+#pragma unroll
+      for (int k = 0; k < H; ++k) win[k] = win[k + 1];
+    }
   }
 }
 
