@@ -1233,6 +1233,38 @@ __device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src, 
                : "memory");
 }
 
+// Up to three row-major sources (one per staged array) and their leading
+// dimensions; picked by comparisons, not indexing, so they stay in registers.
+struct StageSources {
+  const float* p0;
+  const float* p1;
+  const float* p2;
+  int64_t ld0, ld1, ld2;
+  __device__ const float* row(int arr, int64_t t, int64_t c) const {
+    return arr == 0 ? p0 + t * ld0 + c : arr == 1 ? p1 + t * ld1 + c : p2 + t * ld2 + c;
+  }
+};
+
+// Rows t0 .. t0+T-1, columns col0 .. col0+COLS-1 of the first ARRAYS sources
+// into dst[(i * T + t) * LD + j] by cp.async, VEC floats (4: 16 bytes,
+// aligned; or 1) per copy; zeros past row n or column col_end. NTHREADS
+// threads share the copies.
+template <int VEC, int ARRAYS, int T, int COLS, int LD, int NTHREADS>
+__device__ __forceinline__ void stage_tile(const StageSources& src, int64_t t0, int64_t n, int64_t col0,
+                                           int64_t col_end, float* dst) {
+  static_assert(COLS % VEC == 0, "whole copies per row");
+  constexpr int kPerRow = COLS / VEC;
+  for (int i = threadIdx.x; i < ARRAYS * T * kPerRow; i += NTHREADS) {
+    const int arr = i / (T * kPerRow), t = i / kPerRow % T, j = VEC * (i % kPerRow);
+    const int64_t c = col0 + j;
+    const bool ok = t0 + t < n && c < col_end;
+    const float* from = ok ? src.row(arr, t0 + t, c) : src.p0;
+    float* to = dst + (arr * T + t) * LD + j;
+    if constexpr (VEC == 4) cp_async16(to, from, ok ? 16 : 0);
+    else cp_async4(to, from, ok ? 4 : 0);
+  }
+}
+
 // Stages tokens t0 .. t0+T-1 (zeros past n, past the last channel or state):
 // u, delta, z of channels cb .. cb+kCpb-1 and the B, C rows. vec_c / vec_bc:
 // those rows may be copied 16 bytes at a time (the host checked alignment;
@@ -1240,42 +1272,13 @@ __device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src, 
 template <class P, int T>
 __device__ __forceinline__ void onepass_stage(const ScanArgs& a, int64_t cb, int64_t t0, bool vec_c, bool vec_bc,
                                               float* st) {
-  if (vec_c) {
-    constexpr int kQ = P::kCpb / 4;
-    for (int i = threadIdx.x; i < 3 * T * kQ; i += P::kThreads) {
-      const int arr = i / (T * kQ), t = i / kQ % T, q = i % kQ;
-      const float* base = arr == 0 ? a.u : arr == 1 ? a.delta : a.z;
-      const int64_t ld = arr == 0 ? a.ldu : arr == 1 ? a.ld_delta : a.ldz, c = cb + 4 * q;
-      const bool ok = t0 + t < a.n && c < a.channels;
-      cp_async16(st + (arr * T + t) * P::kLd + 4 * q, ok ? base + (t0 + t) * ld + c : base, ok ? 16 : 0);
-    }
-  } else {
-    for (int i = threadIdx.x; i < 3 * T * P::kCpb; i += P::kThreads) {
-      const int arr = i / (T * P::kCpb), t = i / P::kCpb % T, cc = i % P::kCpb;
-      const float* base = arr == 0 ? a.u : arr == 1 ? a.delta : a.z;
-      const int64_t ld = arr == 0 ? a.ldu : arr == 1 ? a.ld_delta : a.ldz, c = cb + cc;
-      const bool ok = t0 + t < a.n && c < a.channels;
-      cp_async4(st + (arr * T + t) * P::kLd + cc, ok ? base + (t0 + t) * ld + c : base, ok ? 4 : 0);
-    }
-  }
-  float* bc = st + P::kRaw;
-  if (vec_bc) {
-    for (int i = threadIdx.x; i < 2 * T * 4; i += P::kThreads) {
-      const int arr = i / (T * 4), t = i / 4 % T, q = i % 4;
-      const float* base = arr == 0 ? a.B : a.C;
-      const int64_t ld = arr == 0 ? a.ldb : a.ldc;
-      const bool ok = t0 + t < a.n;
-      cp_async16(bc + i * 4, ok ? base + (t0 + t) * ld + 4 * q : base, ok ? 16 : 0);
-    }
-  } else {
-    for (int i = threadIdx.x; i < 2 * T * kCkN; i += P::kThreads) {
-      const int arr = i / (T * kCkN), t = i / kCkN % T, s = i % kCkN;
-      const float* base = arr == 0 ? a.B : a.C;
-      const int64_t ld = arr == 0 ? a.ldb : a.ldc;
-      const bool ok = t0 + t < a.n && s < a.d_state;
-      cp_async4(bc + i, ok ? base + (t0 + t) * ld + s : base, ok ? 4 : 0);
-    }
-  }
+  const StageSources raw{a.u, a.delta, a.z, a.ldu, a.ld_delta, a.ldz};
+  if (vec_c) stage_tile<4, 3, T, P::kCpb, P::kLd, P::kThreads>(raw, t0, a.n, cb, a.channels, st);
+  else stage_tile<1, 3, T, P::kCpb, P::kLd, P::kThreads>(raw, t0, a.n, cb, a.channels, st);
+  const StageSources bc{a.B, a.C, a.C, a.ldb, a.ldc, a.ldc};
+  float* sbc = st + P::kRaw;  // [2][T][kCkN]
+  if (vec_bc) stage_tile<4, 2, T, kCkN, kCkN, P::kThreads>(bc, t0, a.n, 0, a.d_state, sbc);
+  else stage_tile<1, 2, T, kCkN, kCkN, P::kThreads>(bc, t0, a.n, 0, a.d_state, sbc);
 }
 
 // The sum over the L lanes of a channel of p[q], left in lane q (a
