@@ -1513,8 +1513,10 @@ struct ScanPlan {
   size_t carry_floats = 0, sum_dt_floats = 0;  // scratch (none when K == 1)
 };
 
-// Blocks of chunk_out_kernel (the heavier pass) resident per SM: its
-// registers bound it (~5 blocks of 128 threads at ~86 registers), which sets how many chunks fill
+// Blocks of chunk_out_kernel (the heavier pass) resident per SM, in the
+// form the prefill path runs (reading pass 1's dt): its registers bound it
+// (6 blocks of 128 threads at 80 registers on sm_90a; the form computing
+// softplus itself takes 86, 5 blocks), which sets how many chunks fill
 // exactly one wave.
 int chunk_blocks_per_sm() {
   static const int blocks = [] {
