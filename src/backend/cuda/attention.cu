@@ -899,6 +899,30 @@ __device__ __forceinline__ void wg_load_q(const Job& jb, int group, int kvh, int
   }
 }
 
+// Whether a 128-key tile at key positions k0 .. k1 (nk keys) needs no mask
+// for this thread's rows (at positions rpos; rows beyond n_rows see their
+// clamped position and are not stored).
+__device__ __forceinline__ bool wg_tile_full(int nk, int64_t k0, int64_t k1, const int64_t (&rpos)[2],
+                                             int64_t window, int64_t nav) {
+  return nk == wg::kBN && k1 <= min(rpos[0], rpos[1]) &&
+         (window < 0 || max(rpos[0], rpos[1]) - k0 <= window || k1 < nav);
+}
+
+// S = Q K^T for one 128-key tile whose K starts at shared address sK (raw
+// scores: key 8 nt + 2 tq + (e & 1) in s[4 nt + e]), issued and committed
+// as one group, not waited for; O's registers are fenced first (the P V
+// product that follows accumulates into them).
+__device__ __forceinline__ void wg_issue_s(float (&s)[64], const uint32_t (&qa)[wg::kDQ / 16][4], uint32_t sK,
+                                           float (&o)[2][32]) {
+  wgmma_fence_operand(o[0]);
+  wgmma_fence_operand(o[1]);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < wg::kDQ / 16; ++kk)
+    wgmma_m64n128k16_rs(s, qa[kk], wgmma_desc_sw128(sK + 32u * kk, 16u, 1024u), kk);
+  wgmma_commit();
+}
+
 // O += P V for one 128-key tile whose V halves start at shared address sV.
 __device__ __forceinline__ void wg_issue_pv(float (&o)[2][32], const uint32_t (&pa)[wg::kBN / 16][4], uint32_t sV) {
 #pragma unroll
@@ -1132,19 +1156,10 @@ __global__ void __launch_bounds__(wg::kThreads, 1) attention_wgmma_kernel(const 
     }
 
     const int64_t k0 = sseg[tile.s].pos0 + tile.r0, k1 = k0 + tile.nk - 1;
-    // Per thread (rows beyond n_rows see their clamped position; not stored).
-    const bool full = tile.nk == kBN && k1 <= min(rpos[0], rpos[1]) &&
-                      (window < 0 || max(rpos[0], rpos[1]) - k0 <= window || k1 < nav);
-    const uint32_t sK = smem_u32(smem + stage * kStageBytes);
+    const bool full = wg_tile_full(tile.nk, k0, k1, rpos, window, nav);
 
-    float s[64];  // S = Q K^T (raw scores): key 8 nt + 2 tq + (e & 1) in s[4 nt + e]
-    wgmma_fence_operand(o[0]);
-    wgmma_fence_operand(o[1]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDQ / 16; ++kk)
-      wgmma_m64n128k16_rs(s, qa[kk], wgmma_desc_sw128(sK + 32u * kk, 16u, 1024u), kk);
-    wgmma_commit();
+    float s[64];
+    wg_issue_s(s, qa, smem_u32(smem + stage * kStageBytes), o);
     issue_pv(pa, prev_stage);
     wgmma_wait<1>();  // S_j (the older group)
     wgmma_fence_operand(s);
@@ -1314,19 +1329,11 @@ __global__ void __launch_bounds__(wg::kWsThreads, 1) attention_wgmma_ws_kernel(c
     if (tile.nk == 0) break;  // block-uniform
     no_tiles = false;
     const int64_t k0 = sseg[tile.s].pos0 + tile.r0, k1 = k0 + tile.nk - 1;
-    const bool full = tile.nk == kBN && k1 <= min(rpos[0], rpos[1]) &&
-                      (window < 0 || max(rpos[0], rpos[1]) - k0 <= window || k1 < nav);
-    const uint32_t sK = smem_u32(smem + stage * kStageBytes);
+    const bool full = wg_tile_full(tile.nk, k0, k1, rpos, window, nav);
 
     float s[64];
     named_bar_sync(my_turn, kConsumers);
-    wgmma_fence_operand(o[0]);
-    wgmma_fence_operand(o[1]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kDQ / 16; ++kk)
-      wgmma_m64n128k16_rs(s, qa[kk], wgmma_desc_sw128(sK + 32u * kk, 16u, 1024u), kk);
-    wgmma_commit();
+    wg_issue_s(s, qa, smem_u32(smem + stage * kStageBytes), o);
     wg_issue_pv(o, pa, smem_u32(smem + prev_stage * kStageBytes) + kKBytes);
     named_bar_arrive(their_turn, kConsumers);
     wgmma_wait<1>();  // S_j
