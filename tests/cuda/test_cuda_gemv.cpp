@@ -355,7 +355,7 @@ TEST_F(GemvTest, DISABLED_GemvTiming) {
   float* y = static_cast<float*>(zeros(size_t(8 * max_rows) * 4));
   float* scratch = static_cast<float*>(zeros(size_t(8 * max_rows) * 4));
   float* scratch2 = static_cast<float*>(zeros(size_t(8 * max_rows) * 4));
-  for (int64_t n : {1, 4}) {
+  for (int64_t n : {1, 2, 4, 8}) {
     for (const Shape& s : shapes) {
       const MatrixView W{zeros(size_t(s.rows * s.cols) * 2), DType::BF16, s.rows, s.cols};
       const double bytes = double(s.rows * s.cols) * 2.0;
@@ -433,6 +433,23 @@ TEST_F(GemvTest, DISABLED_GemvTiming) {
       model_step();
       const int rec = g.end_recording();
       report("model step, replayed recording" + tag, model_bytes, gemv_time_ms(g, [&] { g.replay(rec); }, 10));
+      // As the model replays decode: one recording per layer (its stretch
+      // between two attentions), replayed back to back; the difference from
+      // the single recording is what the boundaries between recordings cost.
+      std::vector<int> recs;
+      for (const Layer& L : layers) {
+        g.begin_recording();
+        g.matmul(L.x_proj, x, n, 3200, y, 132, false);
+        g.fuse_branches_matmul(L.out_proj, const_cast<float*>(x), 3200, const_cast<float*>(x2), 3200, n, nw, nw,
+                               1e-6f, y, 1600, true);
+        g.norm_swiglu(L.gate, L.up, x, n, 1600, nw, 1e-6f, scratch, scratch2, y, 5504);
+        g.matmul(L.down, x, n, 5504, y, 1600, true);
+        g.norm_matmul(L.in_proj, x, n, 1600, nw, 1e-6f, scratch, y, 8640, false);
+        recs.push_back(g.end_recording());
+      }
+      report("model step, one recording per layer" + tag, model_bytes - lm_bytes, gemv_time_ms(g, [&] {
+               for (int r : recs) g.replay(r);
+             }, 10));
       g.drop_recordings();
     }
     cuda::set_gemv_pdl(pdl_was);

@@ -35,6 +35,7 @@
 // token has its own accumulators, so a token's result is bit-identical
 // whatever the other tokens are. (bf16 x bf16 products are exact in fp32, so
 // fmaf equals the CPU's multiply-then-add.)
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -409,10 +410,12 @@ __device__ __forceinline__ void stage_x_async(const GemvArgs& a, uint16_t* xs, f
 }
 
 // Blocks per SM the register allocation must allow: 4 (<= 64 registers)
-// up to 4 tokens, so that a kernel's blocks and its PDL successor's share
-// the SMs; 2 beyond (more accumulators).
+// for one token, so that a kernel's blocks and its PDL successor's share
+// the SMs; 2 (<= 128) for several, whose accumulators and x values
+// otherwise spill (at 64 registers 4 tokens spilled 100-600 bytes per
+// thread: the 4-token products ran at ~0.6 TB/s; H200, session 14).
 template <int NT>
-constexpr int kMinBlocks = NT <= 4 ? 4 : 2;
+constexpr int kMinBlocks = NT == 1 ? 4 : 2;
 
 template <int NT, int VEC, int MODE, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const GemvArgs a) {
@@ -585,9 +588,13 @@ int warps_per_group(int64_t groups, int64_t nchunks) {
   return kw;
 }
 
-// Resident blocks per SM the grid aims at for up to 4 tokens: 3 (H100, 1K
+// Resident blocks per SM the grid aims at for one token: 3 (H100, 1K
 // decode: 2.60 ms/step against 2.70 with 2, 2.63 with 4, 2.87 with 1), or
-// HYMBA_GEMV_BLOCKS_PER_SM (1-4; read once) for tuning.
+// HYMBA_GEMV_BLOCKS_PER_SM (1-4; read once) for tuning. For several tokens:
+// 2 (kMinBlocks' register bound lets 2 share an SM; H200, 1K decode of 2 /
+// 4 / 8 sequences: 2.56 / 3.87 / 5.58 ms per step against 2.81 / 4.86 /
+// 6.75 with 3 blocks of 64 registers up to 4 tokens and 1 block beyond).
+constexpr int kMultiTokenBlocksPerSm = 2;
 int blocks_per_sm() {
   static const int v = [] {
     const char* e = std::getenv("HYMBA_GEMV_BLOCKS_PER_SM");
@@ -630,6 +637,11 @@ int max_dynamic_smem(int dev) {
   return cached_attribute<0>(dev, cudaDevAttrMaxSharedMemoryPerBlockOptin, (48 << 10) + 2048) - 2048;
 }
 int sm_count(int dev) { return cached_attribute<1>(dev, cudaDevAttrMultiProcessorCount, 132); }
+// Shared memory of an SM, and a bound on what a block takes beside its
+// dynamic shared memory (the kernel's static arrays plus the 1 KB the
+// runtime reserves per block).
+int smem_per_sm(int dev) { return cached_attribute<2>(dev, cudaDevAttrMaxSharedMemoryPerMultiprocessor, 228 << 10); }
+constexpr size_t kStaticSmemBound = 3 << 10;
 
 template <int NT, int VEC, int MODE, bool SWIGLU>
 void launch_t(const GemvArgs& a, unsigned blocks, size_t smem, int dev, cudaStream_t stream) {
@@ -704,10 +716,17 @@ bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
   a.kw = warps_per_group(a.groups, a.cols / vec);
   const int64_t per_block = kWarps / a.kw;
   const int64_t tasks = (a.groups + per_block - 1) / per_block;
-  // At most 3 blocks per SM (1 beyond 4 tokens: twice the registers), so
-  // that a block of the next kernel fits beside them (PDL); the blocks loop
-  // over the tasks. (A row's result does not depend on the grid.)
-  const int64_t resident = int64_t(sm_count(dev)) * (n <= 4 ? blocks_per_sm() : 1);
+  // A grid of resident blocks that loop over the tasks (a row's result does
+  // not depend on the grid): for one token 3 per SM, so that a block of the
+  // next kernel fits beside them (PDL); for several 2 (their registers),
+  // and no more than fit beside each other in shared memory: a block
+  // stages x once and then loops over its tasks, so blocks beyond that
+  // would wait for the first ones to leave and stage x again (several
+  // tokens of a long row take 100 KB or more: the 4-token fused out_proj
+  // took 56 us instead of 25).
+  const int per_sm = n == 1 ? blocks_per_sm() : kMultiTokenBlocksPerSm;
+  const int fit = int(std::max<size_t>(1, size_t(smem_per_sm(dev)) / (smem + kStaticSmemBound)));
+  const int64_t resident = int64_t(sm_count(dev)) * std::min(per_sm, fit);
   const int64_t blocks = tasks < resident ? tasks : resident;
   const Launch l{unsigned(blocks), smem, dev, stream};
   if (swiglu) launch_n<kNorm, true>(a, n, vec, l);
