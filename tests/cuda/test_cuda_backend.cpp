@@ -191,7 +191,7 @@ TEST_F(CudaVsCpu, Matmul) {
   }
 }
 
-// Prefill/batch-sized fused products (n > 8, bf16 weights) normalise
+// Prefill/batch-sized fused products (n > 4, bf16 weights) normalise
 // straight into the GEMM operand (cuda::norm_pack_bf16): the result must be
 // bit-identical to the same backend's default composition (rmsnorm,
 // average_into, the bf16 rounding, then the same GEMM), so the fusion
@@ -254,7 +254,7 @@ TEST_F(CudaVsCpu, FusedProductsForLargeNMatchTheComposition) {
 }
 
 // The whole MLP with its residual (mlp_residual) against the CPU backend's
-// default composition (fp32 products). Beyond 8 tokens the GPU rounds the
+// default composition (fp32 products). Beyond 4 tokens the GPU rounds the
 // gate and up products to bf16 (the contract allows it), so those sizes are
 // held to the bf16 tolerance. Decode sizes run the fused GEMVs on fp32
 // products; both sides then round the SiLU product to bf16 for the down
@@ -263,7 +263,7 @@ TEST_F(CudaVsCpu, FusedProductsForLargeNMatchTheComposition) {
 // 1e-3 (a wrong path is off by ~1). x and y are the same rows (in place),
 // as in the model, in every case.
 // With `adjacent`, gate and up are made resident back to back
-// (resident_adjacent), which lets n > 8 run both as one product (I % 8 ==
+// (resident_adjacent), which lets n > 4 run both as one product (I % 8 ==
 // 0: I = 512; I = 203 keeps two).
 TEST_F(CudaVsCpu, MlpResidual) {
   const float eps = 1e-6f;
@@ -300,7 +300,7 @@ TEST_F(CudaVsCpu, MlpResidual) {
       // tolerance applies to.
       std::vector<float> g = down(dh, h.size());
       for (size_t i = 0; i < g.size(); ++i) g[i] -= h[i], hc[i] -= h[i];
-      expect_close("mlp_residual", what, g, hc, n > 8 ? 1e-2 : 1e-3);
+      expect_close("mlp_residual", what, g, hc, n > 4 ? 1e-2 : 1e-3);
       TearDown();
     }
   }
@@ -543,7 +543,7 @@ TEST_F(CudaVsCpu, ConvSiluMatmul) {
 
 // The batched form (one token per sequence, each with its own state): the
 // GPU's fused launch (the conv kernel writes x_proj's bf16 operand, more
-// than 8 sequences) must equal the GPU's default composition bit for bit
+// than 4 sequences) must equal the GPU's default composition bit for bit
 // (y, y2, states) and the CPU's op at the usual tolerances; entries whose
 // outputs are not consecutive rows are refused with a clear error.
 TEST_F(CudaVsCpu, ConvSiluMatmulBatch) {

@@ -2,7 +2,7 @@
 // All work goes to one stream the backend owns, so ops run in call order
 // and asynchronously to the host; download() and synchronize() wait.
 // Memory is plain cudaMalloc (never managed memory). Matrix products of up
-// to 8 tokens with bf16 weights (decode) run the GEMV kernels of gemv.cu,
+// to 4 tokens with bf16 weights (decode) run the GEMV kernels of gemv.cu,
 // wider ones cuBLASLt; every other op is a kernel of kernels.cuh.
 #include "backend/cuda/cuda_backend.h"
 

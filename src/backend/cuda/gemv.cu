@@ -1,4 +1,4 @@
-// Batch-1..8 decode products with bf16 weights: y (+)= x_bf16 W^T as fused
+// Batch-1..4 decode products with bf16 weights: y (+)= x_bf16 W^T as fused
 // GEMV kernels that stream W once at HBM speed (cuBLASLt at n = 1 plus a
 // separate rounding kernel reaches a fraction of it). Variants fold in the
 // rmsnorm before the product (norm_matmul), the branch fusion
@@ -20,8 +20,8 @@
 // Per-kernel latency (a decode step is ~200 short products back to back):
 // * The weights never depend on earlier kernels, so the first batch (and the
 //   L2 prefetch of the rest), and the norm weights, are requested before
-//   anything else; then x is staged (stage_x_async: one round of cp.async
-//   for up to 4 tokens), so x's latency and the norm overlap the stream.
+//   anything else; then x is staged (stage_x_async: one round of
+//   cp.async), so x's latency and the norm overlap the stream.
 // * Programmatic Dependent Launch (launch.cuh): a kernel may start while
 //   the previous one is finishing; it issues its weight loads, allows its
 //   own successor to launch, and only then waits for the previous grid
@@ -111,7 +111,6 @@ __device__ __forceinline__ Chunk<VEC> load_w(const uint16_t* p) {
 
 // A hint: fetch the line holding p into L2 (no register, no completion).
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
 // The staged x chunk (shared memory, aligned to the chunk's size).
 template <int VEC>
@@ -178,141 +177,18 @@ __device__ __forceinline__ void norm_scales(double (&ss)[NS][NT], double* red, c
   }
 }
 
-// xs[t][c] = the matrix input of token t as bf16 bits (see Mode), for all NT
-// tokens. Each thread takes columns c = tid + 256 k. Loads come in rounds of
-// XB columns x NT tokens x sources (about 8 values), all issued before any
-// is used, so staging costs about one L2 round trip per round (one round at
-// n = 1 for cols <= 2048) instead of one per column step.
-// The norm arithmetic is cuda::rmsnorm's and cuda::average_into's: the sum
-// of squares in double, each thread over its columns in increasing order,
-// then an xor butterfly in each warp and the warps in order (rmsnorm's
-// block_sum order), and explicit _rn products (no contraction into fma).
-// red: NS x NT x kWarps doubles of shared memory.
-template <int NT, int MODE>
-__device__ __forceinline__ void stage_x(const GemvArgs& a, uint16_t* xs, double* red) {
-  constexpr bool fuse = MODE == kFuse;
-  constexpr int NS = fuse ? 2 : 1;
-  // Columns per thread per round: about 8 values in flight (registers: the
-  // first weight batch is live throughout).
-  constexpr int XB = NT == 1 ? 8 / NS : NT == 2 ? 4 / NS : 2;
-  constexpr int kStep = XB * kThreads;
-  const int cols = int(a.cols);  // < 2^31: x fits in shared memory
-  const int tid = int(threadIdx.x);
-  // Token t's row of source s (x, or fuse's a and b).
-  auto xr = [&](int s, int t) { return s == 0 ? a.x + t * a.ldx : a.x2 + t * a.ldx2; };
-  // v[s][t][j] = source s of token t at column c0 + j * kThreads (0 past
-  // the end); all loads of a round are issued before any value is used.
-  auto load_round = [&](int c0, float (&v)[NS][NT][XB]) {
-    if (c0 + (XB - 1) * kThreads < cols) {  // a full round: no bounds checks
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-#pragma unroll
-          for (int j = 0; j < XB; ++j) v[s][t][j] = xr(s, t)[c0 + j * kThreads];
-        }
-      }
-    } else {
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-#pragma unroll
-          for (int j = 0; j < XB; ++j) {
-            const int c = c0 + j * kThreads;
-            v[s][t][j] = c < cols ? xr(s, t)[c] : 0.0f;
-          }
-        }
-      }
-    }
-  };
-  if constexpr (MODE == kPlain) {
-#pragma unroll 1  // a round is already unrolled: keep the register count
-    for (int c0 = tid; c0 < cols; c0 += kStep) {
-      float v[NS][NT][XB];
-      load_round(c0, v);
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-#pragma unroll
-        for (int j = 0; j < XB; ++j) {
-          const int c = c0 + j * kThreads;
-          if (c < cols) xs[t * a.cols_pad + c] = f32_to_bf16_bits(v[0][t][j]);
-        }
-      }
-    }
-  } else {
-    // Pass 1: sums of squares (x stays in L1 for pass 2; the norm weights
-    // are prefetched into L1 for it).
-    double ss[NS][NT];
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-#pragma unroll
-      for (int t = 0; t < NT; ++t) ss[s][t] = 0.0;
-    }
-#pragma unroll 1  // a round is already unrolled: keep the register count
-    for (int c0 = tid; c0 < cols; c0 += kStep) {
-      float v[NS][NT][XB];
-      load_round(c0, v);
-#pragma unroll
-      for (int j = 0; j < XB; ++j) {
-        const int c = c0 + j * kThreads;
-        if (c < cols) {
-          prefetch_l1(a.nw + c);
-          if constexpr (fuse) prefetch_l1(a.nw2 + c);
-        }
-      }
-      // Zeros past the end add nothing: the per-column order is unchanged.
-#pragma unroll
-      for (int s = 0; s < NS; ++s) {
-#pragma unroll
-        for (int t = 0; t < NT; ++t) {
-#pragma unroll
-          for (int j = 0; j < XB; ++j) {
-            const double d = v[s][t][j];
-            ss[s][t] += d * d;
-          }
-        }
-      }
-    }
-    float inv[NS][NT];
-    norm_scales<NS, NT>(ss, red, a, inv);
-    // Pass 2: normalise, round, store.
-#pragma unroll 1  // a round is already unrolled: keep the register count
-    for (int c0 = tid; c0 < cols; c0 += kStep) {
-      float v[NS][NT][XB];
-      load_round(c0, v);
-#pragma unroll
-      for (int j = 0; j < XB; ++j) {
-        const int c = c0 + j * kThreads;
-        if (c < cols) {
-          const float w0 = a.nw[c];
-          const float w1 = fuse ? a.nw2[c] : 0.0f;
-#pragma unroll
-          for (int t = 0; t < NT; ++t) {
-            float r = __fmul_rn(__fmul_rn(v[0][t][j], inv[0][t]), w0);
-            if constexpr (fuse) {
-              const float rb = __fmul_rn(__fmul_rn(v[NS - 1][t][j], inv[NS - 1][t]), w1);
-              r = __fmul_rn(__fadd_rn(r, rb), 0.5f);
-            }
-            xs[t * a.cols_pad + c] = f32_to_bf16_bits(r);
-          }
-        }
-      }
-    }
-  }
-}
-
-// ---- One-round staging (up to kAsyncTokens tokens): the rows of x (and
-// b) and the norm weights are copied into shared memory as fp32 with
-// cp.async (no registers held, every copy in flight at once), so staging
-// costs one L2 round trip whatever the width; the norm weights, which no
-// kernel writes, are copied before the PDL wait. Then the sums of squares,
-// normalisation and bf16 rounding run out of shared memory.
+// ---- Staging in one round: the rows of x (and b) and the norm weights are
+// copied into shared memory as fp32 with cp.async (no registers held, every
+// copy in flight at once), so staging costs one L2 round trip whatever the
+// width; the norm weights, which no kernel writes, are copied before the
+// PDL wait. Then the sums of squares, normalisation and bf16 rounding run
+// out of shared memory (the arithmetic of cuda::rmsnorm and
+// cuda::average_into: the sum of squares in double, explicit _rn products,
+// no contraction into fma).
 // Shared memory after xs (NT x cols_pad bf16): xf [NS][NT][cols] fp32, then
 // (norm modes) wf [NS][cols] fp32. Sum of squares per token: thread i over
 // the 4-column groups i, i + 256, ... in order, then the xor butterfly and
 // the warps in order (fixed, independent of n: batch invariant).
-constexpr int kAsyncTokens = 4;
 
 // .ca (cached in L1 too): the blocks resident on an SM stage the same x rows
 // and norm weights, so all but the first read them from L1 (H100, 1K decode:
@@ -422,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const Ge
   static_assert(!SWIGLU || MODE == kNorm, "swiglu normalises x");
   constexpr int NS = MODE == kFuse ? 2 : 1;
   extern __shared__ uint4 gemv_smem[];  // NT x cols_pad bf16 (16-byte aligned rows)
-  __shared__ double red[NS * NT * kWarps];  // stage_x's sums of squares
+  __shared__ double red[NS * NT * kWarps];  // stage_x_async's sums of squares
   __shared__ float part[kWarps][2][NT];     // per-warp sums when KW > 1
   uint16_t* xs = reinterpret_cast<uint16_t*>(gemv_smem);
 
@@ -482,17 +358,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const Ge
   };
 
   // Weights first: they don't depend on earlier kernels.
-  constexpr bool kAsync = NT <= kAsyncTokens;
   float* xf = reinterpret_cast<float*>(xs + NT * a.cols_pad);  // stage_x_async's fp32 rows
   float* wf = xf + NS * NT * a.cols;                            // and norm weights
-  if constexpr (kAsync) stage_weights_async<MODE>(a, wf);
+  stage_weights_async<MODE>(a, wf);
   load_batch(0, group < a.groups);
   if (group < a.groups) prefetch_group(group, step);
   prefetch_group((task + gridDim.x) * gpb + warp / kw, 0);
   pdl_launch_dependents();
   pdl_wait();  // from here on, earlier kernels' results are visible
-  if constexpr (kAsync) stage_x_async<NT, MODE>(a, xs, xf, wf, red);
-  else stage_x<NT, MODE>(a, xs, red);
+  stage_x_async<NT, MODE>(a, xs, xf, wf, red);
   __syncthreads();
 
   for (bool first = true; task < n_tasks; task += gridDim.x, first = false) {
@@ -592,8 +466,8 @@ int warps_per_group(int64_t groups, int64_t nchunks) {
 // decode: 2.60 ms/step against 2.70 with 2, 2.63 with 4, 2.87 with 1), or
 // HYMBA_GEMV_BLOCKS_PER_SM (1-4; read once) for tuning. For several tokens:
 // 2 (kMinBlocks' register bound lets 2 share an SM; H200, 1K decode of 2 /
-// 4 / 8 sequences: 2.56 / 3.87 / 5.58 ms per step against 2.81 / 4.86 /
-// 6.75 with 3 blocks of 64 registers up to 4 tokens and 1 block beyond).
+// 4 sequences: 2.56 / 3.87 ms per step against 2.81 / 4.86 with 3 blocks of
+// 64 registers).
 constexpr int kMultiTokenBlocksPerSm = 2;
 int blocks_per_sm() {
   static const int v = [] {
@@ -687,24 +561,20 @@ void launch_n(const GemvArgs& a, int64_t n, int vec, const Launch& l) {
     case 1: return launch_vec<1, MODE, SWIGLU>(a, vec, l);
     case 2: return launch_vec<2, MODE, SWIGLU>(a, vec, l);
     case 3: return launch_vec<3, MODE, SWIGLU>(a, vec, l);
-    case 4: return launch_vec<4, MODE, SWIGLU>(a, vec, l);
-    case 5: return launch_vec<5, MODE, SWIGLU>(a, vec, l);
-    case 6: return launch_vec<6, MODE, SWIGLU>(a, vec, l);
-    case 7: return launch_vec<7, MODE, SWIGLU>(a, vec, l);
-    default: return launch_vec<8, MODE, SWIGLU>(a, vec, l);
+    default: return launch_vec<4, MODE, SWIGLU>(a, vec, l);
   }
 }
 
 // Fills in the launch shape and queues the kernel; false (nothing queued)
 // when the kernels don't take the problem.
 bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
-  static_assert(kGemvMaxRows == 8, "launch_n instantiates 1..8 tokens");
+  static_assert(kGemvMaxRows == 4, "launch_n instantiates 1..4 tokens");
   if (n < 1 || n > kGemvMaxRows || a.rows <= 0 || a.cols <= 0 || vec == 0) return false;
   if (a.cols / vec > 0x3fffffff) return false;  // chunk indices (plus a batch) are int
   const int dev = current_device();
   a.cols_pad = (a.cols + 7) / 8 * 8;
   size_t smem = size_t(n) * size_t(a.cols_pad) * sizeof(uint16_t);
-  if (n <= kAsyncTokens) {  // stage_x_async's fp32 rows and norm weights
+  {  // stage_x_async's fp32 rows and norm weights
     const size_t ns = mode == kFuse ? 2 : 1;
     smem += sizeof(float) * size_t(a.cols) * (ns * size_t(n) + (mode == kPlain ? 0 : ns));
     auto al = [](const float* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 4 == 0; };

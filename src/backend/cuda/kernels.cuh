@@ -175,8 +175,14 @@ void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, s
 // nothing, when it does not take the problem (not bf16, n out of range, x
 // rows too long for shared memory, W not 2-byte aligned): the caller then
 // runs the general path. Semantics: Backend::matmul and the fused ops'
-// defaults in backend/backend.h.
-constexpr int64_t kGemvMaxRows = 8;
+// defaults in backend/backend.h. Up to 4 tokens: from 5 on the general path
+// (cuBLASLt) is faster (H200, 1K decode of 5 / 8 sequences: 3.05-3.09 /
+// 3.24-3.39 ms per step against 3.83-3.84 / 5.04-5.05 with the GEMV at 5-8
+// tokens; at 4 the two are within the noise), at the price of the bit-level
+// batch invariance, which holds up to 4 tokens (from 5 on a sequence's tokens
+// are the same alone and in a batch within the bf16 tolerance, as for every
+// batch before).
+constexpr int64_t kGemvMaxRows = 4;
 // y (+)= x_bf16 W^T
 bool gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool accumulate,
                cudaStream_t stream);
