@@ -6,8 +6,9 @@
 #      engine, incremental decode and batch invariance);
 #   2. the card's two ceilings (device-to-device copy bandwidth, bf16 GEMM);
 #   3. `hymba bench --device cuda` on a random-weight 1.5B bf16 checkpoint
-#      (hymba init): batch-1 decode at 1K and 8K context, 8K prefill, and
-#      128 sequences of 8K prompts decoding together;
+#      (hymba init): batch-1 decode at 1K and 8K context, 8K prefill,
+#      128 sequences of 8K prompts decoding together, and 4 and 8 sequences
+#      of 1K prompts (a small server's load);
 #   4. bench/torch_bench.py (the PyTorch baseline, same config) with
 #      TORCH_BUDGET seconds (default 200: less skips the compiled batched
 #      mode, which needs ~60 s left);
@@ -74,7 +75,9 @@ echo "== 3. hymba bench --device cuda"
 make_model "$out/init.log"
 i=0
 for args in "--prompt-len 1024 --gen-len 128" "--prompt-len 8192 --gen-len 64" \
-            "--prompt-len 8192 --gen-len 16 --batch 128 --batch-fill replicate"; do
+            "--prompt-len 8192 --gen-len 16 --batch 128 --batch-fill replicate" \
+            "--prompt-len 1024 --gen-len 128 --batch 4 --batch-fill replicate" \
+            "--prompt-len 1024 --gen-len 128 --batch 8 --batch-fill replicate"; do
   i=$((i + 1))
   timeout 150 "$hymba" bench -m "$model" --device cuda --json $args >"$out/bench_$i.json" 2>"$out/bench_$i.log"
   echo "bench $i ($args): rc=$? $(tr -d '\n ' <"$out/bench_$i.json" | head -c 600)"
