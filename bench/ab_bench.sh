@@ -11,6 +11,7 @@
 #                 1k     batch-1 decode after a 1024-token prompt (decode ms/step)
 #                 8k     batch-1 decode after an 8192-token prompt (decode ms/step)
 #                 batch  128 sequences of 8192 tokens decoding together (ms/step)
+#                 b4, b8 4 or 8 sequences of 1024 tokens decoding together (ms/step)
 #                 pre8k  prefill of 8192 tokens (tok/s)
 #   AB_ROUNDS   rounds (default 3)
 #
@@ -38,6 +39,8 @@ run_args() {
     1k) echo "--prompt-len 1024 --gen-len 128" ;;
     8k) echo "--prompt-len 8192 --gen-len 64" ;;
     batch) echo "--prompt-len 8192 --gen-len 16 --batch 128 --batch-fill replicate" ;;
+    b4) echo "--prompt-len 1024 --gen-len 128 --batch 4 --batch-fill replicate" ;;
+    b8) echo "--prompt-len 1024 --gen-len 128 --batch 8 --batch-fill replicate" ;;
     pre8k) echo "--prompt-len 8192 --gen-len 2" ;;
     *) return 1 ;;
   esac
