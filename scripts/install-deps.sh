@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(build-essential cmake ninja-build pkg-config git
           nlohmann-json3-dev libcli11-dev libsentencepiece-dev)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(libgtest-dev libgmock-dev python3 python3-numpy python3-torch python3-sentencepiece)
+  packages+=(libgtest-dev libgmock-dev python3 python3-numpy python3-torch python3-sentencepiece python3-jinja2)
 fi
 
 missing=()
