@@ -20,7 +20,7 @@
 // Per-kernel latency (a decode step is ~200 short products back to back):
 // * The weights never depend on earlier kernels, so the first batch (and the
 //   L2 prefetch of the rest), and the norm weights, are requested before
-//   anything else; then x is staged (stage_x_async: one round of
+//   anything else; then x is staged (stage_x: one round of
 //   cp.async), so x's latency and the norm overlap the stream.
 // * Programmatic Dependent Launch (launch.cuh): a kernel may start while
 //   the previous one is finishing; it issues its weight loads, allows its
@@ -76,7 +76,7 @@ struct GemvArgs {
   int kw = 1;           // warps per group
   int64_t groups = 0;   // groups with work
   int64_t cols_pad = 0;  // staged x row pitch (bf16 elements), a multiple of 8
-  int x_vec4 = 0;         // stage_x_async: x rows (and b's) 16-byte aligned: 16-byte copies
+  int x_vec4 = 0;         // stage_x: x rows (and b's) 16-byte aligned: 16-byte copies
 };
 
 // A chunk of VEC bf16 values as 32-bit words (VEC = 1: low half of word 0).
@@ -218,7 +218,7 @@ __device__ __forceinline__ void copy_row_async(float* dst, const float* src, int
 
 // The weights' part: the norm weights into wf (before the PDL wait).
 template <int MODE>
-__device__ __forceinline__ void stage_weights_async(const GemvArgs& a, float* wf) {
+__device__ __forceinline__ void stage_norm_weights(const GemvArgs& a, float* wf) {
   if constexpr (MODE != kPlain) {
     const int cols = int(a.cols);
     const bool v4 = cols % 4 == 0 && (reinterpret_cast<uintptr_t>(a.nw) % 16 == 0) &&
@@ -229,8 +229,7 @@ __device__ __forceinline__ void stage_weights_async(const GemvArgs& a, float* wf
 }
 
 template <int NT, int MODE>
-__device__ __forceinline__ void stage_x_async(const GemvArgs& a, uint16_t* xs, float* xf, const float* wf,
-                                              double* red) {
+__device__ __forceinline__ void stage_x(const GemvArgs& a, uint16_t* xs, float* xf, const float* wf, double* red) {
   constexpr int NS = MODE == kFuse ? 2 : 1;
   const int cols = int(a.cols);
   const int tid = int(threadIdx.x);
@@ -298,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const Ge
   static_assert(!SWIGLU || MODE == kNorm, "swiglu normalises x");
   constexpr int NS = MODE == kFuse ? 2 : 1;
   extern __shared__ uint4 gemv_smem[];  // NT x cols_pad bf16 (16-byte aligned rows)
-  __shared__ double red[NS * NT * kWarps];  // stage_x_async's sums of squares
+  __shared__ double red[NS * NT * kWarps];  // stage_x's sums of squares
   __shared__ float part[kWarps][2][NT];     // per-warp sums when KW > 1
   uint16_t* xs = reinterpret_cast<uint16_t*>(gemv_smem);
 
@@ -358,15 +357,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<NT>) gemv_kernel(const Ge
   };
 
   // Weights first: they don't depend on earlier kernels.
-  float* xf = reinterpret_cast<float*>(xs + NT * a.cols_pad);  // stage_x_async's fp32 rows
+  float* xf = reinterpret_cast<float*>(xs + NT * a.cols_pad);  // stage_x's fp32 rows
   float* wf = xf + NS * NT * a.cols;                            // and norm weights
-  stage_weights_async<MODE>(a, wf);
+  stage_norm_weights<MODE>(a, wf);
   load_batch(0, group < a.groups);
   if (group < a.groups) prefetch_group(group, step);
   prefetch_group((task + gridDim.x) * gpb + warp / kw, 0);
   pdl_launch_dependents();
   pdl_wait();  // from here on, earlier kernels' results are visible
-  stage_x_async<NT, MODE>(a, xs, xf, wf, red);
+  stage_x<NT, MODE>(a, xs, xf, wf, red);
   __syncthreads();
 
   for (bool first = true; task < n_tasks; task += gridDim.x, first = false) {
@@ -574,7 +573,7 @@ bool run(GemvArgs a, Mode mode, int64_t n, int vec, cudaStream_t stream) {
   const int dev = current_device();
   a.cols_pad = (a.cols + 7) / 8 * 8;
   size_t smem = size_t(n) * size_t(a.cols_pad) * sizeof(uint16_t);
-  {  // stage_x_async's fp32 rows and norm weights
+  {  // stage_x's fp32 rows and norm weights
     const size_t ns = mode == kFuse ? 2 : 1;
     smem += sizeof(float) * size_t(a.cols) * (ns * size_t(n) + (mode == kPlain ? 0 : ns));
     auto al = [](const float* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 4 == 0; };
