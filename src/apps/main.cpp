@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cinttypes>
+#include <algorithm>
 #include <cmath>
 #include <atomic>
 #include <cstdio>
@@ -573,10 +574,17 @@ int run_bench(const ModelArgs& m, const BenchArgs& b) {
   for (auto& sq : seqs) ptrs.push_back(sq.get());
   auto t1 = std::chrono::steady_clock::now();
   int timed_steps = b.gen_len;
+  // Each step ends when its picked tokens reach the host, so the time
+  // between the ends of two steps is that step's (its spread tells a slow
+  // run from a few slow steps).
+  std::vector<double> step_ms;
+  auto t_step = t1;
   for (int step = 0; step < b.gen_len; ++step) {
     if (step == 1 && b.batch > 1 && b.warmup && b.gen_len > 1) {  // the batch's first step was its warm-up
       model->backend().synchronize();
       t1 = std::chrono::steady_clock::now();
+      t_step = t1;
+      step_ms.clear();
       timed_steps = b.gen_len - 1;
     }
     if (b.batch == 1) {
@@ -585,8 +593,17 @@ int run_bench(const ModelArgs& m, const BenchArgs& b) {
       model->forward_batch_sample(ptrs.data(), next.data(), b.batch, greedy.data(), picked.data());
       next.swap(picked);
     }
+    step_ms.push_back(seconds_since(t_step) * 1e3);
+    t_step = std::chrono::steady_clock::now();
   }
   const double decode_s = seconds_since(t1);
+  std::sort(step_ms.begin(), step_ms.end());
+  // The q-quantile of the timed steps (nearest rank; 0 without steps).
+  auto step_quantile = [&](double q) {
+    if (step_ms.empty()) return 0.0;
+    const size_t i = size_t(std::ceil(q * double(step_ms.size())));
+    return step_ms[std::min(step_ms.size() - 1, i == 0 ? 0 : i - 1)];
+  };
 
   // Bytes of weights a decode step streams: every matrix once, the tied
   // embedding once (as the LM head); small vectors are negligible.
@@ -619,6 +636,10 @@ int run_bench(const ModelArgs& m, const BenchArgs& b) {
               {"prefill_tok_s", prefill_tps},
               {"decode_tok_s", decode_tps},
               {"decode_step_ms", step_s * 1e3},
+              {"decode_step_ms_min", step_quantile(0.0)},
+              {"decode_step_ms_median", step_quantile(0.5)},
+              {"decode_step_ms_p90", step_quantile(0.9)},
+              {"decode_step_ms_max", step_quantile(1.0)},
               {"ttft_ms", ttft_s * 1e3},
               {"peak_rss_bytes", rss},
               {"cache_bytes", cache_json(cache)},
@@ -651,6 +672,9 @@ int run_bench(const ModelArgs& m, const BenchArgs& b) {
     std::printf("batch    %5" PRId64 " seq  filled by %s in %.2f s\n", b.batch, b.batch_fill.c_str(), fill_s);
   std::printf("decode   %5d steps %8.2f tok/s  (%.2f ms/step, %.1f GB/s of weights)\n", b.gen_len, decode_tps,
               step_s * 1e3, double(weight_bytes) / step_s / 1e9);
+  if (!step_ms.empty())
+    std::printf("steps           min %.2f, median %.2f, p90 %.2f, max %.2f ms (%d timed)\n", step_quantile(0.0),
+                step_quantile(0.5), step_quantile(0.9), step_quantile(1.0), timed_steps);
   std::printf("peak RSS        %s\n", human_bytes(rss).c_str());
   std::printf("cache           global K/V %s, sliding K/V %s, SSM %s, conv %s, total %s (formula %s)\n",
               human_bytes(cache.global_kv).c_str(), human_bytes(cache.sliding_kv).c_str(),

@@ -244,6 +244,17 @@ class BenchAndVersion(unittest.TestCase):
         self.assertEqual(set(j["cache_bytes"]), {"global_kv", "sliding_kv", "ssm", "conv", "total"})
         cb = j["cache_bytes"]
         self.assertEqual(cb["total"], cb["global_kv"] + cb["sliding_kv"] + cb["ssm"] + cb["conv"])
+        self.check_step_spread(j)
+
+    def check_step_spread(self, j):
+        # The per-step times are ordered, and their mean (decode_step_ms, from
+        # the whole timed stretch) lies between the fastest and slowest step
+        # (1 % of slack: the stretch also holds the timer's own instructions).
+        q = [j["decode_step_ms_" + k] for k in ("min", "median", "p90", "max")]
+        self.assertGreater(q[0], 0)
+        self.assertEqual(q, sorted(q))
+        self.assertGreaterEqual(j["decode_step_ms"], q[0] * 0.99)
+        self.assertLessEqual(j["decode_step_ms"], q[3] * 1.01)
 
     def test_bench_batch_json(self):
         for fill in ("prefill", "replicate"):
@@ -254,6 +265,8 @@ class BenchAndVersion(unittest.TestCase):
             self.assertGreater(j["decode_tok_s"], 0)
             # Three sequences' caches, allocated exactly as the layout formula says.
             self.assertEqual(j["cache_bytes"]["total"], j["cache_bytes_formula"])
+            self.assertEqual(j["timed_decode_steps"], 2)  # the batch's first step is its warm-up
+            self.check_step_spread(j)
         one = json.loads(run("bench", "-m", FIXTURE, "--prompt-len", 9, "--gen-len", 3, "--json").stdout)
         self.assertEqual(j["cache_bytes"]["total"], 3 * one["cache_bytes"]["total"])
 
