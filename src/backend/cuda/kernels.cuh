@@ -176,12 +176,13 @@ void attention_batch(const AttentionArgs* a, int count, const BatchHost& host, s
 // rows too long for shared memory, W not 2-byte aligned): the caller then
 // runs the general path. Semantics: Backend::matmul and the fused ops'
 // defaults in backend/backend.h. Up to 4 tokens: from 5 on the general path
-// (cuBLASLt) is faster (H200, 1K decode of 5 / 8 sequences: 3.05-3.09 /
-// 3.24-3.39 ms per step against 3.83-3.84 / 5.04-5.05 with the GEMV at 5-8
-// tokens; at 4 the two are within the noise), at the price of the bit-level
-// batch invariance, which holds up to 4 tokens (from 5 on a sequence's tokens
-// are the same alone and in a batch within the bf16 tolerance, as for every
-// batch before).
+// (cuBLASLt) is faster (H200: the decode step's products at 8 tokens 2.11
+// ms against 4.23; 1K decode of 8 sequences 3.2-4.3 ms per step against
+// 5.04 with the GEMV; at 5 sequences 3.05-3.09 against 3.83 alternated in
+// one call, though other runs spread up to 5.08 (BENCHMARKS.md, session
+// 14)), at the price of the bit-level batch invariance, which holds up to
+// 4 tokens (from 5 on a sequence's tokens are the same alone and in a batch
+// within the bf16 tolerance, as for every batch before).
 constexpr int64_t kGemvMaxRows = 4;
 // y (+)= x_bf16 W^T
 bool gemv_bf16(const MatrixView& W, const float* x, int64_t n, int64_t ldx, float* y, int64_t ldy, bool accumulate,
