@@ -4,9 +4,9 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cinttypes>
-#include <algorithm>
 #include <cmath>
 #include <atomic>
 #include <cstdio>

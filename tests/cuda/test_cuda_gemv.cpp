@@ -1,9 +1,10 @@
 // The CUDA backend's decode GEMV kernels (backend/cuda/gemv.cu): bf16
-// matmul with n <= 4 tokens (beyond, the general path) and the fused norm_matmul, fuse_branches_matmul
-// and norm_swiglu, against the CPU backend (the reference; its fused ops run
-// the default composition), on odd shapes, strided and misaligned operands,
-// and a batch-invariance check (a token's result is bit-identical whether it
-// is computed alone or with others). Without a GPU every test skips.
+// matmul with n <= 4 tokens (more take the general path) and the fused
+// norm_matmul, fuse_branches_matmul and norm_swiglu, against the CPU backend
+// (the reference; its fused ops run the default composition), on odd
+// shapes, strided and misaligned operands, and a batch-invariance check (a
+// token's result is bit-identical whether it is computed alone or with
+// others). Without a GPU every test skips.
 //
 // DISABLED_GemvTiming prints the weight-streaming bandwidth of each decode
 // product of Hymba-1.5B and of whole decode steps (32 layers + lm_head, each
@@ -411,15 +412,16 @@ TEST_F(GemvTest, DISABLED_GemvTiming) {
       }
       g.norm_matmul(lm_head, x, n, 1600, nw, 1e-6f, scratch, y, 32001, false);
     };
+    auto layer_products = [&](const Layer& L) {
+      g.norm_matmul(L.in_proj, x, n, 1600, nw, 1e-6f, scratch, y, 8640, false);
+      g.matmul(L.x_proj, x, n, 3200, y, 132, false);
+      g.fuse_branches_matmul(L.out_proj, const_cast<float*>(x), 3200, const_cast<float*>(x2), 3200, n, nw, nw,
+                             1e-6f, y, 1600, true);
+      g.norm_swiglu(L.gate, L.up, x, n, 1600, nw, 1e-6f, scratch, scratch2, y, 5504);
+      g.matmul(L.down, x, n, 5504, y, 1600, true);
+    };
     auto model_step = [&] {
-      for (const Layer& L : layers) {
-        g.norm_matmul(L.in_proj, x, n, 1600, nw, 1e-6f, scratch, y, 8640, false);
-        g.matmul(L.x_proj, x, n, 3200, y, 132, false);
-        g.fuse_branches_matmul(L.out_proj, const_cast<float*>(x), 3200, const_cast<float*>(x2), 3200, n, nw, nw,
-                               1e-6f, y, 1600, true);
-        g.norm_swiglu(L.gate, L.up, x, n, 1600, nw, 1e-6f, scratch, scratch2, y, 5504);
-        g.matmul(L.down, x, n, 5504, y, 1600, true);
-      }
+      for (const Layer& L : layers) layer_products(L);
       g.norm_matmul(lm_head, x, n, 1600, nw, 1e-6f, scratch, y, 32001, false);
     };
     const bool pdl_was = cuda::gemv_pdl();
@@ -433,18 +435,13 @@ TEST_F(GemvTest, DISABLED_GemvTiming) {
       model_step();
       const int rec = g.end_recording();
       report("model step, replayed recording" + tag, model_bytes, gemv_time_ms(g, [&] { g.replay(rec); }, 10));
-      // As the model replays decode: one recording per layer (its stretch
-      // between two attentions), replayed back to back; the difference from
-      // the single recording is what the boundaries between recordings cost.
+      // As the model replays decode: one recording per layer, replayed back
+      // to back; the difference from the single recording is what the
+      // boundaries between recordings cost.
       std::vector<int> recs;
       for (const Layer& L : layers) {
         g.begin_recording();
-        g.matmul(L.x_proj, x, n, 3200, y, 132, false);
-        g.fuse_branches_matmul(L.out_proj, const_cast<float*>(x), 3200, const_cast<float*>(x2), 3200, n, nw, nw,
-                               1e-6f, y, 1600, true);
-        g.norm_swiglu(L.gate, L.up, x, n, 1600, nw, 1e-6f, scratch, scratch2, y, 5504);
-        g.matmul(L.down, x, n, 5504, y, 1600, true);
-        g.norm_matmul(L.in_proj, x, n, 1600, nw, 1e-6f, scratch, y, 8640, false);
+        layer_products(L);
         recs.push_back(g.end_recording());
       }
       report("model step, one recording per layer" + tag, model_bytes - lm_bytes, gemv_time_ms(g, [&] {

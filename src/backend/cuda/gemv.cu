@@ -12,8 +12,9 @@
 // chunks i, i+G, i+2G, ... A "batch" is U = kUnroll chunks per row per
 // thread, loaded into registers before any is used; the batch after it is
 // prefetched into L2 at the same time. A block's unit of work (a "task") is
-// its 8/KW groups; the grid holds at most 3 blocks per SM (so a block of the
-// next kernel fits beside them, see PDL below) and each block loops over
+// its 8/KW groups; the grid holds at most 3 blocks per SM for one token (so
+// a block of the next kernel fits beside them, see PDL below), 2 for
+// several, never more than fit in shared memory, and each block loops over
 // tasks, prefetching the next task's weights into L2 while it computes the
 // current one: weights are requested a task ahead whatever the matrix size.
 //
